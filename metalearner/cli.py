@@ -1,0 +1,196 @@
+"""The `metalearner` command line: train, sweep, compare, data.
+
+Bad input (unknown key, wrong type, out-of-range value, missing file) exits with code 2
+and one line naming the field, before any training or Ray start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from metalearner.config import ConfigError, apply_overrides, load_run_config
+
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str) -> NoReturn:
+    print(f"metalearner: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
+def read_yaml(path: str, field: str) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        fail(f"{field}: got {path!r}, expected an existing YAML file")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        fail(f"{field}: {path} is not valid YAML ({str(e).splitlines()[0]})")
+
+
+# ---------------------------------------------------------------- train
+
+
+def build_train_config(args: argparse.Namespace) -> dict[str, Any]:
+    raw: dict[str, Any] = {"task": {"name": args.task}, "train": {}, "controller": {"name": args.controller}}
+    if args.config:
+        loaded = read_yaml(args.config, "--config") or {}
+        if not isinstance(loaded, dict):
+            fail(f"--config: got {type(loaded).__name__}, expected a mapping of sections")
+        raw = {**raw, **loaded}
+        raw.setdefault("task", {}).setdefault("name", args.task)
+    if args.controller_spec:
+        spec = read_yaml(args.controller_spec, "--controller-spec")
+        if not isinstance(spec, dict):
+            fail(f"--controller-spec: got {spec!r}, expected a mapping with 'name' and settings")
+        raw["controller"] = dict(spec.get("controller", spec))
+    if args.steps is not None:
+        raw["train"]["steps"] = args.steps
+    if args.engine:
+        raw["train"]["engine"] = args.engine
+    return apply_overrides(raw, args.set)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from metalearner.tracking import MlflowSink, resolve_tracking_uri, ui_command
+    from metalearner.trace import CsvSink, MultiSink
+
+    try:
+        cfg = load_run_config(build_train_config(args))
+    except ConfigError as e:
+        fail(str(e))
+    if args.resume and not args.checkpoint_dir:
+        fail("--resume: needs --checkpoint-dir DIR holding an earlier run's checkpoint")
+    if cfg.train.engine == "hf":
+        from metalearner.hf import train_hf
+
+        return train_hf(cfg, args)
+
+    from metalearner.train import CHECKPOINT_FILE, TrainingRun, train
+
+    try:
+        run = TrainingRun(cfg)
+    except ConfigError as e:
+        fail(str(e))
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    resume_id = None
+    if args.resume:
+        if not (ckpt_dir / CHECKPOINT_FILE).is_file():
+            fail(f"--checkpoint-dir: got {str(ckpt_dir)!r}, expected a folder with {CHECKPOINT_FILE}")
+        run.load(ckpt_dir)
+        id_file = ckpt_dir / "mlflow_run_id"
+        resume_id = id_file.read_text().strip() if id_file.is_file() else None
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    sinks = []
+    mlflow_sink = None
+    if not args.no_mlflow:
+        name = args.run_name or f"{cfg.task.name}-{cfg.controller['name']}-seed{cfg.train.seed}"
+        mlflow_sink = MlflowSink.start(uri, args.experiment, name,
+                                       tags={"metalearner.kind": "train"}, resume_run_id=resume_id)
+        sinks.append(mlflow_sink)
+        if ckpt_dir:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            (ckpt_dir / "mlflow_run_id").write_text(mlflow_sink.run_id)
+    if args.trace_csv:
+        extra = tuple(getattr(run.task, "eval_metric_names", ()))
+        sinks.append(CsvSink(args.trace_csv, extra))
+    sink = MultiSink(*sinks)
+    if resume_id is None:
+        sink.log_params(run.params())
+    status = "FAILED"
+    try:
+        summary = train(run, sink, checkpoint_dir=ckpt_dir)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        sink.close(status)
+
+    print_summary(summary, cfg, uri if mlflow_sink else None, mlflow_sink.run_id if mlflow_sink else None,
+                  args.experiment, args.trace_csv)
+    return 0
+
+
+def print_summary(summary: Any, cfg: Any, uri: str | None, run_id: str | None,
+                  experiment: str, trace_csv: str | None) -> None:
+    from metalearner.tracking import ui_command
+
+    def f(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    lines = [
+        "",
+        f"metalearner train — {cfg.task.name} task, controller {cfg.controller['name']}, seed {cfg.train.seed}",
+        f"  steps            {summary.steps} in {summary.seconds:.1f} s ({summary.steps / max(summary.seconds, 1e-9):.1f} steps/s)",
+        f"  final train loss {f(summary.final_loss)}",
+        f"  final val loss   {f(summary.final_val_loss)}   (best {f(summary.best_val_loss)})",
+    ]
+    for k, v in summary.eval_metrics.items():
+        lines.append(f"  {k:<16} {v:.4f}")
+    lo, hi = summary.rope_base_range
+    lines.append(f"  rope base        {lo:.6g} .. {hi:.6g}")
+    lines.append(f"  window           {summary.window_range[0]} .. {summary.window_range[1]}")
+    if run_id:
+        lines.append(f"  MLflow run       {run_id} (experiment '{experiment}') in {uri}")
+        lines.append(f"  view it with     {ui_command(uri)}")
+    if trace_csv:
+        lines.append(f"  trace CSV        {trace_csv}")
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="metalearner",
+        description="Meta-learn online controllers of a transformer's RoPE base and attention window.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="one controlled training run, traced in MLflow",
+                       description="Train one model with an online controller; every step is traced in MLflow.")
+    t.add_argument("--task", default="text", help="recall | text | speech (default: text)")
+    t.add_argument("--controller", default="ewma", help="static | schedule | ewma | plateau (default: ewma)")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: train.steps = 300)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field with a dotted key, e.g. controller.factor=1.01 (repeatable)")
+    t.add_argument("--config", help="YAML file with task/model/train/controller sections")
+    t.add_argument("--controller-spec", help="YAML controller spec (e.g. exported by 'metalearner compare')")
+    t.add_argument("--engine", choices=["torch", "hf"], default=None,
+                   help="training engine: our PyTorch loop (default) or the Hugging Face Trainer")
+    t.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    t.add_argument("--experiment", default="metalearner-train", help="MLflow experiment name")
+    t.add_argument("--run-name", help="MLflow run name (default: TASK-CONTROLLER-seedN)")
+    t.add_argument("--trace-csv", help="also write the per-step trace to this CSV file")
+    t.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow (use with --trace-csv)")
+    t.add_argument("--checkpoint-dir", help="write checkpoints here every train.checkpoint_every steps and at the end")
+    t.add_argument("--resume", action="store_true", help="continue the run checkpointed in --checkpoint-dir")
+    t.set_defaults(func=cmd_train)
+
+    try:
+        from metalearner.sweep_cli import add_sweep_commands
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        add_sweep_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

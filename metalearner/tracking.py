@@ -1,0 +1,264 @@
+"""MLflow: the one module (with the CLI) that imports mlflow.
+
+Write path. Every write of a process goes through one `MlflowWriter`: a single writer
+thread fed by a queue. Metrics are buffered and sent with ``log_batch`` (at most 1000
+per call), never one request per metric per step, and the training thread never waits
+on the store. With a single writer per store, the embedded SQLite default cannot
+raise "database is locked": in a sweep, Ray trials do not touch MLflow at all — they send
+their trace chunks with ``tune.report`` and the driver's writer stores them.
+
+Exactly one point per step per key: a `MlflowWriter` remembers the last step it stored
+for each run and drops records at or below it (a trial restored from a checkpoint
+repeats those steps exactly; a PBT exploit continues from the donor's step).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+MAX_PARAM_CHARS = 6000
+
+
+def _mlflow() -> Any:
+    try:
+        import mlflow
+    except ImportError as e:  # pragma: no cover - mlflow is a required dependency
+        raise RuntimeError("mlflow is not installed: pip install metalearner (it depends on mlflow)") from e
+    return mlflow
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """``uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working dir."""
+    if uri:
+        return uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def ui_command(uri: str) -> str:
+    """The shell command that opens the MLflow UI on this store."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def params_to_strings(params: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for k, v in params.items():
+        s = "null" if v is None else str(v)
+        out[k] = s if len(s) <= MAX_PARAM_CHARS else s[: MAX_PARAM_CHARS - 3] + "..."
+    return out
+
+
+class MlflowWriter:
+    """The single writer of a process: all MLflow calls run on one background thread.
+
+    Args:
+        tracking_uri: MLflow tracking URI (SQLite file, tracking server, ...).
+        flush_every: send buffered metrics once this many points are waiting.
+        flush_seconds: ...or once the oldest waiting point is this old.
+    """
+
+    def __init__(self, tracking_uri: str, flush_every: int = MAX_METRICS_PER_BATCH,
+                 flush_seconds: float = 2.0) -> None:
+        mlflow = _mlflow()
+        self.tracking_uri = tracking_uri
+        self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        self.flush_every = flush_every
+        self.flush_seconds = flush_seconds
+        self._Metric = mlflow.entities.Metric
+        self._queue: queue.Queue[tuple[Callable[[], Any], Future] | None] = queue.Queue()
+        self._pending: dict[str, list[Any]] = {}
+        self._n_pending = 0
+        self._oldest = 0.0
+        self._last_step: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.points_written = 0
+        self.errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._loop, name="mlflow-writer", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ the thread
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, fut = item
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - reported through the future
+                log.warning("MLflow write failed: %s", e)
+                self.errors.append(e)
+                fut.set_exception(e)
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the writer thread (in order with every other write)."""
+        fut: Future = Future()
+        self._queue.put((fn, fut))
+        return fut
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the writer thread and wait for its result."""
+        return self.submit(fn).result()
+
+    # ------------------------------------------------------------ runs
+    def experiment_id(self, name: str) -> str:
+        def get_or_create() -> str:
+            exp = self.client.get_experiment_by_name(name)
+            return exp.experiment_id if exp else self.client.create_experiment(name)
+
+        return self.call(get_or_create)
+
+    def create_run(self, experiment: str, run_name: str, tags: dict[str, str] | None = None,
+                   parent_run_id: str | None = None) -> str:
+        tags = dict(tags or {})
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        exp_id = self.experiment_id(experiment)
+        run = self.call(lambda: self.client.create_run(exp_id, tags=tags, run_name=run_name))
+        self._last_step[run.info.run_id] = 0
+        return run.info.run_id
+
+    def resume_run(self, run_id: str, key: str = "loss") -> int:
+        """Reopen ``run_id``; returns the last step already stored for ``key``."""
+        def last() -> int:
+            self.client.update_run(run_id, status="RUNNING")
+            hist = self.client.get_metric_history(run_id, key)
+            return max((m.step for m in hist), default=0)
+
+        step = self.call(last)
+        self._last_step[run_id] = step
+        return step
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        Param = _mlflow().entities.Param
+        items = [Param(k, v) for k, v in params_to_strings(params).items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            chunk = items[i: i + MAX_PARAMS_PER_BATCH]
+            self.submit(lambda c=chunk: self.client.log_batch(run_id, params=c))
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        RunTag = _mlflow().entities.RunTag
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        self.submit(lambda: self.client.log_batch(run_id, tags=items))
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.submit(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
+
+    def terminate(self, run_id: str, status: str = "FINISHED") -> None:
+        self.flush(run_id)
+        self.submit(lambda: self.client.set_terminated(run_id, status=status))
+
+    # ------------------------------------------------------------ metrics
+    def last_step(self, run_id: str) -> int:
+        return self._last_step.get(run_id, 0)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int,
+                    timestamp_ms: int | None = None) -> bool:
+        """Buffer one step's metrics; False (and nothing stored) if ``step`` is not past
+        the last step stored for ``run_id``."""
+        with self._lock:
+            if step <= self._last_step.get(run_id, 0):
+                return False
+            self._last_step[run_id] = step
+            ts = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
+            buf = self._pending.setdefault(run_id, [])
+            if not self._n_pending:
+                self._oldest = time.monotonic()
+            for k, v in metrics.items():
+                buf.append(self._Metric(k, float(v), ts, step))
+            self._n_pending += len(metrics)
+            due = self._n_pending >= self.flush_every or time.monotonic() - self._oldest > self.flush_seconds
+        if due:
+            self.flush()
+        return True
+
+    def log_extra_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        """Metrics outside the per-step trace (e.g. PBT's changed settings): no dedupe."""
+        ts = int(time.time() * 1000)
+        with self._lock:
+            buf = self._pending.setdefault(run_id, [])
+            for k, v in metrics.items():
+                buf.append(self._Metric(k, float(v), ts, step))
+            self._n_pending += len(metrics)
+
+    def flush(self, run_id: str | None = None) -> None:
+        """Send the buffered metrics (of one run, or all) to the writer thread."""
+        with self._lock:
+            ids = [run_id] if run_id is not None else list(self._pending)
+            batches = [(rid, self._pending.pop(rid)) for rid in ids if self._pending.get(rid)]
+            self._n_pending = sum(len(v) for v in self._pending.values())
+        for rid, metrics in batches:
+            for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+                chunk = metrics[i: i + MAX_METRICS_PER_BATCH]
+                self.submit(lambda r=rid, c=chunk: self._send(r, c))
+
+    def _send(self, run_id: str, metrics: list[Any]) -> None:
+        self.client.log_batch(run_id, metrics=metrics)
+        self.points_written += len(metrics)
+
+    def close(self) -> None:
+        """Flush everything, wait for the writes, stop the thread."""
+        self.flush()
+        self.call(lambda: None)
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+
+
+class MlflowSink:
+    """A `TraceSink` into one MLflow run (``metalearner train``)."""
+
+    def __init__(self, writer: MlflowWriter, run_id: str) -> None:
+        self.writer, self.run_id = writer, run_id
+
+    @classmethod
+    def start(cls, tracking_uri: str, experiment: str, run_name: str,
+              tags: dict[str, str] | None = None, resume_run_id: str | None = None) -> MlflowSink:
+        writer = MlflowWriter(tracking_uri)
+        if resume_run_id:
+            writer.resume_run(resume_run_id)
+            return cls(writer, resume_run_id)
+        return cls(writer, writer.create_run(experiment, run_name, tags))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.writer.log_params(self.run_id, params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.writer.log_metrics(self.run_id, metrics, step)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.writer.terminate(self.run_id, status)
+        self.writer.close()
+        if self.writer.errors:
+            raise RuntimeError(f"MLflow writes failed: {self.writer.errors[0]}")
+
+
+# ------------------------------------------------------------ reading back
+
+
+def metric_frame(tracking_uri: str, run_ids: Iterable[str], keys: Iterable[str]) -> Any:
+    """Long pandas frame (run_id, key, step, value) of the given runs' metric histories."""
+    import pandas as pd
+
+    client = _mlflow().MlflowClient(tracking_uri=tracking_uri)
+    rows = []
+    for rid in run_ids:
+        for key in keys:
+            for m in client.get_metric_history(rid, key):
+                rows.append((rid, key, m.step, m.value))
+    return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])

@@ -1,0 +1,318 @@
+"""The training loop: one controlled training run, end to end.
+
+Per optimizer step s (1-based)::
+
+    batch  = task.train_batch(s)                 # a pure function of (seed, s)
+    loss   = model(batch) with the current knobs; backward; clip; AdamW step
+    knobs  = controller.observe(s, loss)         # training loss only
+    model.apply_knobs(knobs)                     # used from step s + 1 on
+
+Nothing moves during evaluation. `TrainingRun.advance` is the one loop; the CLI
+(`train`), the Ray trainable and the tests all drive it. A checkpoint holds model,
+optimizer, controller state, RNG states and the step — the data position and the LR
+schedule are pure functions of the step — so a resumed run repeats an uninterrupted one
+exactly. Must not import ray or mlflow (traces go to a `TraceSink`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from metalearner.config import ConfigError, RunConfig, flatten
+from metalearner.controllers import Controller, build_controller
+from metalearner.knobs import Knobs
+from metalearner.model import ModelConfig, build_model, preset
+from metalearner.tasks import Task, batch_loss, build_task
+from metalearner.trace import TraceSink
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def lr_at(step: int, cfg: Any) -> float:
+    """Learning rate of optimizer step ``step`` (1-based): linear warmup, cosine decay."""
+    i = step - 1
+    if i < cfg.warmup_steps:
+        return cfg.lr * (i + 1) / cfg.warmup_steps
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min((i - cfg.warmup_steps) / span, 1.0)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def resolve_model_config(cfg: RunConfig, task: Task) -> ModelConfig:
+    """Preset, then the user's overrides, then what the data dictates."""
+    mc = preset(cfg.model.preset, **cfg.model.overrides)
+    for key, value in task.model_overrides().items():
+        setattr(mc, key, value)
+    if mc.arch == "decoder":
+        if "max_seq_len" in cfg.model.overrides and mc.max_seq_len < task.seq_len:
+            raise ConfigError(
+                f"model.max_seq_len: got {mc.max_seq_len}, expected >= train.seq_len ({task.seq_len})"
+            )
+        if "max_seq_len" not in cfg.model.overrides:
+            mc.max_seq_len = task.seq_len
+    try:
+        mc.validate()
+    except ValueError as e:
+        raise ConfigError(f"model.{e}") from None
+    return mc
+
+
+def window_cap(mc: ModelConfig) -> int:
+    """The longest window that still changes anything: the model's sequence length."""
+    if mc.arch == "encoder_decoder":
+        return max(mc.max_seq_len, mc.max_source_frames)
+    return mc.max_seq_len
+
+
+def make_controller(cfg: RunConfig, mc: ModelConfig) -> Controller:
+    settings = cfg.controller_settings()
+    settings["max_window"] = min(int(settings.get("max_window", 2**20)), window_cap(mc))
+    settings["min_window"] = min(int(settings.get("min_window", 1)), settings["max_window"])
+    try:
+        return build_controller(cfg.controller["name"], init=Knobs(mc.rope_base, mc.window), **settings)
+    except ValueError as e:
+        raise ConfigError(f"controller.{e}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: got 'cuda', expected a device this machine has (no CUDA here)")
+    return torch.device(name)
+
+
+@dataclass
+class Summary:
+    steps: int
+    final_loss: float
+    final_val_loss: float | None
+    best_val_loss: float | None
+    rope_base_range: tuple[float, float]
+    window_range: tuple[int, int]
+    seconds: float
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+class TrainingRun:
+    """Model, optimizer, controller and task of one run, advanced step by step.
+
+    Args:
+        cfg: the validated run config.
+        task: a prebuilt task (Ray passes a shared one); built from ``cfg`` when None.
+    """
+
+    def __init__(self, cfg: RunConfig, task: Task | None = None) -> None:
+        self.cfg = cfg
+        t = cfg.train
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        self.device = resolve_device(t.device)
+        self.task = task or build_task(
+            cfg.task, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed, eval_batches=t.eval_batches
+        )
+        self.model_config = resolve_model_config(cfg, self.task)
+        random.seed(t.seed)
+        torch.manual_seed(t.seed)
+        self.model = build_model(self.model_config).to(self.device)
+        self.controller = make_controller(cfg, self.model_config)
+        self.model.apply_knobs(self.controller.knobs)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr, betas=(0.9, 0.95),
+        )
+        self.step = 0
+        self.last_val: dict[str, float] = {}
+        self.train_seconds = 0.0
+
+    # ------------------------------------------------------------ params
+    def params(self) -> dict[str, Any]:
+        """The whole resolved config, flattened with dots, for MLflow params."""
+        ctrl = {"name": self.controller.name, **self.controller.settings()}
+        task = {**asdict(self.cfg.task), **self.task.params()}
+        model = {"preset": self.cfg.model.preset, **asdict(self.model_config)}
+        flat = flatten({"task": task, "model": model, "train": asdict(self.cfg.train), "controller": ctrl})
+        return {k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in flat.items()}
+
+    # ------------------------------------------------------------ one step
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step; returns its trace record (knobs *used* by this step)."""
+        step = self.step + 1
+        t = self.cfg.train
+        lr = lr_at(step, t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        knobs = self.model.knobs
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in self.task.train_batch(step).items()}
+        loss = batch_loss(self.model, batch)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = float(loss.item())
+        self.model.apply_knobs(self.controller.observe(step, loss_value))
+        self.step = step
+        record = {"loss": loss_value, "rope_base": knobs.rope_base, "window": float(knobs.window), "lr": lr}
+        if self.controller.loss_ewma is not None:
+            record["loss_ewma"] = self.controller.loss_ewma
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (+ the task's metrics); knobs and RNG streams are untouched."""
+        was_training = self.model.training
+        self.model.eval()
+        rng = torch.get_rng_state()
+        total, n = 0.0, 0
+        for b in self.task.eval_batches():
+            b = {k: v.to(self.device) for k, v in b.items()}
+            total += float(batch_loss(self.model, b))
+            n += 1
+        out = {"val_loss": total / max(n, 1), **self.task.evaluate(self.model)}
+        torch.set_rng_state(rng)
+        self.model.train(was_training)
+        self.last_val = out
+        return out
+
+    def is_eval_step(self, step: int) -> bool:
+        return step % self.cfg.train.eval_every == 0 or step == self.cfg.train.steps
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.cfg.train.steps
+
+    def advance(self, n: int, sink: TraceSink | None = None,
+                on_step: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+        """Run up to ``n`` more steps (not past ``train.steps``), evaluating on schedule.
+
+        Each step's record (with ``step`` and, at evaluation steps, ``val_loss``) goes to
+        ``sink`` and is returned.
+        """
+        records = []
+        t0 = time.perf_counter()
+        for _ in range(min(n, self.cfg.train.steps - self.step)):
+            rec = self.train_step()
+            if self.is_eval_step(self.step):
+                rec.update(self.evaluate())
+            if sink is not None:
+                sink.log_metrics(rec, self.step)
+            records.append({"step": self.step, **rec})
+            if on_step is not None:
+                on_step(self.step, rec)
+        self.train_seconds += time.perf_counter() - t0
+        return records
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "controller": self.controller.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "python": random.getstate(),
+            },
+            "train_seconds": self.train_seconds,
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore everything but the controller's *settings*, which stay those of this
+        run's config (so a PBT perturbation is not undone by the checkpoint)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.controller.load_state_dict(state["controller"])
+        self.model.apply_knobs(self.controller.knobs)
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        random.setstate(state["rng"]["python"])
+        self.step = int(state["step"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``checkpoint.pt`` into ``directory`` atomically; returns its path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / CHECKPOINT_FILE
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load(self, directory: str | Path) -> None:
+        state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=self.device, weights_only=False)
+        self.load_state_dict(state)
+
+
+def train(
+    run: TrainingRun,
+    sink: TraceSink | None = None,
+    *,
+    progress: bool | None = None,
+    checkpoint_dir: str | Path | None = None,
+) -> Summary:
+    """Run ``run`` to ``train.steps``, tracing every step into ``sink``.
+
+    Shows a progress bar (loss, base, window) on an interactive terminal when
+    ``progress`` is None; checkpoints every ``train.checkpoint_every`` steps into
+    ``checkpoint_dir`` (and at the end).
+    """
+    from tqdm.auto import tqdm
+
+    cfg = run.cfg.train
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=not show, unit="step", dynamic_ncols=True)
+    losses: list[float] = []
+    bases: list[float] = []
+    windows: list[int] = []
+    best_val: float | None = None
+
+    def on_step(step: int, rec: dict[str, float]) -> None:
+        nonlocal best_val
+        losses.append(rec["loss"])
+        bases.append(rec["rope_base"])
+        windows.append(int(rec["window"]))
+        if "val_loss" in rec:
+            best_val = rec["val_loss"] if best_val is None else min(best_val, rec["val_loss"])
+        bar.update(1)
+        if show:
+            post = {"loss": f"{rec['loss']:.3f}", "base": f"{rec['rope_base']:.4g}", "window": int(rec["window"])}
+            if run.last_val:
+                post["val"] = f"{run.last_val['val_loss']:.3f}"
+            bar.set_postfix(post, refresh=False)
+
+    t0 = time.perf_counter()
+    every = cfg.checkpoint_every if (checkpoint_dir and cfg.checkpoint_every) else cfg.steps
+    try:
+        while not run.done:
+            run.advance(every - run.step % every, sink, on_step)
+            if checkpoint_dir:
+                run.save(checkpoint_dir)
+    finally:
+        bar.close()
+    return Summary(
+        steps=run.step,
+        final_loss=losses[-1] if losses else float("nan"),
+        final_val_loss=run.last_val.get("val_loss"),
+        best_val_loss=best_val,
+        rope_base_range=(min(bases), max(bases)) if bases else (float("nan"),) * 2,
+        window_range=(min(windows), max(windows)) if windows else (0, 0),
+        seconds=time.perf_counter() - t0,
+        eval_metrics={k: v for k, v in run.last_val.items() if k != "val_loss"},
+    )

@@ -1,0 +1,1 @@
+"""Ray Tune layer: the only package besides the CLI that imports ray."""
