@@ -57,8 +57,8 @@ def build_train_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from metalearner.tracking import MlflowSink, resolve_tracking_uri, ui_command
     from metalearner.trace import CsvSink, MultiSink
+    from metalearner.tracking import MlflowSink, resolve_tracking_uri
 
     try:
         cfg = load_run_config(build_train_config(args))
@@ -147,6 +147,79 @@ def print_summary(summary: Any, cfg: Any, uri: str | None, run_id: str | None,
     print("\n".join(lines))
 
 
+# ---------------------------------------------------------------- sweep / compare / data
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from metalearner.experiment import load_experiment
+    from metalearner.tracking import resolve_tracking_uri, ui_command
+
+    try:
+        spec = load_experiment(args.experiment, overrides=args.set, smoke=args.smoke_test)
+    except ConfigError as e:
+        fail(str(e))
+    if args.num_cpus is not None and args.num_cpus < 1:
+        fail(f"--num-cpus: got {args.num_cpus}, expected an int >= 1")
+    uri = resolve_tracking_uri(args.tracking_uri)
+    from trainables.sweep import SweepRunner
+
+    runner = SweepRunner(spec, uri, storage=args.storage, address=args.address, num_cpus=args.num_cpus)
+    print(f"metalearner sweep '{spec.name}'{' (smoke test)' if args.smoke_test else ''}: "
+          f"{len(spec.arms)} arm(s) x {len(spec.seeds)} seed(s); MLflow: {uri}", flush=True)
+    result = runner.run()
+    print(f"\nsweep finished in {result.seconds:.0f} s; parent run {result.parent_run_id}")
+    for msg in result.errors:
+        print(f"  trial error: {msg}")
+    for arm, ctrl in result.best.items():
+        settings = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in ctrl.items())
+        print(f"  best '{arm}' controller: {settings}")
+        print(f"    as a spec: {result.spec_files[arm]}  (metalearner train --controller-spec FILE)")
+    from metalearner.report import write_report
+
+    out = Path(args.out) if args.out else Path(runner.storage) / f"{spec.name}-{runner.stamp}" / "report"
+    report = write_report(uri, result.parent_run_id, out)
+    print("\n" + report.text)
+    print(f"\nreport: {out}  (also logged to the parent run under report/)")
+    print(f"view it: {ui_command(uri)}")
+    return 1 if result.errors else 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from metalearner.report import export_best_controller, load_traces, write_report
+    from metalearner.tracking import resolve_tracking_uri, ui_command
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    try:
+        report = write_report(uri, args.sweep, Path(args.out), log_to_mlflow=not args.no_log)
+    except ValueError as e:
+        fail(str(e))
+    print(report.text)
+    print(f"\nreport: {args.out}  (parent run {report.parent_run_id})")
+    if args.export_best:
+        runs, traces = load_traces(uri, report.parent_run_id)
+        try:
+            spec = export_best_controller(runs, traces, args.export_best, arm=args.arm)
+        except ValueError as e:
+            fail(str(e))
+        print(f"best controller {spec} -> {args.export_best}")
+    print(f"view it: {ui_command(uri)}")
+    return 0
+
+
+def cmd_data_speech(args: argparse.Namespace) -> int:
+    if args.n < 1:
+        fail(f"--n: got {args.n}, expected an int >= 1")
+    from metalearner.tasks.speech import generate_speech_digits
+
+    try:
+        out = generate_speech_digits(args.out, args.n, seed=args.seed)
+    except (RuntimeError, ValueError, FileExistsError) as e:
+        fail(str(e))
+    print(f"wrote {args.n} utterances to {out} (audiofolder layout: metadata.csv + WAV files)")
+    print(f"train on it: metalearner train --task speech --set task.data_dir={out} --controller ewma")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -177,12 +250,39 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run checkpointed in --checkpoint-dir")
     t.set_defaults(func=cmd_train)
 
-    try:
-        from metalearner.sweep_cli import add_sweep_commands
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        add_sweep_commands(sub)
+    sw = sub.add_parser("sweep", help="meta-learn controllers: a Ray Tune sweep traced in MLflow",
+                        description="Run an experiment spec (experiments/*.yaml) on Ray Tune; every trial is a "
+                                    "child MLflow run of the sweep's parent run; prints the policy comparison.")
+    sw.add_argument("experiment", help="experiment spec, e.g. experiments/quickstart.yaml")
+    sw.add_argument("--smoke-test", action="store_true", help="apply the spec's smoke block (few steps and trials)")
+    sw.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    sw.add_argument("--storage", help="Ray Tune storage folder for checkpoints (default: ./ray_results)")
+    sw.add_argument("--address", help="address of a running Ray cluster (default: start a local Ray)")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a spec field with a dotted key, e.g. train.steps=200 (repeatable)")
+    sw.add_argument("--out", help="folder for the comparison report (default: STORAGE/NAME-TIMESTAMP/report)")
+    sw.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
+    sw.set_defaults(func=cmd_sweep)
+
+    cp = sub.add_parser("compare", help="compare the policies of a sweep: table, plots, paired tests",
+                        description="Compare the arms of a sweep (by experiment name: its latest sweep; or by "
+                                    "parent run id). Writes a table and plots and logs them to the parent run.")
+    cp.add_argument("sweep", metavar="NAME-or-run-id")
+    cp.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    cp.add_argument("--out", default="report", help="output folder (default: ./report)")
+    cp.add_argument("--export-best", metavar="FILE",
+                    help="write the best configuration as a controller spec for 'metalearner train --controller-spec'")
+    cp.add_argument("--arm", help="with --export-best: take the best search trial of this arm")
+    cp.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
+    cp.set_defaults(func=cmd_compare)
+
+    da = sub.add_parser("data", help="make local data sets", description="Make local data sets.")
+    dsub = da.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    sd = dsub.add_parser("speech-digits", help="synthesize a spoken-digits corpus with espeak-ng (audiofolder layout)")
+    sd.add_argument("--out", required=True, help="output folder (WAV files + metadata.csv)")
+    sd.add_argument("--n", type=int, default=2000, help="number of utterances (default: 2000)")
+    sd.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    sd.set_defaults(func=cmd_data_speech)
     return p
 
 

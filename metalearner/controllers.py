@@ -18,8 +18,9 @@ To add a policy: write a class with the same constructor shape
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from metalearner.knobs import Knobs
 

@@ -1,0 +1,84 @@
+"""The `metalearner` command line, run for real in a subprocess."""
+
+import csv
+
+import mlflow
+import pytest
+
+TRACE_KEYS = ["loss", "loss_ewma", "rope_base", "window", "lr"]
+
+
+def only_run(uri, experiment="metalearner-train"):
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_train_traces_every_step_once_in_mlflow(cli, sqlite_uri, tmp_path):
+    res = cli("train", "--task", "recall", "--controller", "ewma", "--steps", 30, "--tracking-uri", sqlite_uri,
+              "--set", "model.preset=tiny", "--set", "train.seq_len=64", "--set", "train.eval_every=10",
+              "--set", "controller.factor=1.05", "--trace-csv", tmp_path / "trace.csv", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "final val loss" in res.stdout and "mlflow ui --backend-store-uri" in res.stdout
+    client, run = only_run(sqlite_uri)
+    assert run.info.status == "FINISHED"
+    for key in TRACE_KEYS:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == list(range(1, 31)), key
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss")) == [10, 20, 30]
+    p = run.data.params
+    assert p["controller.name"] == "ewma" and float(p["controller.factor"]) == 1.05
+    assert float(p["controller.beta"]) == 0.9 and float(p["controller.threshold"]) == 0.01
+    assert int(p["controller.max_window"]) == 64 and p["model.preset"] == "tiny" and p["task.name"] == "recall"
+    assert p["train.seed"] == "0"
+    rows = list(csv.DictReader(open(tmp_path / "trace.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, 31))
+    hist = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "window")}
+    assert all(float(r["window"]) == hist[int(r["step"])] for r in rows)
+
+
+def test_resume_continues_the_same_run_without_duplicates(cli, sqlite_uri, tmp_path):
+    common = ["train", "--task", "recall", "--tracking-uri", sqlite_uri, "--set", "model.preset=tiny",
+              "--set", "train.seq_len=64", "--set", "train.checkpoint_every=10", "--checkpoint-dir", tmp_path / "ck"]
+    res = cli(*common, "--steps", 20, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    res = cli(*common, "--steps", 30, "--resume", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    client, run = only_run(sqlite_uri)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 31))
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--set", "train.steps=-1"], "train.steps"),
+    (["--set", "model.colour=red"], "model.colour"),
+    (["--controller", "pid"], "controller.name"),
+    (["--set", "controller.beta=1.5"], "controller.beta"),
+    (["--set", "task.files=/no/such/file.txt"], "task.files"),
+    (["--controller-spec", "/no/such/spec.yaml"], "--controller-spec"),
+    (["--task", "speech"], "task.data_dir"),
+])
+def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, field):
+    res = cli("train", "--steps", 5, "--tracking-uri", f"sqlite:///{tmp_path}/m.db", *args, cwd=tmp_path)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0], res.stderr
+    assert not (tmp_path / "m.db").exists()  # nothing started
+
+
+def test_controller_spec_file_is_accepted(cli, tmp_path, sqlite_uri):
+    spec = tmp_path / "best.yaml"
+    spec.write_text("controller: {name: ewma, factor: 1.02, beta: 0.8, threshold: 0.001}\n")
+    res = cli("train", "--task", "recall", "--steps", 4, "--controller-spec", spec, "--tracking-uri", sqlite_uri,
+              "--set", "model.preset=tiny", "--set", "train.seq_len=64", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    _, run = only_run(sqlite_uri)
+    assert float(run.data.params["controller.factor"]) == 1.02 and float(run.data.params["controller.beta"]) == 0.8
+
+
+def test_help_documents_every_command(cli):
+    for cmd in ("train", "sweep", "compare", "data"):
+        res = cli(cmd, "--help")
+        assert res.returncode == 0 and "usage" in res.stdout

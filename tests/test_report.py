@@ -1,0 +1,280 @@
+"""report.py against a real MLflow SQLite store holding a small synthetic sweep.
+
+The sweep: 4 compare arms x 3 seeds at 20 steps (val loss every 5 steps), seq_len 16.
+  static      finals 2.00 2.10 2.20, window 8                          (the baseline)
+  ewma-good   finals 1.70 1.81 1.89, window 8 then 32 (capped at 16)   clearly better
+  ewma-same   finals 2.02 2.07 2.22, window 4                          within noise of static
+  schedule    finals 2.15 2.22 2.31                                    consistently worse
+plus a static seed 3 that stopped at step 10 (incomplete) and four search trials of
+ewma-good (one cut early by a scheduler). Val loss at step s = final + 0.05 * (20 - s)
+unless overridden, so the hand computations below can be read off.
+"""
+
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats
+
+from metalearner import report
+
+STEPS, SEQ_LEN, EVAL = 20, 16, (5, 10, 15, 20)
+STATIC = {0: 2.00, 1: 2.10, 2: 2.20}
+GOOD = {0: 1.70, 1: 1.81, 2: 1.89}
+SAME = {0: 2.02, 1: 2.07, 2: 2.22}
+SCHED = {0: 2.15, 1: 2.22, 2: 2.31}
+EWMA = {"controller.name": "ewma", "controller.factor": "1.01", "controller.beta": "0.9",
+        "controller.threshold": "0.01", "controller.base_factor": "None", "controller.min_window": "1"}
+T975_2 = stats.t.ppf(0.975, 2)
+
+
+def val_curve(final, steps=EVAL, **override):
+    curve = {s: final + 0.05 * (STEPS - s) for s in steps}
+    curve.update({int(k[1:]): v for k, v in override.items()})
+    return curve
+
+
+def log_trial(client, exp_id, parent, arm, phase, seed, controller, val, window, last_step=STEPS, t0=0):
+    from mlflow.entities import Metric
+
+    tags = {"mlflow.parentRunId": parent, "metalearner.kind": "trial", "metalearner.arm": arm,
+            "metalearner.phase": phase, "metalearner.seed": str(seed)}
+    run = client.create_run(exp_id, tags=tags, run_name=f"{arm}-{phase}-{seed}", start_time=t0)
+    rid = run.info.run_id
+    params = {**controller, "train.steps": str(STEPS), "train.seq_len": str(SEQ_LEN), "train.seed": str(seed),
+              "model.n_heads": "4", "model.n_global_heads": "1", "model.window": "8", "model.rope_base": "10000.0",
+              "model.arch": "decoder"}
+    client.log_batch(rid, params=[__import__("mlflow").entities.Param(k, v) for k, v in params.items()])
+    ts = int(time.time() * 1000)
+    ms = []
+    for s in range(1, last_step + 1):
+        loss = 3.0 - 0.04 * s + 0.01 * ((s * 7 + seed) % 5)
+        ms += [Metric("loss", loss, ts, s), Metric("window", float(window(s)), ts, s),
+               Metric("rope_base", 10_000.0 * (1.01 ** s if controller["controller.name"] == "ewma" else 1), ts, s),
+               Metric("lr", 1e-3, ts, s)]
+        if controller["controller.name"] == "ewma":
+            ms.append(Metric("loss_ewma", loss + 0.02, ts, s))
+        if s in val:
+            ms.append(Metric("val_loss", val[s], ts, s))
+    for i in range(0, len(ms), 1000):
+        client.log_batch(rid, metrics=ms[i:i + 1000])
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    import mlflow
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("toy-sweep", artifact_location=(tmp / "artifacts").as_uri())
+    old = client.create_run(exp_id, tags={"metalearner.kind": "sweep"}, run_name="older", start_time=1_000)
+    parent = client.create_run(exp_id, tags={"metalearner.kind": "sweep"}, run_name="newer", start_time=2_000)
+    pid = parent.info.run_id
+    static = {"controller.name": "static"}
+    sched = {"controller.name": "schedule", "controller.warmup_steps": "10", "controller.shape": "linear"}
+    for seed in range(3):
+        log_trial(client, exp_id, pid, "static", "compare", seed, static, val_curve(STATIC[seed]), lambda s: 8)
+        log_trial(client, exp_id, pid, "ewma-good", "compare", seed, EWMA, val_curve(GOOD[seed]),
+                  lambda s: 8 if s <= 10 else 32)
+        override = {"s15": 2.05} if seed == 2 else {}
+        log_trial(client, exp_id, pid, "ewma-same", "compare", seed, EWMA, val_curve(SAME[seed], **override),
+                  lambda s: 4)
+        log_trial(client, exp_id, pid, "schedule", "compare", seed, sched, val_curve(SCHED[seed]),
+                  lambda s: min(8 + s // 2, 20))
+    # a static seed that stopped at step 10: left out of the equal-steps statistics
+    log_trial(client, exp_id, pid, "static", "compare", 3, static, val_curve(1.0, steps=(5, 10)), lambda s: 8,
+              last_step=10)
+    search = {}
+    for factor, final, last in (("1.001", 1.90, STEPS), ("1.02", 1.65, STEPS), ("1.05", 1.80, STEPS),
+                                ("1.1", 1.00, 10)):
+        ctrl = {**EWMA, "controller.factor": factor, "controller.threshold_mode": "rel",
+                "controller.min_window": "2"}
+        val = val_curve(final, steps=tuple(s for s in EVAL if s <= last))
+        search[factor] = log_trial(client, exp_id, pid, "ewma-good", "search", 0, ctrl, val, lambda s: 8,
+                                   last_step=last)
+    other = client.create_run(exp_id, tags={"metalearner.kind": "train"}, run_name="lonely")
+    client.create_run(client.create_experiment("empty-sweep"), tags={"metalearner.kind": "sweep"})
+    return {"uri": uri, "client": client, "parent": pid, "older": old.info.run_id, "search": search,
+            "other": other.info.run_id}
+
+
+@pytest.fixture(scope="module")
+def loaded(sweep):
+    return report.load_traces(sweep["uri"], sweep["parent"])
+
+
+@pytest.fixture(scope="module")
+def table(loaded):
+    return report.compare_table(*loaded)
+
+
+def row(table, arm, phase="compare"):
+    sel = table[(table["arm"] == arm) & (table["phase"] == phase)]
+    assert len(sel) == 1, sel
+    return sel.iloc[0]
+
+
+# ---------------------------------------------------------------- finding and loading
+
+
+def test_find_sweep_by_name_returns_the_newest_sweep_and_by_id(sweep):
+    assert report.find_sweep(sweep["uri"], "toy-sweep").info.run_id == sweep["parent"]
+    assert report.find_sweep(sweep["uri"], sweep["older"]).info.run_id == sweep["older"]
+
+
+def test_find_sweep_errors_are_one_line(sweep):
+    with pytest.raises(ValueError, match=r"no experiment or sweep run named 'nope' in sqlite:///") as e:
+        report.find_sweep(sweep["uri"], "nope")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="not a sweep parent run"):
+        report.find_sweep(sweep["uri"], sweep["other"])
+    with pytest.raises(ValueError, match="no experiment or sweep run named"):
+        report.find_sweep(sweep["uri"], "0" * 32)
+
+
+def test_load_traces_shapes(loaded):
+    runs, traces = loaded
+    assert len(runs) == 3 * 4 + 1 + 4
+    assert set(runs["phase"]) == {"compare", "search"}
+    assert {"run_id", "arm", "phase", "seed", "status", "seq_len", "n_heads", "n_global_heads",
+            "controller.name", "controller.factor"} <= set(runs.columns)
+    assert set(traces.columns) == {"run_id", "step", "key", "value"}
+    assert set(traces["key"]) == set(report.TRACE_KEYS)
+    assert not traces.duplicated(["run_id", "key", "step"]).any()
+    static = runs[runs["arm"] == "static"]["run_id"]
+    assert "loss_ewma" not in set(traces[traces["run_id"].isin(static)]["key"])
+    one = runs[(runs["arm"] == "static") & (runs["seed"] == 0)]["run_id"].item()
+    loss = traces[(traces["run_id"] == one) & (traces["key"] == "loss")]
+    assert sorted(loss["step"]) == list(range(1, STEPS + 1))
+
+
+# ---------------------------------------------------------------- the table
+
+
+def test_table_values_by_hand(table):
+    static = row(table, "static")
+    assert static["n_seeds"] == 3 and static["n_incomplete"] == 1
+    assert static["final_val_loss_mean"] == pytest.approx(2.1)
+    assert static["final_val_loss_ci95"] == pytest.approx(T975_2 * 0.1 / math.sqrt(3))
+    assert static["attention_cost"] == pytest.approx(1.0)
+    assert static["verdict"] == "baseline"
+
+    good = row(table, "ewma-good")
+    assert good["n_seeds"] == 3 and good["n_incomplete"] == 0
+    assert good["final_val_loss_mean"] == pytest.approx(np.mean(list(GOOD.values())))
+    # first eval step with val <= 2.1: seed 0 (1.95 at 15), seed 1 (2.06 at 15), seed 2 (1.89 at 20)
+    assert good["steps_to_static"] == pytest.approx((15 + 15 + 20) / 3)
+    assert good["static_reached"] == "3/3"
+    # windows 8 x 10 steps + min(32, 16) x 10 steps, over 20 steps x static's 8
+    assert good["attention_cost"] == pytest.approx((10 * 8 + 10 * 16) / (20 * 8))
+    assert good["controller"] == "ewma(beta=0.9, factor=1.01, threshold=0.01)"  # default bound omitted
+
+    same = row(table, "ewma-same")
+    assert same["best_val_loss_mean"] == pytest.approx((2.02 + 2.07 + 2.05) / 3)
+    assert same["final_val_loss_mean"] == pytest.approx((2.02 + 2.07 + 2.22) / 3)
+    assert same["steps_to_static"] == pytest.approx((20 + 20 + 15) / 3)
+    assert same["attention_cost"] == pytest.approx(0.5)
+
+    sched = row(table, "schedule")
+    assert sched["static_reached"] == "0/3" and math.isnan(sched["steps_to_static"])
+
+
+def test_paired_comparison_and_verdict_rule(table):
+    good, same, sched = row(table, "ewma-good"), row(table, "ewma-same"), row(table, "schedule")
+    a, b = list(GOOD.values()), list(STATIC.values())
+    d = np.subtract(a, b)
+    assert good["vs_static_delta"] == pytest.approx(d.mean())
+    assert good["vs_static_ci95"] == pytest.approx(T975_2 * d.std(ddof=1) / math.sqrt(3))
+    assert good["vs_static_p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert good["vs_static_n"] == 3
+    assert good["verdict"] == "better"
+    assert sched["verdict"] == "worse"
+    # +0.02, -0.03, +0.02: the CI of the paired difference straddles 0 -> no winner
+    assert same["vs_static_delta"] - same["vs_static_ci95"] < 0 < same["vs_static_delta"] + same["vs_static_ci95"]
+    assert same["verdict"] == "no clear difference"
+
+
+def test_verdict_needs_two_pairs_and_a_ci_excluding_zero():
+    assert report._verdict(-0.5, float("nan")) == "no clear difference"
+    assert report._verdict(-0.5, 0.6) == "no clear difference"
+    assert report._verdict(-0.5, 0.4) == "better"
+    assert report._verdict(0.5, 0.4) == "worse"
+    delta, ci, n, p = report._paired(pd.Series({0: 1.0}), pd.Series({0: 2.0, 1: 3.0}))
+    assert n == 1 and math.isnan(ci) and math.isnan(p)
+
+
+def test_table_order_and_search_rows(table):
+    compare = table[table["phase"] == "compare"]
+    assert list(compare["arm"]) == ["ewma-good", "static", "ewma-same", "schedule"]
+    assert list(table["phase"]) == ["compare"] * 4 + ["search"] * 3  # compare rows first
+    search = table[table["phase"] == "search"]
+    # the trial cut at step 10 is left out; best first
+    assert list(search["final_val_loss_mean"]) == pytest.approx([1.65, 1.80, 1.90])
+    assert (search["n_seeds"] == 1).all()
+    assert "factor=1.02" in search.iloc[0]["controller"] and "threshold_mode=rel" in search.iloc[0]["controller"]
+    assert search["verdict"].eq("no clear difference").all()  # one pair cannot decide
+
+
+def test_no_static_arm(loaded):
+    runs, traces = loaded
+    keep = runs[runs["arm"] != "static"]
+    t = report.compare_table(keep, traces[traces["run_id"].isin(keep["run_id"])])
+    assert (t["verdict"] == "no static arm").all()
+    assert t["steps_to_static"].isna().all()
+    # each run measured against its own step-1 window: 4 -> 4 is 1.0
+    assert row(t, "ewma-same")["attention_cost"] == pytest.approx(1.0)
+
+
+def test_render_table(table):
+    text = report.render_table(table)
+    assert "±" in text and "better" in text and "no clear difference" in text and "never" in text
+    assert f"{2.1:.4f} ± {T975_2 * 0.1 / math.sqrt(3):.4f}" in text
+    assert "ewma-good [search]" in text
+    md = report.render_markdown(table)
+    assert md.splitlines()[1].startswith("| ---")
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_export_best_controller_round_trips(loaded, tmp_path):
+    spec = report.export_best_controller(*loaded, tmp_path / "best.yaml")
+    assert yaml.safe_load((tmp_path / "best.yaml").read_text()) == spec
+    assert spec == {"controller": {"name": "ewma", "beta": 0.9, "factor": 1.01, "min_window": 1,
+                                   "threshold": 0.01}}
+    spec = report.export_best_controller(*loaded, tmp_path / "searched.yaml", arm="ewma-good")
+    c = yaml.safe_load((tmp_path / "searched.yaml").read_text())["controller"]
+    assert c == spec["controller"]
+    assert c["factor"] == 1.02 and c["threshold_mode"] == "rel" and c["min_window"] == 2
+    assert isinstance(c["min_window"], int) and "base_factor" not in c
+    with pytest.raises(ValueError, match="arm: got 'nope'"):
+        report.export_best_controller(*loaded, tmp_path / "x.yaml", arm="nope")
+
+
+def test_write_report_writes_plots_and_logs_artifacts_to_the_parent(sweep, tmp_path):
+    rep = report.write_report(sweep["uri"], "toy-sweep", tmp_path / "out")
+    assert rep.parent_run_id == sweep["parent"] and rep.experiment == "toy-sweep"
+    names = {f.name for f in rep.files}
+    assert {"comparison.csv", "comparison.md", "best_controller.yaml", "loss.png", "window.png",
+            "rope_base.png", "search.png"} <= names
+    for f in rep.files:  # the plots are real, non-empty PNGs
+        if f.suffix == ".png":
+            assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5_000
+    csv = pd.read_csv(tmp_path / "out" / "comparison.csv")
+    assert list(csv.columns) == report.TABLE_COLUMNS and len(csv) == len(rep.table)
+    assert "paired" in (tmp_path / "out" / "comparison.md").read_text()
+    assert "better" in rep.text
+    logged = {a.path for a in sweep["client"].list_artifacts(sweep["parent"], "report")}
+    assert {f"report/{n}" for n in names} == logged
+
+
+def test_a_sweep_without_trials_reports_without_crashing(sweep, tmp_path):
+    rep = report.write_report(sweep["uri"], "empty-sweep", tmp_path, log_to_mlflow=False)
+    assert rep.table.empty and "(no finished trials)" in rep.text
+    assert {f.name for f in rep.files} == {"comparison.csv", "comparison.md"}

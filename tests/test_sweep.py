@@ -1,0 +1,182 @@
+"""Sweeps end to end on a real local Ray (2 CPUs) and a real MLflow store."""
+
+import math
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray
+import yaml
+
+from metalearner.experiment import load_experiment, parse_experiment
+from trainables.sweep import SweepRunner
+
+ROOT = Path(__file__).resolve().parent.parent
+TRACE_KEYS = ["loss", "loss_ewma", "rope_base", "window", "lr"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def children(uri, parent_id):
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    parent = client.get_run(parent_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+                              max_results=1000)
+    return client, parent, runs
+
+
+def history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def audit(uri, parent_id, expect_children):
+    """Parent + children, one point per step per key, params present."""
+    client, parent, runs = children(uri, parent_id)
+    assert parent.data.tags["metalearner.kind"] == "sweep" and parent.info.status == "FINISHED"
+    assert len(runs) == expect_children
+    for r in runs:
+        n = int(r.data.params["train.steps"])
+        steps = [s for s, _ in history(client, r.info.run_id, "loss")]
+        assert steps == list(range(1, len(steps) + 1)), r.info.run_name
+        if r.info.status == "FINISHED":
+            assert len(steps) == n
+        for key in TRACE_KEYS:
+            if key == "loss_ewma" and r.data.params["controller.name"] in ("static", "schedule"):
+                continue
+            assert [s for s, _ in history(client, r.info.run_id, key)] == steps, (r.info.run_name, key)
+        for p in ("controller.name", "controller.max_window", "model.d_model", "task.name", "train.seed"):
+            assert p in r.data.params
+        assert r.data.tags["metalearner.arm"]
+    return client, runs
+
+
+def test_quickstart_smoke_sweep_end_to_end(tmp_path):
+    spec = load_experiment(ROOT / "experiments/quickstart.yaml", smoke=True)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False).run()
+    assert not result.errors
+    # 3 fixed arms x 1 seed + 2 search trials + the best re-trained on 1 seed
+    client, runs = audit(uri, result.parent_run_id, 6)
+    phases = sorted((r.data.tags["metalearner.arm"], r.data.tags["metalearner.phase"]) for r in runs)
+    assert phases.count(("ewma-tuned", "search")) == 2 and ("ewma-tuned", "compare") in phases
+    best = result.best["ewma-tuned"]
+    assert best["name"] == "ewma" and best["factor"] > 1
+    confirm = [r for r in runs if r.data.tags["metalearner.arm"] == "ewma-tuned"
+               and r.data.tags["metalearner.phase"] == "compare"][0]
+    assert float(confirm.data.params["controller.factor"]) == pytest.approx(best["factor"])
+    assert yaml.safe_load(result.spec_files["ewma-tuned"].read_text())["controller"]["factor"] == best["factor"]
+
+
+def test_pbt_perturbation_reaches_the_controller(tmp_path):
+    spec = parse_experiment({
+        "name": "pbt-test", "task": {"name": "recall", "n_pairs": 4, "distance": 16},
+        "model": {"preset": "tiny", "window": 8},
+        "train": {"steps": 60, "batch_size": 8, "seq_len": 32, "report_every": 10, "eval_batches": 1,
+                  "eval_every": 10, "lr": 0.01},
+        "controller": {"name": "ewma", "beta": 0.5, "threshold": 0.0},
+        "search": {"searcher": "random", "num_samples": 2, "confirm": False,
+                   "scheduler": {"name": "pbt", "perturbation_interval": 20, "quantile_fraction": 0.5,
+                                 "resample_probability": 1.0},
+                   "space": {"controller.factor": {"uniform": [1.01, 1.5]}}},
+    })
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False).run()
+    assert not result.errors
+    client, runs = audit(uri, result.parent_run_id, 2)
+    changed = 0
+    for r in runs:
+        factors = history(client, r.info.run_id, "controller.factor")
+        assert factors and factors[0][0] == 1
+        base = dict(history(client, r.info.run_id, "rope_base"))
+        for (start, f), nxt in zip(factors, factors[1:] + [(max(base) + 1, None)]):
+            # from the step a factor is in force, every move of the base is by exactly that factor
+            for s in range(start, nxt[0] - 1):
+                ratio = base[s + 1] / base[s]
+                assert any(math.isclose(ratio, x, rel_tol=1e-9) for x in (f, 1 / f, 1.0)), (s, ratio, f)
+        changed += len({f for _, f in factors}) > 1
+    assert changed >= 1  # the exploited trial got a new factor, and it is what moved its knobs
+
+
+def test_restored_trial_continues_with_an_identical_trace(tmp_path):
+    base = {"task": {"name": "recall", "n_pairs": 4, "distance": 16}, "model": {"preset": "tiny", "window": 8},
+            "train": {"steps": 40, "batch_size": 8, "seq_len": 32, "report_every": 5, "checkpoint_every": 10,
+                      "eval_every": 10, "eval_batches": 1, "seed": 3},
+            "controller": {"name": "ewma", "factor": 1.2, "beta": 0.5, "threshold": 0.0}}
+    spec = parse_experiment({"name": "restore-test", **base, "seeds": [3]})
+    runner = SweepRunner(spec, f"sqlite:///{tmp_path}/mlflow.db", storage=str(tmp_path / "ray"), progress=False)
+    # two cells of the same config; one fails at step 25 (after reporting it), restarts from
+    # its step-20 checkpoint and repeats steps 21..25, which the writer must not store twice
+    from ray import tune
+
+    from trainables.callback import MlflowTraceCallback
+    from metalearner.tracking import MlflowWriter
+
+    writer = MlflowWriter(runner.tracking_uri)
+    parent = writer.create_run("restore-test", "parent", {"metalearner.kind": "sweep"})
+    cb = MlflowTraceCallback(writer, "restore-test", parent)
+    cells = [{**base, "meta": {"arm": "clean", "phase": "compare"}},
+             {**base, "meta": {"arm": "crashed", "phase": "compare", "fail_at_step": 25}}]
+    task, key = runner._shared_task()
+    grid = runner._tuner(runner._trainable(task, key), {"cell": tune.grid_search(cells)}, "restore", cb).fit()
+    writer.terminate(parent)
+    writer.close()
+    assert not grid.errors
+    client, _, runs = children(runner.tracking_uri, parent)
+    by_arm = {r.data.tags["metalearner.arm"]: r.info.run_id for r in runs}
+    for key in TRACE_KEYS + ["val_loss"]:
+        clean = history(client, by_arm["clean"], key)
+        crashed = history(client, by_arm["crashed"], key)
+        assert [s for s, _ in crashed] == [s for s, _ in clean]
+        assert crashed == clean, key
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sweep_against_a_real_tracking_server(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                mlflow.MlflowClient(tracking_uri=uri).search_experiments()
+                break
+            except Exception:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(1)
+        spec = load_experiment(ROOT / "experiments/compare_policies.yaml", smoke=True)
+        result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False).run()
+        assert not result.errors
+        audit(uri, result.parent_run_id, len(spec.arms) * len(spec.seeds))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("name", ["tune_ewma_asha", "pbt_ewma"])
+def test_shipped_experiment_smoke_runs(tmp_path, name):
+    spec = load_experiment(ROOT / f"experiments/{name}.yaml", smoke=True)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False).run()
+    assert not result.errors
+    _, runs = children(uri, result.parent_run_id)
+    assert len(runs) >= spec.arms[0].search.num_samples

@@ -1,0 +1,190 @@
+"""Driver-side Tune callback: the sweep's single MLflow writer and its live progress table.
+
+Trials never talk to MLflow. Each ``tune.report`` carries the trace chunk of the steps
+since the last report; this callback (on the driver) turns it into batched ``log_batch``
+calls through one `MlflowWriter`, so parallel trials cannot lock the SQLite store. The
+writer drops steps it already holds, which keeps exactly one point per step per key
+when a trial restarts from a checkpoint or PBT clones another trial's checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from ray.tune import Callback
+
+from metalearner.tracking import MlflowWriter
+from trainables.trial import TRACE_KEY, cell_config
+
+
+class MlflowTraceCallback(Callback):
+    """One MLflow child run per trial, fed from the trials' reports.
+
+    Args:
+        writer: the process's single MLflow writer.
+        experiment: MLflow experiment name.
+        parent_run_id: the sweep's parent run (``mlflow.parentRunId`` of each child).
+        mutable_keys: dotted config keys a population-based scheduler may change; they are
+            logged as metrics at the step they (first, and each time they) take effect.
+        progress: a `ProgressTable` to update, or None.
+    """
+
+    def __init__(self, writer: MlflowWriter, experiment: str, parent_run_id: str,
+                 mutable_keys: list[str] | None = None, progress: ProgressTable | None = None,
+                 tags: dict[str, str] | None = None) -> None:
+        self.writer = writer
+        self.experiment = experiment
+        self.parent_run_id = parent_run_id
+        self.mutable_keys = list(mutable_keys or [])
+        self.progress = progress
+        self.tags = dict(tags or {})
+        self.run_ids: dict[str, str] = {}
+        self.trial_info: dict[str, dict[str, Any]] = {}
+        self._params_logged: set[str] = set()
+        self._mutable_seen: dict[str, dict[str, Any]] = {}
+
+    # ------------------------------------------------------------ helpers
+    def _child(self, trial: Any) -> str:
+        tid = trial.trial_id
+        if tid not in self.run_ids:
+            run_cfg, meta = cell_config(trial.config)
+            arm = meta.get("arm", "trial")
+            seed = run_cfg.get("train", {}).get("seed", 0)
+            tags = {**self.tags, "metalearner.arm": arm, "metalearner.phase": meta.get("phase", ""),
+                    "metalearner.trial_id": tid, "metalearner.seed": str(seed), "metalearner.kind": "trial"}
+            name = f"{arm}-{meta.get('phase', '')}-{tid}"
+            self.run_ids[tid] = self.writer.create_run(self.experiment, name, tags, parent_run_id=self.parent_run_id)
+            self.trial_info[tid] = {"arm": arm, "phase": meta.get("phase", ""), "seed": seed,
+                                    "run_id": self.run_ids[tid]}
+        return self.run_ids[tid]
+
+    def _mutables(self, trial: Any) -> dict[str, Any]:
+        run_cfg, _ = cell_config(trial.config)
+        out = {}
+        for key in self.mutable_keys:
+            node: Any = run_cfg
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, (int, float)) and not isinstance(node, bool):
+                out[key] = float(node)
+        return out
+
+    # ------------------------------------------------------------ Tune hooks
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._child(trial)
+        if self.progress:
+            self.progress.update(trial, "RUNNING", None)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        run_id = self._child(trial)
+        tid = trial.trial_id
+        if "params" in result and tid not in self._params_logged:
+            self.writer.log_params(run_id, result["params"])
+            self._params_logged.add(tid)
+        trace = result.get(TRACE_KEY) or {}
+        steps = trace.get("step", [])
+        keys = [k for k in trace if k != "step"]
+        first_new = None
+        for i, step in enumerate(steps):
+            row = {k: trace[k][i] for k in keys if trace[k][i] is not None}
+            if self.writer.log_metrics(run_id, row, int(step)) and first_new is None:
+                first_new = int(step)
+        if self.mutable_keys and steps:
+            current = self._mutables(trial)
+            if current != self._mutable_seen.get(tid):
+                at = first_new if first_new is not None else int(steps[0])
+                self.writer.log_extra_metrics(run_id, current, at)
+                self._mutable_seen[tid] = current
+        self.writer.flush(run_id)
+        self.trial_info[tid]["last"] = {k: result.get(k) for k in ("step", "loss", "val_loss", "rope_base", "window")}
+        if self.progress:
+            self.progress.update(trial, "RUNNING", result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id in self.run_ids:
+            self.writer.terminate(self.run_ids[trial.trial_id], "FINISHED")
+        if self.progress:
+            self.progress.update(trial, "TERMINATED", None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id in self.run_ids:
+            self.writer.terminate(self.run_ids[trial.trial_id], "FAILED")
+        if self.progress:
+            self.progress.update(trial, "ERROR", None)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        # trials stopped early by a scheduler end here without on_trial_complete
+        for t in trials:
+            rid = self.run_ids.get(t.trial_id)
+            if rid and t.status not in ("TERMINATED", "ERROR"):
+                self.writer.terminate(rid, "KILLED")
+        self.writer.flush()
+        if self.progress:
+            self.progress.render(final=True)
+
+
+class ProgressTable:
+    """Live table of the trials (trial, arm, status, step, loss, base, window, val loss):
+    a `rich` live display on a terminal, a plain line every few seconds elsewhere."""
+
+    def __init__(self, total_steps: int, title: str, interactive: bool | None = None) -> None:
+        self.total_steps = total_steps
+        self.title = title
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.interactive = sys.stdout.isatty() if interactive is None else interactive
+        self._live = None
+        self._last_plain = 0.0
+        if self.interactive:
+            from rich.live import Live
+
+            self._live = Live(self._table(), refresh_per_second=2, transient=False)
+            self._live.start()
+
+    def update(self, trial: Any, status: str, result: dict | None) -> None:
+        run_cfg, meta = cell_config(trial.config)
+        row = self.rows.setdefault(trial.trial_id, {"arm": meta.get("arm", ""),
+                                                    "seed": run_cfg.get("train", {}).get("seed", "")})
+        row["status"] = status
+        if result:
+            for k in ("step", "loss", "rope_base", "window", "val_loss"):
+                row[k] = result.get(k)
+        self.render()
+
+    def _table(self) -> Any:
+        from rich.table import Table
+
+        t = Table(title=self.title, expand=False)
+        for col in ("trial", "arm", "seed", "status", "step", "loss", "base", "window", "val loss"):
+            t.add_column(col, justify="right" if col in ("step", "loss", "base", "window", "val loss") else "left")
+        for tid, r in self.rows.items():
+            t.add_row(tid, str(r["arm"]), str(r["seed"]), r.get("status", ""),
+                      f"{r.get('step') or 0}/{self.total_steps}", _fmt(r.get("loss")), _fmt(r.get("rope_base"), ".4g"),
+                      _fmt(r.get("window"), ".0f"), _fmt(r.get("val_loss")))
+        return t
+
+    def render(self, final: bool = False) -> None:
+        if self._live is not None:
+            self._live.update(self._table())
+            if final:
+                self._live.stop()
+                self._live = None
+            return
+        now = time.monotonic()
+        if final or now - self._last_plain > 10:
+            self._last_plain = now
+            running = [r for r in self.rows.values() if r.get("status") == "RUNNING"]
+            done = sum(r.get("status") == "TERMINATED" for r in self.rows.values())
+            print(f"[{self.title}] {len(self.rows)} trials: {len(running)} running, {done} done"
+                  + "".join(f" | {r['arm']}/s{r['seed']} step {r.get('step') or 0} loss {_fmt(r.get('loss'))}"
+                            f" w {_fmt(r.get('window'), '.0f')}" for r in running[:4]), flush=True)
+
+    def stop(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+def _fmt(v: Any, spec: str = ".4f") -> str:
+    return "" if v is None else format(v, spec)

@@ -1,0 +1,312 @@
+"""Run an experiment spec on Ray Tune: searched arms first, then one equal-steps grid.
+
+Layout of a sweep:
+1. one MLflow parent run (the resolved spec as params and as a YAML artifact; tags for
+   the searchers and schedulers);
+2. for each arm with a ``search``: one Tuner (searcher + scheduler from the spec) on the
+   arm's tuning seed; the best configuration is then, if ``search.confirm``, re-trained
+   on every comparison seed, so that it is compared with the other arms on seeds it was
+   not tuned on;
+3. one grid Tuner over (fixed arms + confirmed tuned arms) x seeds, all at equal steps.
+Every trial is a child MLflow run written by the driver (`MlflowTraceCallback`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from metalearner.config import flatten, load_run_config, set_dotted
+from metalearner.experiment import Arm, ExperimentSpec
+from metalearner.tracking import MlflowWriter
+
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    tracking_uri: str
+    experiment: str
+    best: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm -> best controller
+    trials: dict[str, dict[str, Any]] = field(default_factory=dict)  # trial id -> info
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    spec_files: dict[str, Path] = field(default_factory=dict)
+
+
+def to_tune_domain(spec: dict[str, Any]) -> Any:
+    """``{"loguniform": [a, b]}`` -> ``tune.loguniform(a, b)`` (Ray's own domains)."""
+    from ray import tune
+
+    (kind, args), = spec.items()
+    if kind == "grid":
+        return tune.grid_search(list(args))
+    if kind == "choice":
+        return tune.choice(list(args))
+    if kind == "uniform":
+        return tune.uniform(*args)
+    if kind == "loguniform":
+        return tune.loguniform(*args)
+    if kind == "randint":
+        return tune.randint(int(args[0]), int(args[1]))  # high exclusive, as in Ray
+    raise ValueError(f"search.space: unknown domain {kind!r}")
+
+
+def _nested_space(space: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        set_dotted(out, key, to_tune_domain(spec))
+    return out
+
+
+def make_searcher(arm: Arm, spec: ExperimentSpec) -> Any:
+    s = arm.search
+    assert s is not None
+    if s.searcher == "optuna":
+        try:
+            import optuna
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as e:
+            raise RuntimeError("searcher 'optuna' needs optuna: pip install optuna") from e
+        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=spec.seed))
+    if s.searcher == "hyperopt":
+        try:
+            from ray.tune.search.hyperopt import HyperOptSearch
+        except ImportError as e:
+            raise RuntimeError("searcher 'hyperopt' needs hyperopt: pip install hyperopt") from e
+        return HyperOptSearch(random_state_seed=spec.seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=spec.seed)
+
+
+def make_scheduler(arm: Arm, steps: int, report_every: int) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers.pb2 import PB2
+
+    s = arm.search
+    assert s is not None
+    sc = s.scheduler
+    if sc.name == "asha":
+        return ASHAScheduler(time_attr="step", max_t=steps, grace_period=sc.grace_period or 2 * report_every,
+                             reduction_factor=sc.reduction_factor)
+    interval = sc.perturbation_interval or 4 * report_every
+    if sc.name == "pbt":
+        return PopulationBasedTraining(
+            time_attr="step", perturbation_interval=interval, hyperparam_mutations=_nested_space(s.space),
+            quantile_fraction=sc.quantile_fraction, resample_probability=sc.resample_probability, synch=sc.synch,
+            custom_explore_fn=ClampToSpace(s.space),
+        )
+    if sc.name == "pb2":
+        bounds: dict[str, Any] = {}
+        for key, dom in s.space.items():
+            (_, args), = dom.items()
+            set_dotted(bounds, key, [float(args[0]), float(args[1])])
+        return PB2(time_attr="step", perturbation_interval=interval, hyperparam_bounds=bounds,
+                   quantile_fraction=sc.quantile_fraction, synch=sc.synch)
+    return FIFOScheduler()
+
+
+class ClampToSpace:
+    """PBT's explore step multiplies values by 1.2 or 0.8 without looking at the domain;
+    this puts each mutated value back inside its range (a factor of 1.001 * 0.8 would
+    otherwise be an invalid controller)."""
+
+    def __init__(self, space: dict[str, Any]) -> None:
+        self.bounds = {}
+        for key, dom in space.items():
+            (kind, args), = dom.items()
+            if kind in ("uniform", "loguniform"):
+                self.bounds[key] = (float(args[0]), float(args[1]), float)
+            elif kind == "randint":
+                self.bounds[key] = (int(args[0]), int(args[1]) - 1, int)
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        for key, (lo, hi, kind) in self.bounds.items():
+            parts = key.split(".")
+            node = config.get("cell", config)
+            for p in parts[:-1]:
+                node = node.get(p, {})
+            if parts[-1] in node:
+                node[parts[-1]] = kind(min(max(node[parts[-1]], lo), hi))
+        return config
+
+
+class SweepRunner:
+    """Runs an `ExperimentSpec`; see the module docstring for the layout."""
+
+    def __init__(self, spec: ExperimentSpec, tracking_uri: str, storage: str | None = None,
+                 address: str | None = None, progress: bool | None = None, num_cpus: int | None = None) -> None:
+        self.spec = spec
+        self.tracking_uri = tracking_uri
+        self.storage = str(Path(storage or Path.cwd() / "ray_results").resolve())
+        self.address = address
+        self.progress = progress
+        self.num_cpus = num_cpus
+        self.stamp = time.strftime("%Y%m%d-%H%M%S")
+
+    # ------------------------------------------------------------ pieces
+    def _init_ray(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        if self.address:
+            ray.init(address=self.address, include_dashboard=False, logging_level="WARNING")
+        else:
+            ray.init(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False,
+                     logging_level="WARNING", log_to_driver=False, configure_logging=True)
+
+    def _shared_task(self) -> tuple[Any, tuple | None]:
+        """Load the data once on the driver (shipped to trials with tune.with_parameters)."""
+        from metalearner.tasks import build_task
+        from trainables.trial import _task_key
+
+        cfg = load_run_config(self.spec.run_config(self.spec.arms[0], self.spec.seeds[0]))
+        t = cfg.train
+        task = build_task(cfg.task, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed,
+                          eval_batches=t.eval_batches)
+        return task, _task_key(cfg)
+
+    def _trainable(self, task: Any, task_key: tuple | None) -> Any:
+        from ray import tune
+
+        from trainables.trial import train_trial
+
+        r = self.spec.resources
+        fn = tune.with_parameters(train_trial, task=task, task_key=task_key, threads=max(1, int(r.cpus_per_trial)))
+        return tune.with_resources(fn, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
+
+    def _tuner(self, trainable: Any, param_space: dict[str, Any], name: str, callback: Any,
+               search_alg: Any = None, scheduler: Any = None, num_samples: int = 1, reuse: bool = True) -> Any:
+        from ray import tune
+
+        r = self.spec.resources
+        return tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=self.spec.metric, mode=self.spec.mode, search_alg=search_alg, scheduler=scheduler,
+                num_samples=num_samples, max_concurrent_trials=r.max_concurrent or None, reuse_actors=reuse,
+                time_budget_s=self.spec.time_budget_s or None,
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=self.storage, callbacks=[callback], verbose=0,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                failure_config=tune.FailureConfig(max_failures=1),
+            ),
+        )
+
+    # ------------------------------------------------------------ the sweep
+    def run(self) -> SweepResult:
+        from trainables.callback import MlflowTraceCallback, ProgressTable
+        from trainables.trial import cell_config
+
+        spec = self.spec
+        t0 = time.perf_counter()
+        writer = MlflowWriter(self.tracking_uri)
+        searchers = sorted({a.search.searcher for a in spec.arms if a.search}) or ["grid"]
+        schedulers = sorted({a.search.scheduler.name for a in spec.arms if a.search}) or ["fifo"]
+        parent = writer.create_run(spec.name, f"{spec.name}-{self.stamp}", tags={
+            "metalearner.kind": "sweep", "metalearner.searcher": ",".join(searchers),
+            "metalearner.scheduler": ",".join(schedulers), "metalearner.arms": ",".join(a.name for a in spec.arms),
+            "metalearner.seeds": ",".join(map(str, spec.seeds)), "mlflow.note.content": spec.description,
+        })
+        result = SweepResult(parent_run_id=parent, tracking_uri=self.tracking_uri, experiment=spec.name)
+        writer.log_params(parent, flatten({k: v for k, v in spec.raw.items() if k not in ("smoke", "arms")}))
+        writer.log_params(parent, {f"arms.{a.name}": yaml.safe_dump(
+            {"controller": a.controller, "search": bool(a.search)}, default_flow_style=True).strip()
+            for a in spec.arms})
+        out_dir = Path(self.storage) / f"{spec.name}-{self.stamp}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        spec_file = out_dir / "experiment.yaml"
+        spec_file.write_text(yaml.safe_dump(spec.raw, sort_keys=False))
+        writer.log_artifact(parent, spec_file)
+
+        status = "FAILED"
+        progress: ProgressTable | None = None
+        try:
+            self._init_ray()
+            task, task_key = self._shared_task()
+            trainable = self._trainable(task, task_key)
+            steps = load_run_config(spec.run_config(spec.arms[0], spec.seeds[0])).train.steps
+            cells: list[dict[str, Any]] = []
+            for arm in spec.arms:
+                if arm.search is None:
+                    cells += [{**spec.run_config(arm, s), "meta": {"arm": arm.name, "phase": "compare"}}
+                              for s in spec.seeds]
+                    continue
+                s = arm.search
+                base = spec.run_config(arm, s.seed)
+                report_every = load_run_config(base).train.report_every
+                progress = ProgressTable(steps, f"{spec.name}: tuning {arm.name}", self.progress)
+                cb = MlflowTraceCallback(writer, spec.name, parent,
+                                         mutable_keys=list(s.space) if s.population_based else [],
+                                         progress=progress, tags={"metalearner.sweep": spec.name})
+                space = {**copy.deepcopy(base), "meta": {"arm": arm.name, "phase": "search"}}
+                for key, dom in _nested_space(s.space).items():
+                    space[key] = _merge(space.get(key, {}), dom)
+                tuner = self._tuner(trainable, space, f"{spec.name}-{arm.name}-{self.stamp}", cb,
+                                    search_alg=make_searcher(arm, spec),
+                                    scheduler=make_scheduler(arm, steps, report_every),
+                                    num_samples=s.num_samples, reuse=not s.population_based)
+                grid = tuner.fit()
+                progress.stop()
+                result.trials.update(cb.trial_info)
+                result.errors += [str(e).splitlines()[0] for e in grid.errors]
+                try:
+                    best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="last")
+                except RuntimeError:
+                    best = None
+                if best is None or best.config is None:
+                    continue
+                best_cfg, _ = cell_config(best.config)
+                result.best[arm.name] = dict(best_cfg["controller"])
+                best_file = out_dir / f"best_{arm.name}.yaml"
+                best_file.write_text(yaml.safe_dump({"controller": result.best[arm.name]}, sort_keys=False))
+                result.spec_files[arm.name] = best_file
+                writer.log_artifact(parent, best_file)
+                if s.confirm:
+                    cells += [{**spec.run_config(arm, seed, controller=best_cfg["controller"]),
+                               "meta": {"arm": arm.name, "phase": "compare"}} for seed in spec.seeds]
+            if cells:
+                from ray import tune
+
+                progress = ProgressTable(steps, f"{spec.name}: comparison at equal steps", self.progress)
+                cb = MlflowTraceCallback(writer, spec.name, parent, progress=progress,
+                                         tags={"metalearner.sweep": spec.name})
+                tuner = self._tuner(trainable, {"cell": tune.grid_search(cells)},
+                                    f"{spec.name}-compare-{self.stamp}", cb)
+                grid = tuner.fit()
+                progress.stop()
+                result.trials.update(cb.trial_info)
+                result.errors += [str(e).splitlines()[0] for e in grid.errors]
+            status = "FINISHED" if not result.errors else "FAILED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            if progress is not None:
+                progress.stop()
+            result.seconds = time.perf_counter() - t0
+            writer.terminate(parent, status)
+            writer.close()
+        return result
+
+
+def _merge(base: Any, dom: Any) -> Any:
+    """Put the search domains of a nested space into the base config section."""
+    if isinstance(base, dict) and isinstance(dom, dict):
+        out = dict(base)
+        for k, v in dom.items():
+            out[k] = _merge(base.get(k), v)
+        return out
+    return dom

@@ -1,0 +1,110 @@
+"""The Ray Tune function trainable: one trial = one controlled training run.
+
+It builds task, model and controller from the trial config and drives the one train
+loop (`metalearner.train.TrainingRun`). Every ``train.report_every`` steps it evaluates
+and calls ``tune.report`` with the metrics and the trace chunk of the steps since the
+last report (the driver's MLflow writer stores it); a checkpoint goes with every report,
+or with every ``train.checkpoint_every`` steps when that is a multiple of it. On (re)start it restores
+from ``tune.get_checkpoint()`` — model, optimizer, controller *state*, RNG and step —
+while the controller's *settings* always come from the trial config, so a PBT/PB2
+perturbation takes effect from the next step on.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from typing import Any
+
+import torch
+from ray import tune
+
+from metalearner.config import load_run_config
+from metalearner.tasks import Task
+from metalearner.train import TrainingRun
+
+TRACE_KEY = "trace"
+
+
+def cell_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a trial config into (run config, meta). Grid trials wrap theirs in ``cell``."""
+    config = copy.deepcopy(config)
+    if "cell" in config:
+        config = {**config.pop("cell"), **config}
+    meta = config.pop("meta", {})
+    return config, meta
+
+
+def _task_key(cfg: Any) -> tuple:
+    t = cfg.train
+    return (repr(cfg.task), t.batch_size, t.seq_len, t.eval_batches)
+
+
+def shared_task(task: Task | None, task_key: tuple | None, cfg: Any) -> Task | None:
+    """Reuse the driver's task (data loaded once, shipped with ``tune.with_parameters``)
+    when it matches this trial's data settings; only the batch stream's seed differs."""
+    if task is None or task_key != _task_key(cfg):
+        return None
+    mine = copy.copy(task)
+    mine.seed = cfg.train.seed
+    return mine
+
+
+def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tuple | None = None,
+                threads: int = 1) -> None:
+    """Ray Tune function trainable (wrapped with `tune.with_parameters`)."""
+    torch.set_num_threads(max(1, int(threads)))
+    run_dict, meta = cell_config(config)
+    cfg = load_run_config(run_dict)
+    run = TrainingRun(cfg, task=shared_task(task, task_key, cfg))
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            run.load(d)
+    params = run.params()
+    # fault injection for tests of checkpoint recovery: fail once, on the first attempt
+    fail_at = int(meta.get("fail_at_step", 0)) if checkpoint is None else 0
+    every = cfg.train.report_every
+    # checkpoint at every report unless train.checkpoint_every asks for fewer (a multiple)
+    ck = cfg.train.checkpoint_every
+    ckpt_every = ck if ck and ck % every == 0 else every
+    first = True
+    while not run.done:
+        records = run.advance(every - run.step % every)
+        if records and "val_loss" not in records[-1]:
+            records[-1].update(run.evaluate())
+        last = records[-1]
+        trace = {k: [r.get(k) for r in records] for k in _trace_keys(records)}
+        metrics = {
+            "step": run.step,
+            "loss": last["loss"],
+            "rope_base": last["rope_base"],
+            "window": last["window"],
+            "val_loss": run.last_val["val_loss"],
+            "train_seconds": run.train_seconds,
+            TRACE_KEY: trace,
+            "arm": meta.get("arm", ""),
+            "phase": meta.get("phase", ""),
+        }
+        for k, v in run.last_val.items():
+            metrics.setdefault(k, v)
+        if first:
+            metrics["params"] = params
+            first = False
+        if run.step % ckpt_every == 0 or run.done:
+            with tempfile.TemporaryDirectory() as d:
+                run.save(d)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        else:
+            tune.report(metrics)
+        if fail_at and run.step >= fail_at:
+            raise RuntimeError(f"injected failure at step {run.step} (meta.fail_at_step)")
+
+
+def _trace_keys(records: list[dict[str, float]]) -> list[str]:
+    keys: list[str] = []
+    for r in records:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    return keys
