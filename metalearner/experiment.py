@@ -241,6 +241,7 @@ def parse_experiment(data: Any, source: str = "<spec>") -> ExperimentSpec:
         raise ConfigError(f"stop.time_budget_s: got {budget!r}, expected seconds >= 0")
 
     arms_raw = data.get("arms")
+    implicit = arms_raw is None  # the top-level controller (+ search) is the single arm
     if arms_raw is None:
         ctrl = data.get("controller") or {"name": "ewma"}
         arms_raw = [{"name": (ctrl or {}).get("name", "ewma") if "search" not in data else "tuned",
@@ -252,14 +253,14 @@ def parse_experiment(data: Any, source: str = "<spec>") -> ExperimentSpec:
     default_ctrl = data.get("controller") or {"name": "ewma"}
     arms: list[Arm] = []
     for i, a in enumerate(arms_raw):
-        where = f"arms[{i}]"
+        where = "" if implicit else f"arms[{i}]"
         if not isinstance(a, dict) or set(a) - {"name", "controller", "search"}:
             raise ConfigError(f"{where}: got {a!r}, expected a mapping with name, controller, search")
         ctrl = dict(a.get("controller") or default_ctrl)
         arm_name = a.get("name") or ctrl.get("name", "ewma")
         if any(arm_name == b.name for b in arms):
             raise ConfigError(f"{where}.name: got {arm_name!r} twice, expected distinct arm names")
-        search = _load_search(a["search"], f"{where}.search") if "search" in a else None
+        search = _load_search(a["search"], f"{where}.search".lstrip(".")) if "search" in a else None
         arm = Arm(name=str(arm_name), controller=ctrl, search=search)
         # validate the configs this arm yields (with a representative point of its space)
         cfg = {**copy.deepcopy(base), "controller": copy.deepcopy(ctrl)}
@@ -270,7 +271,7 @@ def parse_experiment(data: Any, source: str = "<spec>") -> ExperimentSpec:
             load_run_config(cfg)
         except ConfigError as e:
             msg = str(e)
-            raise ConfigError(msg if not msg.startswith("controller.") else f"{where}.{msg}") from None
+            raise ConfigError(msg if not (where and msg.startswith("controller.")) else f"{where}.{msg}") from None
         arms.append(arm)
     spec = ExperimentSpec(name=name, description=str(data.get("description", "")), base=base, arms=arms,
                           seeds=seeds, resources=resources, metric=metric, mode=mode,

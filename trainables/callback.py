@@ -45,6 +45,15 @@ class MlflowTraceCallback(Callback):
         self._params_logged: set[str] = set()
         self._mutable_seen: dict[str, dict[str, Any]] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its run config (callbacks included) into the experiment folder;
+        # the writer thread and the live display stay with the driver process.
+        return {k: v for k, v in self.__dict__.items() if k not in ("writer", "progress")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.writer, self.progress = None, None  # type: ignore[assignment]
+
     # ------------------------------------------------------------ helpers
     def _child(self, trial: Any) -> str:
         tid = trial.trial_id
