@@ -178,5 +178,5 @@ def test_shipped_experiment_smoke_runs(tmp_path, name):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False).run()
     assert not result.errors
-    _, runs = children(uri, result.parent_run_id)
+    _, _, runs = children(uri, result.parent_run_id)
     assert len(runs) >= spec.arms[0].search.num_samples

@@ -6,8 +6,9 @@ To add a task: write a config dataclass (with a ``name`` field) and a class impl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from metalearner.tasks.base import IGNORE_INDEX, Batch, Task, batch_loss, forward_logits, step_generator
 from metalearner.tasks.recall import RecallConfig, RecallTask

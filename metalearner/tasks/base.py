@@ -12,7 +12,8 @@ Batch layout (a plain dict of tensors):
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F

@@ -9,8 +9,9 @@ model needs is known. Generated from (seed, step); must not import ray or mlflow
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 

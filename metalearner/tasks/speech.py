@@ -30,10 +30,11 @@ import random
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,9 +121,10 @@ def _synthesize(espeak: str, utt: _Utterance, out_dir: Path) -> None:
 
 def _read_marker(out_dir: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((out_dir / MARKER).read_text())
+        marker = json.loads((out_dir / MARKER).read_text())
     except (OSError, ValueError):
         return None
+    return marker if isinstance(marker, dict) else None
 
 
 def generate_speech_digits(out_dir: str | os.PathLike, n: int, seed: int = 0, progress: bool = True) -> Path:
@@ -201,6 +203,7 @@ class SpeechConfig:
     """``task.*`` settings of the speech task.
 
     Args:
+        name: the task registry key, always ``"speech"``.
         data_dir: an ``audiofolder`` folder: audio files plus ``metadata.csv`` with
             ``file_name`` and ``transcription`` columns (required).
         val_fraction: share of utterances held out for validation, in (0, 1).
@@ -212,6 +215,7 @@ class SpeechConfig:
         cer_samples: validation utterances greedily decoded for the character error rate.
     """
 
+    name: str = "speech"
     data_dir: str | None = None
     val_fraction: float = 0.1
     n_mels: int = 80
@@ -253,7 +257,7 @@ def _load_audiofolder(data_dir: Path) -> list[tuple[str, str]]:
         header = next(csv.reader(f), [])
     for column in ("file_name", "transcription"):
         if column not in header:
-            raise ValueError(f"data_dir: {data_dir / METADATA} has no {column!r} column (header: {header})")
+            raise ValueError(f"task.data_dir: {data_dir / METADATA} has no {column!r} column (header: {header})")
     features = datasets.Features({name: datasets.Value("string") for name in header})
     verbosity = datasets.logging.get_verbosity()
     bars_were_off = datasets.utils.are_progress_bars_disabled()
@@ -261,9 +265,11 @@ def _load_audiofolder(data_dir: Path) -> list[tuple[str, str]]:
     datasets.disable_progress_bars()
     try:
         with tempfile.TemporaryDirectory(prefix="metalearner-audiofolder-") as cache:
+            # data_files names the metadata file alone: it lists the audio files, and letting
+            # datasets list and stat the folder itself costs ~1.3 ms per file (2.6 s for 2000)
             ds = datasets.load_dataset(
-                "audiofolder", data_dir=str(data_dir), features=features, cache_dir=cache,
-                keep_in_memory=True,
+                "audiofolder", data_files={"train": str(data_dir / METADATA)}, features=features,
+                cache_dir=cache, keep_in_memory=True,
             )
             rows = []
             for split in ds.values():
@@ -277,7 +283,7 @@ def _load_audiofolder(data_dir: Path) -> list[tuple[str, str]]:
     for name, text in rows:
         path = (root / name).resolve()
         if root not in path.parents:
-            raise ValueError(f"data_dir: file_name {name!r} in {METADATA} points outside {root}")
+            raise ValueError(f"task.data_dir: file_name {name!r} in {METADATA} points outside {root}")
         out.append((name, text or ""))
     return out
 
@@ -290,7 +296,7 @@ def _read_audio(path: Path) -> np.ndarray:
     try:
         wave, rate = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / OSError
-        raise ValueError(f"data_dir: cannot read audio {path}: {e}") from None
+        raise ValueError(f"task.data_dir: cannot read audio {path}: {e}") from None
     wave = wave.mean(axis=1)
     if rate != SAMPLE_RATE:
         wave = soxr.resample(wave, rate, SAMPLE_RATE).astype(np.float32)
@@ -428,7 +434,8 @@ class SpeechTask:
 
     # ------------------------------------------------------------ batches
 
-    def _collate(self, idx: list[int]) -> Batch:
+    def collate(self, idx: list[int]) -> Batch:
+        """The batch of utterances ``idx`` (indices into ``names``/``texts``)."""
         frames = _round_up(int(self.n_frames[idx].max()), FRAME_MULTIPLE)
         features = self._floors[idx].view(-1, 1, 1).repeat(1, self.cfg.n_mels, frames)
         t_len = max(len(self._text_ids[i]) for i in idx) + 1
@@ -453,12 +460,12 @@ class SpeechTask:
             picks = torch.randperm(n, generator=g)[: self.batch_size]
         else:
             picks = torch.randint(n, (self.batch_size,), generator=g)
-        return self._collate([self.train_idx[j] for j in picks.tolist()])
+        return self.collate([self.train_idx[j] for j in picks.tolist()])
 
     def eval_batches(self) -> Iterator[Batch]:
         """Fixed batches over the first ``eval_size`` validation utterances (file-name order)."""
         for i in range(0, len(self.eval_idx), self.batch_size):
-            yield self._collate(self.eval_idx[i : i + self.batch_size])
+            yield self.collate(self.eval_idx[i : i + self.batch_size])
 
     # ------------------------------------------------------------ metrics
 
@@ -498,7 +505,7 @@ class SpeechTask:
         try:
             for i in range(0, len(self.cer_idx), self.batch_size):
                 idx = self.cer_idx[i : i + self.batch_size]
-                hyps = self.transcribe(model, self._collate(idx)["features"])
+                hyps = self.transcribe(model, self.collate(idx)["features"])
                 for j, hyp in zip(idx, hyps):
                     errors += edit_distance(hyp, self.texts[j])
                     chars += len(self.texts[j])
