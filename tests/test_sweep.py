@@ -117,8 +117,8 @@ def test_restored_trial_continues_with_an_identical_trace(tmp_path):
     # its step-20 checkpoint and repeats steps 21..25, which the writer must not store twice
     from ray import tune
 
-    from trainables.callback import MlflowTraceCallback
     from metalearner.tracking import MlflowWriter
+    from trainables.callback import MlflowTraceCallback
 
     writer = MlflowWriter(runner.tracking_uri)
     parent = writer.create_run("restore-test", "parent", {"metalearner.kind": "sweep"})

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from metalearner.config import flatten, load_run_config, set_dotted
@@ -212,6 +214,9 @@ class SweepRunner:
 
         spec = self.spec
         t0 = time.perf_counter()
+        # PBT's explore step and the random searcher draw from these: a seeded sweep
+        random.seed(spec.seed)
+        np.random.seed(spec.seed)
         writer = MlflowWriter(self.tracking_uri)
         searchers = sorted({a.search.searcher for a in spec.arms if a.search}) or ["grid"]
         schedulers = sorted({a.search.scheduler.name for a in spec.arms if a.search}) or ["fifo"]
