@@ -82,3 +82,41 @@ def test_help_documents_every_command(cli):
     for cmd in ("train", "sweep", "compare", "data"):
         res = cli(cmd, "--help")
         assert res.returncode == 0 and "usage" in res.stdout
+
+
+def test_sweep_then_compare_then_train_the_exported_controller(cli, tmp_path):
+    """The main job's path through the real command line: sweep, compare, export, train."""
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    res = cli("sweep", root / "experiments/compare_policies.yaml", "--smoke-test", "--tracking-uri", uri,
+              "--storage", tmp_path / "ray", "--num-cpus", 2, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "verdict" in res.stdout and "mlflow ui --backend-store-uri" in res.stdout
+    for arm in ("static", "schedule", "ewma", "plateau"):
+        assert arm in res.stdout
+    res = cli("compare", "compare_policies", "--tracking-uri", uri, "--out", tmp_path / "report",
+              "--export-best", tmp_path / "best.yaml", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "report" / "comparison.csv").is_file() and (tmp_path / "report" / "window.png").is_file()
+    res = cli("train", "--task", "recall", "--steps", 3, "--controller-spec", tmp_path / "best.yaml",
+              "--tracking-uri", uri, "--set", "model.preset=tiny", "--set", "train.seq_len=64", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("override,field", [
+    ("train.steps=0", "train.steps"),
+    ("seeds=[]", "seeds"),
+    ("arms[0]=1", "arms[0]"),
+])
+def test_bad_sweep_input_exits_2_before_ray_starts(cli, tmp_path, override, field):
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    res = cli("sweep", root / "experiments/compare_policies.yaml", "--set", override,
+              "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--storage", tmp_path / "ray", cwd=tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and field in res.stderr
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "ray").exists()
+
+
+def test_compare_unknown_sweep_exits_2(cli, tmp_path):
+    res = cli("compare", "nothing-here", "--tracking-uri", f"sqlite:///{tmp_path}/m.db", cwd=tmp_path)
+    assert res.returncode == 2 and "nothing-here" in res.stderr

@@ -47,7 +47,7 @@ def build_task(cfg: Any, *, batch_size: int, seq_len: int, seed: int, eval_batch
     """Build the task whose config dataclass is ``cfg`` (``cfg.name`` picks it)."""
     entry = TASKS[cfg.name]
     kw: dict[str, Any] = {"batch_size": batch_size, "seq_len": seq_len, "seed": seed}
-    if cfg.name == "text":
+    if cfg.name in ("text", "speech"):
         kw["eval_batches"] = eval_batches
     try:
         return entry.factory(cfg, **kw)

@@ -213,6 +213,8 @@ class SpeechConfig:
             a cropped clip would no longer match its transcript).
         eval_size: validation utterances in `SpeechTask.eval_batches`.
         cer_samples: validation utterances greedily decoded for the character error rate.
+        split_seed: seeds the train/validation split (kept apart from the training seed, so
+            every seed of a comparison is validated on the same utterances).
     """
 
     name: str = "speech"
@@ -223,6 +225,7 @@ class SpeechConfig:
     max_frames: int = 1000
     eval_size: int = 128
     cer_samples: int = 64
+    split_seed: int = 0
 
     def validate(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -340,7 +343,7 @@ class SpeechTask:
         batch_size: utterances per batch.
         seq_len: the train loop's sequence length; unused (transcripts are bounded by
             ``cfg.max_text_len``), accepted for the common task signature.
-        seed: seeds the train/validation split and the training batches.
+        seed: seeds the training batches (``cfg.split_seed`` seeds the split).
         eval_batches: if given, at most this many validation batches (of ``batch_size``).
 
     Example:
@@ -348,6 +351,8 @@ class SpeechTask:
         >>> task = SpeechTask(SpeechConfig(data_dir="digits"), batch_size=16, seq_len=0, seed=0)
         >>> batch = task.train_batch(1)                         # doctest: +SKIP
     """
+
+    eval_metric_names = ("cer",)
 
     name = "speech"
     arch = "encoder_decoder"
@@ -426,9 +431,11 @@ class SpeechTask:
         self._text_ids = [torch.tensor([self._char_id[c] for c in t], dtype=torch.long) for t in texts]
 
     def _split(self) -> None:
-        n = len(self.names)  # names are sorted, so the split depends only on (files, seed)
+        # names are sorted, so the split depends only on (files, split_seed): every training
+        # seed of a comparison is validated on the same utterances
+        n = len(self.names)
         n_val = min(max(1, round(self.cfg.val_fraction * n)), n - 1)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.split_seed)).tolist()
         self.val_idx = sorted(perm[:n_val])
         self.train_idx = sorted(perm[n_val:])
 
