@@ -112,8 +112,15 @@ class MlflowTraceCallback(Callback):
             self.progress.update(trial, "RUNNING", result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if trial.trial_id in self.run_ids:
-            self.writer.terminate(self.run_ids[trial.trial_id], "FINISHED")
+        rid = self.run_ids.get(trial.trial_id)
+        if rid:
+            # a trial a scheduler stopped early (ASHA) also "completes": mark it KILLED
+            last_result = trial.last_result or {}
+            last, total = last_result.get("step") or 0, last_result.get("total_steps")
+            cut = total is not None and last < total
+            if cut:
+                self.writer.set_tags(rid, {"metalearner.stopped_early": f"at step {last} of {total}"})
+            self.writer.terminate(rid, "KILLED" if cut else "FINISHED")
         if self.progress:
             self.progress.update(trial, "TERMINATED", None)
 

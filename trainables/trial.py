@@ -77,6 +77,7 @@ def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tupl
         trace = {k: [r.get(k) for r in records] for k in _trace_keys(records)}
         metrics = {
             "step": run.step,
+            "total_steps": cfg.train.steps,
             "loss": last["loss"],
             "rope_base": last["rope_base"],
             "window": last["window"],

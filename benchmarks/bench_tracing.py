@@ -1,0 +1,190 @@
+"""What do per-step MLflow traces cost a training run? (CPU, embedded SQLite store)
+
+(a) Step time with traces on / off. Three identical runs of the `tiny` preset (text task,
+    seq_len 128, batch 16, seed-default ewma controller) advance side by side in one process:
+
+    * ``on``     `TrainingRun.advance(1, sink)` into an `MlflowSink` on a fresh
+                 ``sqlite:///`` file in a temp dir (one writer thread, batched log_batch);
+    * ``off``    `TrainingRun.advance(1)`, no sink;
+    * ``off-b``  a second run without a sink: the A/A control (pure measurement noise).
+
+    They alternate in blocks of ``--block`` steps (not single steps: the writer thread's
+    batched flushes land on whatever runs while they happen, so a block spans at least one
+    flush period, ``flush_seconds`` = 2 s) and the median of the per-step block means is
+    compared. The final `sink.close()` (flush, wait for the writes) is timed apart and is also
+    reported amortised over the run's steps.
+
+(b) Write throughput of the embedded SQLite store: `MlflowWriter.log_metrics` for
+    ``--runs`` runs x ``--steps`` steps x 6 keys (the trace keys + val_loss), fed in report
+    chunks of 25 steps per run as the sweep driver does; timed from the first log_metrics
+    to `close()` returning (every point stored). Also: the time spent inside log_metrics on
+    the caller's thread, per call (= one step), as a share of a tiny training step.
+
+    python benchmarks/bench_tracing.py            # ~1.5 minutes
+    python benchmarks/bench_tracing.py --quick    # smoke run
+
+Goal: step(on) / step(off) <= 1.02 (close amortised in). Informational: points/s and the
+caller-thread share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "Creating initial MLflow database tables..."
+
+from metalearner.config import load_run_config  # noqa: E402
+from metalearner.tasks import build_task  # noqa: E402
+from metalearner.tracking import MlflowSink, MlflowWriter  # noqa: E402
+from metalearner.train import TrainingRun  # noqa: E402
+
+GOAL = 1.02
+KEYS = ("loss", "loss_ewma", "rope_base", "window", "lr", "val_loss")
+
+
+def run_config(args: argparse.Namespace, steps: int) -> Any:
+    return load_run_config({
+        "task": {"name": "text"},
+        "model": {"preset": args.preset},
+        # no evaluation inside the timed steps: eval_every beyond them
+        "train": {"steps": steps, "batch_size": args.batch, "seq_len": args.seq_len, "threads": args.threads,
+                  "seed": 0, "warmup_steps": 5, "eval_every": steps},
+        # the seed-default ewma: every trace key (loss_ewma too) and knobs that move now and
+        # then; the three runs are identical and deterministic, so their knobs move alike
+        "controller": {"name": "ewma", "factor": 1.005, "beta": 0.9, "threshold": 0.01},
+    })
+
+
+def bench_steps(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    steps = args.warmup + args.blocks * args.block + 1  # the last (evaluation) step is never timed
+    cfg = run_config(args, steps)
+    t = cfg.train
+    task = build_task(cfg.task, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed, eval_batches=t.eval_batches)
+    runs = {name: TrainingRun(run_config(args, steps), task=task) for name in ("on", "off", "off-b")}
+    torch.set_num_threads(args.threads)
+    uri = f"sqlite:///{tmp / 'steps.db'}"
+    start = time.perf_counter()
+    sink = MlflowSink.start(uri, "bench-tracing", "tiny-on", tags={"metalearner.kind": "train"})
+    sink.log_params(runs["on"].params())
+    sink.writer.call(lambda: None)  # params stored: the store is up before timing
+    setup = time.perf_counter() - start
+    sinks = {"on": sink, "off": None, "off-b": None}
+    for name, run in runs.items():
+        run.advance(args.warmup, sinks[name])
+    names = list(runs)
+    block_means: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(args.blocks):
+        order = names[i % len(names):] + names[: i % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            runs[name].advance(args.block, sinks[name])
+            block_means[name].append((time.perf_counter() - start) / args.block)
+    start = time.perf_counter()
+    sink.close()
+    close = time.perf_counter() - start
+    stored = sink.writer.points_written
+    timed_steps = args.blocks * args.block
+    expected = (args.warmup + timed_steps) * 5  # loss, loss_ewma, rope_base, window, lr; no eval step
+    return {"block_means": block_means, "close": close, "setup": setup, "stored": stored,
+            "expected": expected, "timed_steps": timed_steps, "total_steps": args.warmup + timed_steps}
+
+
+def bench_throughput(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    uri = f"sqlite:///{tmp / 'throughput.db'}"
+    writer = MlflowWriter(uri)
+    run_ids = [writer.create_run("bench-tracing", f"throughput-{i}") for i in range(args.runs)]
+    writer.call(lambda: None)
+    chunk = 25
+    caller = 0.0
+    calls = 0
+    t0 = time.perf_counter()
+    for first in range(1, args.steps + 1, chunk):
+        for i, rid in enumerate(run_ids):
+            for step in range(first, min(first + chunk, args.steps + 1)):
+                rec = {k: 1.0 / (step + i + j) for j, k in enumerate(KEYS)}
+                s = time.perf_counter()
+                writer.log_metrics(rid, rec, step)
+                caller += time.perf_counter() - s
+                calls += 1
+        for rid in run_ids:  # the sweep driver flushes each trial's run after its report
+            s = time.perf_counter()
+            writer.flush(rid)
+            caller += time.perf_counter() - s
+    fed = time.perf_counter() - t0
+    for rid in run_ids:
+        writer.terminate(rid)
+    writer.close()
+    total = time.perf_counter() - t0
+    points = args.runs * args.steps * len(KEYS)
+    return {"points": points, "written": writer.points_written, "total": total, "fed": fed,
+            "caller_per_call": caller / calls, "errors": len(writer.errors)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer blocks, a smaller store write")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--block", type=int, default=50, help="steps per block (span >= one 2 s flush period)")
+    parser.add_argument("--blocks", type=int, default=8, help="timed blocks per variant")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per variant first")
+    parser.add_argument("--runs", type=int, default=5, help="(b) runs written")
+    parser.add_argument("--steps", type=int, default=2000, help="(b) steps per run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args()
+    if args.quick:
+        args.block, args.blocks, args.warmup, args.runs, args.steps = 20, 3, 3, 2, 200
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        a = bench_steps(args, tmp)
+        b = bench_throughput(args, tmp)
+
+    med = {n: statistics.median(v) for n, v in a["block_means"].items()}
+    off = med["off"]
+    close_per_step = a["close"] / a["total_steps"]
+    print(f"(a) preset {args.preset}, text task, seq_len={args.seq_len} batch={args.batch} threads={args.threads}: "
+          f"{args.blocks} interleaved blocks of {args.block} steps per variant")
+    print(f"  {'variant':<7} {'ms/step':>8} {'ratio':>7}   block means (ms)")
+    for name, sec in med.items():
+        blocks = " ".join(f"{x * 1e3:.1f}" for x in a["block_means"][name])
+        print(f"  {name:<7} {sec * 1e3:8.2f} {sec / off:7.3f}   {blocks}")
+    print(f"  sink start (fresh SQLite store + params): {a['setup']:.2f} s, once per run, not in the ratio")
+    print(f"  sink.close(): {a['close'] * 1e3:.0f} ms = {close_per_step * 1e3:.3f} ms/step over "
+          f"{a['total_steps']} steps; points stored {a['stored']} (expected {a['expected']})")
+    ratio = (med["on"] + close_per_step) / off
+    print(f"  on / off = {med['on'] / off:.3f} per step, {ratio:.3f} with close amortised; "
+          f"A/A noise off-b / off = {med['off-b'] / off:.3f}")
+
+    print(f"\n(b) MlflowWriter into embedded SQLite: {args.runs} runs x {args.steps} steps x {len(KEYS)} keys "
+          f"= {b['points']} points, chunks of 25 steps per run")
+    print(f"  first log_metrics -> close() returned: {b['total']:.2f} s = {b['points'] / b['total']:,.0f} points/s "
+          f"({b['written']} stored, {b['errors']} errors)")
+    print(f"  feeding alone (caller loop, writes still queued): {b['fed']:.2f} s")
+    share = b["caller_per_call"] / off
+    print(f"  caller thread: {b['caller_per_call'] * 1e6:.1f} us per log_metrics call (one step, 6 keys) "
+          f"= {share:.3%} of a {args.preset} step ({off * 1e3:.1f} ms)")
+    verdict = "met" if ratio <= GOAL else "NOT met"
+    if abs(med["off-b"] / off - 1) > 0.01:
+        print(f"  WARNING: the A/A control is off by more than 1%: this machine was too noisy for a "
+              f"{GOAL - 1:.0%} goal during the run; rerun before trusting the ratio")
+    print(f"RESULT tracing: ratio={ratio:.3f} goal<={GOAL} ({verdict})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

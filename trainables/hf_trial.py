@@ -1,0 +1,76 @@
+"""The Ray Tune function trainable for ``train.engine: hf``: one trial = one `run_hf`.
+
+Same reports as `trainables.trial.train_trial`, so the driver's `MlflowTraceCallback`
+and the sweep runner need not know which engine ran: every ``train.report_every`` steps
+(and at the end) the step is evaluated and ``tune.report`` carries the metrics, the trace
+chunk of the steps since the last report (``trace``: dict of lists) and, in the first
+report, the flattened ``params``. A checkpoint goes with every report, or with every
+``train.checkpoint_every`` steps when that is a multiple of it; it is the Trainer's
+``checkpoint-<step>`` folder (``controller.json`` included). On (re)start the trial resumes
+from ``tune.get_checkpoint()``: weights, optimizer, schedule, RNG, step and controller
+*state*; the controller's *settings* come from the trial config (PBT/PB2 perturbations).
+
+Import it lazily (``train_trial`` dispatches here): it pulls in transformers.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+import torch
+from ray import tune
+
+from metalearner.config import load_run_config
+from metalearner.hf import Report, run_hf
+from metalearner.tasks import Task
+from trainables.trial import TRACE_KEY, _trace_keys, cell_config, shared_task
+
+
+def train_trial_hf(config: dict[str, Any], task: Task | None = None, task_key: tuple | None = None,
+                   threads: int = 1) -> None:
+    """Ray Tune function trainable (wrapped with `tune.with_parameters`), HF engine."""
+    torch.set_num_threads(max(1, int(threads)))
+    run_dict, meta = cell_config(config)
+    cfg = load_run_config(run_dict)
+    checkpoint = tune.get_checkpoint()
+    # fault injection for tests of checkpoint recovery: fail once, on the first attempt
+    fail_at = int(meta.get("fail_at_step", 0)) if checkpoint is None else 0
+    every = cfg.train.report_every
+    ck = cfg.train.checkpoint_every
+    ckpt_every = ck if ck and ck % every == 0 else every
+    first = True
+
+    def on_report(rep: Report) -> None:
+        nonlocal first
+        last = rep.records[-1]
+        metrics = {
+            "step": rep.step,
+            "loss": last["loss"],
+            "rope_base": last["rope_base"],
+            "window": last["window"],
+            "val_loss": rep.last_val["val_loss"],
+            "train_seconds": rep.train_seconds,
+            TRACE_KEY: {k: [r.get(k) for r in rep.records] for k in _trace_keys(rep.records)},
+            "arm": meta.get("arm", ""),
+            "phase": meta.get("phase", ""),
+        }
+        for k, v in rep.last_val.items():
+            metrics.setdefault(k, v)
+        if first:
+            metrics["params"] = rep.params
+            first = False
+        if rep.checkpoint is not None:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(rep.checkpoint)))
+        else:
+            tune.report(metrics)
+        if fail_at and rep.step >= fail_at:
+            raise RuntimeError(f"injected failure at step {rep.step} (meta.fail_at_step)")
+
+    mine = shared_task(task, task_key, cfg)
+    with tempfile.TemporaryDirectory(prefix="metalearner-hf-trial-") as out:
+        if checkpoint is None:
+            run_hf(cfg, None, out, task=mine, on_report=on_report, checkpoint_every=ckpt_every)
+        else:
+            with checkpoint.as_directory() as d:
+                run_hf(cfg, None, out, resume=d, task=mine, on_report=on_report, checkpoint_every=ckpt_every)
