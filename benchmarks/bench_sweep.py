@@ -116,12 +116,14 @@ class TimedFit:
     def __init__(self, tuner: Any) -> None:
         self.tuner = tuner
         self.seconds = 0.0
+        self.began = self.ended = 0.0
         self.grid: Any = None
 
     def fit(self) -> Any:
-        start = time.perf_counter()
+        self.began = time.perf_counter()
         self.grid = self.tuner.fit()
-        self.seconds = time.perf_counter() - start
+        self.ended = time.perf_counter()
+        self.seconds = self.ended - self.began
         return self.grid
 
 
@@ -197,6 +199,9 @@ def main() -> None:
         args.trials, args.steps, args.report_every = 4, 60, 20
     torch.set_num_threads(1)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # the sweep turns Tune's result.json/progress.csv loggers off (MLflow holds the traces),
+    # so building the ResultGrid warns that it cannot read them; the in-memory results are used
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     spec = parse_experiment(spec_dict(args))
 
     with tempfile.TemporaryDirectory() as d:
@@ -252,6 +257,8 @@ def main() -> None:
     startup = sum(r["startup"] for r in rows)
     reports = sum(r["per_report"] * (r["reports"] - 1) for r in rows)
     tails = sum(r["tail"] for r in rows)
+    first_start = min(tm.start.values()) - fit.began
+    last_end = fit.ended - max(tm.end.values())
     idle = 2 * fit.seconds - spans
     outside = wall - fit.seconds
     over = 2 * wall - total_train  # slot-seconds not spent training
@@ -263,7 +270,9 @@ def main() -> None:
     print(f"    between reports (outside advance) {reports:7.1f} s  "
           f"({reports / max(1, sum(r['reports'] - 1 for r in rows)) * 1e3:.0f} ms/report)")
     print(f"    after the last report             {tails:7.1f} s")
-    print(f"    idle slots inside Tuner.fit       {idle:7.1f} s  (2 x fit - sum of spans)")
+    print(f"    idle slots inside Tuner.fit       {idle:7.1f} s  (2 x fit - sum of spans), of which "
+          f"2 x {first_start:.1f} s before the first trial started and 2 x {last_end:.1f} s after the last "
+          f"one completed")
     print(f"    driver outside Tuner.fit          {2 * outside:7.1f} s  (2 x {outside:.1f} s: writer, parent run, "
           f"shared task, Tuner set-up/teardown, final flush)")
     print(f"  measured apart: fresh worker imports {imports:.2f} s; TrainingRun build {local['build'] * 1e3:.0f} ms; "

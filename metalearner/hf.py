@@ -183,8 +183,8 @@ class KnobTrainer(Trainer):
 
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """The ``checkpoint-<step>`` folders of ``output_dir``, oldest step first."""
-    found = [p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()]
-    return sorted((p for p in found if p.name.rsplit("-", 1)[1].isdigit()), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    found = {p: p.name.rsplit("-", 1)[1] for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()}
+    return sorted((p for p, step in found.items() if step.isdigit()), key=lambda p: int(found[p]))
 
 
 def load_controller(run: TrainingRun, checkpoint: str | os.PathLike) -> None:

@@ -5,12 +5,15 @@ import shutil
 import mlflow
 import pytest
 
-from metalearner.config import load_run_config
-from metalearner.hf import CONTROLLER_FILE, run_hf
-from metalearner.knobs import Knobs
-from metalearner.trace import MemorySink, MultiSink
-from metalearner.tracking import MlflowSink
-from metalearner.train import TrainingRun, make_controller
+pytest.importorskip("transformers", reason="needs the 'hf' extra")
+pytest.importorskip("accelerate", reason="needs the 'hf' extra")
+
+from metalearner.config import load_run_config  # noqa: E402
+from metalearner.hf import CONTROLLER_FILE, load_controller, run_hf, save_controller  # noqa: E402
+from metalearner.knobs import Knobs  # noqa: E402
+from metalearner.trace import MemorySink, MultiSink  # noqa: E402
+from metalearner.tracking import MlflowSink  # noqa: E402
+from metalearner.train import TrainingRun, make_controller  # noqa: E402
 
 STEPS = 20
 KNOB_KEYS = ("rope_base", "window")
@@ -69,8 +72,8 @@ def test_hf_moves_the_knobs_like_the_torch_loop(hf_straight):
 
 
 def test_resume_from_an_hf_checkpoint_continues_the_controller_exactly(tmp_path, hf_straight):
-    """Crash after step 13 (checkpoint at 10), resume: steps 11..20 repeat the straight run,
-    and MLflow holds exactly one point per step per key."""
+    """Crash at step 14 (its record already in MLflow; last checkpoint at 10), resume:
+    steps 11..20 repeat the straight run, and MLflow holds exactly one point per step per key."""
     straight, _ = hf_straight
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = tmp_path / "out"
@@ -145,8 +148,6 @@ def test_cli_trains_with_the_hf_engine(cli, sqlite_uri, tmp_path):
 
 def test_controller_json_round_trips_the_state(tmp_path):
     """``controller.json`` holds ``controller.state_dict()`` (floats exact through JSON)."""
-    from metalearner.hf import load_controller, save_controller
-
     cfg = make_cfg()
     run = TrainingRun(cfg)
     for s, loss in enumerate([3.0, 2.5, float("nan"), 2.7, 2.2], 1):

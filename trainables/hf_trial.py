@@ -46,6 +46,7 @@ def train_trial_hf(config: dict[str, Any], task: Task | None = None, task_key: t
         last = rep.records[-1]
         metrics = {
             "step": rep.step,
+            "total_steps": cfg.train.steps,
             "loss": last["loss"],
             "rope_base": last["rope_base"],
             "window": last["window"],

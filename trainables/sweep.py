@@ -29,6 +29,7 @@ from metalearner.experiment import Arm, ExperimentSpec
 from metalearner.tracking import MlflowWriter
 
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
@@ -190,6 +191,7 @@ class SweepRunner:
     def _tuner(self, trainable: Any, param_space: dict[str, Any], name: str, callback: Any,
                search_alg: Any = None, scheduler: Any = None, num_samples: int = 1, reuse: bool = True) -> Any:
         from ray import tune
+        from ray.tune.logger import JsonLoggerCallback
 
         r = self.spec.resources
         return tune.Tuner(
@@ -199,9 +201,12 @@ class SweepRunner:
                 metric=self.spec.metric, mode=self.spec.mode, search_alg=search_alg, scheduler=scheduler,
                 num_samples=num_samples, max_concurrent_trials=r.max_concurrent or None, reuse_actors=reuse,
                 time_budget_s=self.spec.time_budget_s or None,
+                trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             ),
             run_config=tune.RunConfig(
-                name=name, storage_path=self.storage, callbacks=[callback], verbose=0,
+                # our callback is the logger that matters (MLflow); Tune's JSON log keeps
+                # its own result bookkeeping working (the CSV/TensorBoard ones are off)
+                name=name, storage_path=self.storage, callbacks=[callback, JsonLoggerCallback()], verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=1),
             ),
@@ -305,6 +310,15 @@ class SweepRunner:
             writer.terminate(parent, status)
             writer.close()
         return result
+
+
+def trial_name(trial: Any) -> str:
+    """Short trial names: ``ARM-sSEED-ID`` instead of the whole config."""
+    from trainables.trial import cell_config
+
+    run_cfg, meta = cell_config(trial.config)
+    seed = run_cfg.get("train", {}).get("seed", "")
+    return f"{meta.get('arm', 'trial')}-s{seed}-{trial.trial_id}"
 
 
 def _merge(base: Any, dom: Any) -> Any:
