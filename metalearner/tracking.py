@@ -56,6 +56,16 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """For a SQLite store, artifacts go beside the database file (``mlartifacts/NAME``)
+    instead of ``./mlruns`` in whatever folder the process happens to run in."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None  # a tracking server decides for itself
+    db = Path(tracking_uri[len(prefix):])
+    return (db.resolve().parent / "mlartifacts" / experiment).as_uri()
+
+
 def params_to_strings(params: dict[str, Any]) -> dict[str, str]:
     out = {}
     for k, v in params.items():
@@ -120,7 +130,9 @@ class MlflowWriter:
     def experiment_id(self, name: str) -> str:
         def get_or_create() -> str:
             exp = self.client.get_experiment_by_name(name)
-            return exp.experiment_id if exp else self.client.create_experiment(name)
+            if exp:
+                return exp.experiment_id
+            return self.client.create_experiment(name, artifact_location=artifact_location(self.tracking_uri, name))
 
         return self.call(get_or_create)
 

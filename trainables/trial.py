@@ -56,6 +56,10 @@ def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tupl
     torch.set_num_threads(max(1, int(threads)))
     run_dict, meta = cell_config(config)
     cfg = load_run_config(run_dict)
+    if cfg.train.engine == "hf":  # the Hugging Face Trainer drives the same controller
+        from trainables.hf_trial import train_trial_hf
+
+        return train_trial_hf(config, task=task, task_key=task_key, threads=threads)
     run = TrainingRun(cfg, task=shared_task(task, task_key, cfg))
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
