@@ -33,6 +33,7 @@ trials want both cores) more than each trial's own seconds: check ``uptime`` fir
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
@@ -59,6 +60,29 @@ from metalearner.train import TrainingRun  # noqa: E402
 from trainables.sweep import SweepRunner  # noqa: E402
 
 GOAL = 1.15
+MARKS = ""  # folder where each trial's worker writes its clock marks (set in main)
+
+
+def timed_train_trial(config: dict[str, Any], task: Any = None, task_key: tuple | None = None,
+                      threads: int = 1) -> None:
+    """The library's `train_trial`, with wall-clock marks written first (runs in the worker;
+    pickled by value from this script, so the worker needs nothing from benchmarks/)."""
+    import json
+    import os
+    import time
+
+    entry = time.time()
+    import psutil
+
+    created = psutil.Process().create_time()
+    from trainables import trial as trial_mod  # torch, metalearner, trainables (if not loaded yet)
+
+    imported = time.time()
+    cell = config.get("cell", config)
+    seed = cell.get("train", {}).get("seed")
+    with open(os.path.join(MARKS, f"{os.getpid()}-{seed}.json"), "w") as fh:
+        json.dump({"pid": os.getpid(), "seed": seed, "created": created, "entry": entry, "imported": imported}, fh)
+    trial_mod.train_trial(config, task=task, task_key=task_key, threads=threads)
 HOOKS = [m for m in dir(Callback) if m.startswith(("on_", "setup")) and callable(getattr(Callback, m))]
 
 
@@ -73,18 +97,18 @@ class TimingCallback(Callback):
         self.checkpoints: dict[str, int] = defaultdict(int)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.start[trial.trial_id] = time.perf_counter()
+        self.start[trial.trial_id] = time.time()
         cell = trial.config.get("cell", trial.config)
         self.seed[trial.trial_id] = cell.get("train", {}).get("seed")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self.results[trial.trial_id].append((time.perf_counter(), float(result["train_seconds"]), int(result["step"])))
+        self.results[trial.trial_id].append((time.time(), float(result["train_seconds"]), int(result["step"])))
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
         self.checkpoints[trial.trial_id] += 1
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.end[trial.trial_id] = time.perf_counter()
+        self.end[trial.trial_id] = time.time()
 
 
 class Tee(Callback):
@@ -120,9 +144,9 @@ class TimedFit:
         self.grid: Any = None
 
     def fit(self) -> Any:
-        self.began = time.perf_counter()
+        self.began = time.time()
         self.grid = self.tuner.fit()
-        self.ended = time.perf_counter()
+        self.ended = time.time()
         self.seconds = self.ended - self.began
         return self.grid
 
@@ -132,6 +156,17 @@ class TimedSweepRunner(SweepRunner):
         super().__init__(*args, **kwargs)
         self.timing = TimingCallback()
         self.fits: list[TimedFit] = []
+
+    def _trainable(self, task: Any, task_key: tuple | None) -> Any:
+        # SweepRunner._trainable wraps trainables.trial.train_trial: hand it the timed one
+        import trainables.trial as trial_mod
+
+        original = trial_mod.train_trial
+        trial_mod.train_trial = timed_train_trial
+        try:
+            return super()._trainable(task, task_key)
+        finally:
+            trial_mod.train_trial = original
 
     def _tuner(self, trainable: Any, param_space: dict[str, Any], name: str, callback: Any, **kw: Any) -> Any:
         fit = TimedFit(super()._tuner(trainable, param_space, name, Tee(callback, self.timing), **kw))
@@ -156,8 +191,8 @@ def spec_dict(args: argparse.Namespace) -> dict[str, Any]:
 
 def worker_imports() -> float:
     """Seconds a fresh Python process spends importing what a trial worker needs."""
-    code = ("import time; t = time.perf_counter(); import torch, ray.tune, metalearner.train, trainables.trial; "
-            "print(time.perf_counter() - t)")
+    code = ("import time; t = time.time(); import torch, ray.tune, metalearner.train, trainables.trial; "
+            "print(time.time() - t)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     return float(out.stdout.strip().splitlines()[-1])
@@ -168,19 +203,19 @@ def local_costs(spec: Any, tmp: Path) -> dict[str, float]:
     cfg = load_run_config(spec.run_config(spec.arms[0], spec.seeds[0]))
     t = cfg.train
     task = build_task(cfg.task, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed, eval_batches=t.eval_batches)
-    start = time.perf_counter()
+    start = time.time()
     run = TrainingRun(cfg, task=task)
-    build = time.perf_counter() - start
+    build = time.time() - start
     run.advance(2)
     saves = []
     for i in range(5):
-        start = time.perf_counter()
+        start = time.time()
         run.save(tmp / f"ckpt{i}")
-        saves.append(time.perf_counter() - start)
+        saves.append(time.time() - start)
     size = (tmp / "ckpt0" / "checkpoint.pt").stat().st_size
-    start = time.perf_counter()
+    start = time.time()
     run.evaluate()
-    evaluate = time.perf_counter() - start
+    evaluate = time.time() - start
     return {"build": build, "save": statistics.median(saves), "size": size, "evaluate": evaluate}
 
 
@@ -204,29 +239,33 @@ def main() -> None:
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     spec = parse_experiment(spec_dict(args))
 
+    global MARKS
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        MARKS = str(tmp / "marks")
+        Path(MARKS).mkdir()
         imports = worker_imports()
         local = local_costs(spec, tmp)
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
-        start = time.perf_counter()
+        start = time.time()
         writer = MlflowWriter(uri)  # create the store (schema migrations) before timing
         writer.experiment_id(spec.name)
         writer.close()
-        store = time.perf_counter() - start
+        store = time.time() - start
 
         import ray
 
-        start = time.perf_counter()
+        start = time.time()
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-        ray_start = time.perf_counter() - start
+        ray_start = time.time() - start
         try:
             runner = TimedSweepRunner(spec, uri, storage=str(tmp / "ray"), progress=False)
-            start = time.perf_counter()
+            start = time.time()
             result = runner.run()
-            wall = time.perf_counter() - start
+            wall = time.time() - start
         finally:
             ray.shutdown()
+        marks = {(m["seed"]): m for m in (json.loads(f.read_text()) for f in Path(MARKS).glob("*.json"))}
     if result.errors:
         raise SystemExit(f"sweep failed: {result.errors[0]}")
 
@@ -239,7 +278,9 @@ def main() -> None:
         res = tm.results[tid]
         startup = res[0][0] - tm.start[tid] - res[0][1]
         gaps = [(b[0] - a[0]) - (b[1] - a[1]) for a, b in zip(res, res[1:])]
-        rows.append({"tid": tid, "seed": tm.seed[tid], "train": train[tid], "span": tm.end[tid] - tm.start[tid],
+        mk = marks.get(tm.seed[tid], {})
+        rows.append({"tid": tid, "seed": tm.seed[tid], "pid": mk.get("pid", 0), "mark": mk,
+                     "train": train[tid], "span": tm.end[tid] - tm.start[tid],
                      "startup": startup, "per_report": statistics.mean(gaps) if gaps else 0.0,
                      "reports": len(res), "tail": tm.end[tid] - res[-1][0],
                      "began": tm.start[tid] - tm.start[rows[0]["tid"]] if rows else 0.0})
@@ -248,10 +289,10 @@ def main() -> None:
     ratio = wall / ideal
     print(f"{len(rows)} trials: preset {args.preset}, {args.task} task, {args.steps} steps, batch {args.batch}, "
           f"seq_len {args.seq_len}, report (+eval, +checkpoint) every {args.report_every}; 2 CPUs, 1 per trial")
-    print(f"  {'trial':<12} {'seed':>4} {'began s':>8} {'train s':>8} {'span s':>7} {'startup s':>9} "
+    print(f"  {'trial':<12} {'seed':>4} {'pid':>7} {'began s':>8} {'train s':>8} {'span s':>7} {'startup s':>9} "
           f"{'ms/report':>9} {'reports':>7} {'tail ms':>7}")
     for r in rows:
-        print(f"  {r['tid']:<12} {r['seed']:>4} {r['began']:8.1f} {r['train']:8.2f} {r['span']:7.2f} "
+        print(f"  {r['tid']:<12} {r['seed']:>4} {r['pid']:>7} {r['began']:8.1f} {r['train']:8.2f} {r['span']:7.2f} "
               f"{r['startup']:9.2f} {r['per_report'] * 1e3:9.1f} {r['reports']:>7} {r['tail'] * 1e3:7.0f}")
     spans = sum(r["span"] for r in rows)
     startup = sum(r["startup"] for r in rows)
@@ -275,7 +316,21 @@ def main() -> None:
           f"one completed")
     print(f"    driver outside Tuner.fit          {2 * outside:7.1f} s  (2 x {outside:.1f} s: writer, parent run, "
           f"shared task, Tuner set-up/teardown, final flush)")
-    print(f"  measured apart: fresh worker imports {imports:.2f} s; TrainingRun build {local['build'] * 1e3:.0f} ms; "
+    seen: set[int] = set()
+    for r in rows:  # the first trial of each worker process: where its cold start went
+        mk = r["mark"]
+        if not mk or mk["pid"] in seen:
+            continue
+        seen.add(mk["pid"])
+        first = tm.results[r["tid"]][0]
+        t0 = fit.began
+        created = (f"process created {mk['created'] - t0:+.1f} s after fit began"
+                   if mk["created"] >= t0 else f"process prestarted {t0 - mk['created']:.1f} s before fit")
+        print(f"  cold start, worker pid {mk['pid']} (seed {r['seed']}): {created}; "
+              f"actor up (on_trial_start) {tm.start[r['tid']] - t0:+.1f} s; trial function entered "
+              f"{mk['entry'] - t0:+.1f} s; its imports {mk['imported'] - mk['entry']:.1f} s; first report "
+              f"{first[0] - t0:+.1f} s, of which training {first[1]:.1f} s")
+    print(f"  measured apart: fresh worker imports {imports:.2f} s; first TrainingRun build in a process {local['build'] * 1e3:.0f} ms; "
           f"checkpoint save {local['save'] * 1e3:.1f} ms ({local['size'] / 1e3:.0f} kB); "
           f"one evaluate() {local['evaluate'] * 1e3:.0f} ms")
     print(f"  not timed: ray.init {ray_start:.1f} s; fresh SQLite store {store:.1f} s")

@@ -106,10 +106,11 @@ def test_pbt_perturbation_reaches_the_controller(tmp_path):
     assert changed >= 1  # the exploited trial got a new factor, and it is what moved its knobs
 
 
-def test_restored_trial_continues_with_an_identical_trace(tmp_path):
+@pytest.mark.parametrize("engine", ["torch", "hf"])
+def test_restored_trial_continues_with_an_identical_trace(tmp_path, engine):
     base = {"task": {"name": "recall", "n_pairs": 4, "distance": 16}, "model": {"preset": "tiny", "window": 8},
             "train": {"steps": 40, "batch_size": 8, "seq_len": 32, "report_every": 5, "checkpoint_every": 10,
-                      "eval_every": 10, "eval_batches": 1, "seed": 3},
+                      "eval_every": 10, "eval_batches": 1, "seed": 3, "engine": engine},
             "controller": {"name": "ewma", "factor": 1.2, "beta": 0.5, "threshold": 0.0}}
     spec = parse_experiment({"name": "restore-test", **base, "seeds": [3]})
     runner = SweepRunner(spec, f"sqlite:///{tmp_path}/mlflow.db", storage=str(tmp_path / "ray"), progress=False)

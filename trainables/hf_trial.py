@@ -24,7 +24,7 @@ from ray import tune
 from metalearner.config import load_run_config
 from metalearner.hf import Report, run_hf
 from metalearner.tasks import Task
-from trainables.trial import TRACE_KEY, _trace_keys, cell_config, shared_task
+from trainables.trial import cell_config, report_metrics, shared_task
 
 
 def train_trial_hf(config: dict[str, Any], task: Task | None = None, task_key: tuple | None = None,
@@ -43,24 +43,9 @@ def train_trial_hf(config: dict[str, Any], task: Task | None = None, task_key: t
 
     def on_report(rep: Report) -> None:
         nonlocal first
-        last = rep.records[-1]
-        metrics = {
-            "step": rep.step,
-            "total_steps": cfg.train.steps,
-            "loss": last["loss"],
-            "rope_base": last["rope_base"],
-            "window": last["window"],
-            "val_loss": rep.last_val["val_loss"],
-            "train_seconds": rep.train_seconds,
-            TRACE_KEY: {k: [r.get(k) for r in rep.records] for k in _trace_keys(rep.records)},
-            "arm": meta.get("arm", ""),
-            "phase": meta.get("phase", ""),
-        }
-        for k, v in rep.last_val.items():
-            metrics.setdefault(k, v)
-        if first:
-            metrics["params"] = rep.params
-            first = False
+        metrics = report_metrics(rep.step, cfg.train.steps, rep.records, rep.last_val, rep.train_seconds, meta,
+                                 rep.params if first else None)
+        first = False
         if rep.checkpoint is not None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(rep.checkpoint)))
         else:

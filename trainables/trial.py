@@ -77,25 +77,9 @@ def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tupl
         records = run.advance(every - run.step % every)
         if records and "val_loss" not in records[-1]:
             records[-1].update(run.evaluate())
-        last = records[-1]
-        trace = {k: [r.get(k) for r in records] for k in _trace_keys(records)}
-        metrics = {
-            "step": run.step,
-            "total_steps": cfg.train.steps,
-            "loss": last["loss"],
-            "rope_base": last["rope_base"],
-            "window": last["window"],
-            "val_loss": run.last_val["val_loss"],
-            "train_seconds": run.train_seconds,
-            TRACE_KEY: trace,
-            "arm": meta.get("arm", ""),
-            "phase": meta.get("phase", ""),
-        }
-        for k, v in run.last_val.items():
-            metrics.setdefault(k, v)
-        if first:
-            metrics["params"] = params
-            first = False
+        metrics = report_metrics(run.step, cfg.train.steps, records, run.last_val, run.train_seconds, meta,
+                                 params if first else None)
+        first = False
         if run.step % ckpt_every == 0 or run.done:
             with tempfile.TemporaryDirectory() as d:
                 run.save(d)
@@ -104,6 +88,28 @@ def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tupl
             tune.report(metrics)
         if fail_at and run.step >= fail_at:
             raise RuntimeError(f"injected failure at step {run.step} (meta.fail_at_step)")
+
+
+def report_metrics(step: int, total_steps: int, records: list[dict[str, float]], last_val: dict[str, float],
+                   train_seconds: float, meta: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a trial reports: the latest values, the trace chunk of ``records`` (dict of
+    lists, read by the driver's MLflow writer) and, in the first report, the params."""
+    last = records[-1]
+    metrics: dict[str, Any] = {
+        "step": step,
+        "total_steps": total_steps,
+        "loss": last["loss"],
+        "rope_base": last["rope_base"],
+        "window": last["window"],
+        "train_seconds": train_seconds,
+        TRACE_KEY: {k: [r.get(k) for r in records] for k in _trace_keys(records)},
+        "arm": meta.get("arm", ""),
+        "phase": meta.get("phase", ""),
+        **last_val,
+    }
+    if params is not None:
+        metrics["params"] = params
+    return metrics
 
 
 def _trace_keys(records: list[dict[str, float]]) -> list[str]:
