@@ -16,6 +16,7 @@ import yaml
 from metalearner.config import ConfigError, apply_overrides, load_run_config
 
 EXIT_BAD_INPUT = 2
+RUN_ID_FILE = "mlflow_run_id"  # in --checkpoint-dir: the MLflow run that --resume continues
 
 
 def fail(message: str) -> NoReturn:
@@ -57,8 +58,6 @@ def build_train_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from metalearner.trace import CsvSink, MultiSink
-    from metalearner.tracking import MlflowSink, resolve_tracking_uri
 
     try:
         cfg = load_run_config(build_train_config(args))
@@ -85,11 +84,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not (ckpt_dir / CHECKPOINT_FILE).is_file():
             fail(f"--checkpoint-dir: got {str(ckpt_dir)!r}, expected a folder with {CHECKPOINT_FILE}")
         run.load(ckpt_dir)
-        id_file = ckpt_dir / "mlflow_run_id"
+        id_file = ckpt_dir / RUN_ID_FILE
         resume_id = id_file.read_text().strip() if id_file.is_file() else None
 
+    sink, mlflow_sink, uri = open_sinks(args, cfg, run.task, ckpt_dir, resume_id)
+    if resume_id is None:
+        sink.log_params(run.params())
+    return run_traced(args, cfg, sink, mlflow_sink, uri, lambda: train(run, sink, checkpoint_dir=ckpt_dir))
+
+
+def open_sinks(args: argparse.Namespace, cfg: Any, task: Any, ckpt_dir: Path | None,
+               resume_id: str | None) -> tuple[Any, Any, str]:
+    """The trace sinks of ``metalearner train`` (both engines): MLflow unless --no-mlflow
+    (a new run, or the resumed one), plus --trace-csv. Returns (sink, mlflow sink, uri)."""
+    from metalearner.trace import CsvSink, MultiSink
+    from metalearner.tracking import MlflowSink, resolve_tracking_uri
+
     uri = resolve_tracking_uri(args.tracking_uri)
-    sinks = []
+    sinks: list[Any] = []
     mlflow_sink = None
     if not args.no_mlflow:
         name = args.run_name or f"{cfg.task.name}-{cfg.controller['name']}-seed{cfg.train.seed}"
@@ -98,23 +110,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         sinks.append(mlflow_sink)
         if ckpt_dir:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            (ckpt_dir / "mlflow_run_id").write_text(mlflow_sink.run_id)
+            (ckpt_dir / RUN_ID_FILE).write_text(mlflow_sink.run_id)
     if args.trace_csv:
-        extra = tuple(getattr(run.task, "eval_metric_names", ()))
-        sinks.append(CsvSink(args.trace_csv, extra))
-    sink = MultiSink(*sinks)
-    if resume_id is None:
-        sink.log_params(run.params())
+        sinks.append(CsvSink(args.trace_csv, tuple(getattr(task, "eval_metric_names", ()))))
+    return MultiSink(*sinks), mlflow_sink, uri
+
+
+def run_traced(args: argparse.Namespace, cfg: Any, sink: Any, mlflow_sink: Any, uri: str,
+               body: Any) -> int:
+    """Run ``body()`` (returns a Summary), close the sinks with the run's status, print
+    the one-screen summary."""
     status = "FAILED"
     try:
-        summary = train(run, sink, checkpoint_dir=ckpt_dir)
+        summary = body()
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         sink.close(status)
-
     print_summary(summary, cfg, uri if mlflow_sink else None, mlflow_sink.run_id if mlflow_sink else None,
                   args.experiment, args.trace_csv)
     return 0

@@ -61,7 +61,6 @@ except ImportError as e:  # pragma: no cover - the extra is installed wherever t
 
 CONTROLLER_FILE = "controller.json"
 KEEP_CHECKPOINTS = 2  # the newest checkpoint folders kept in the output folder
-RUN_ID_FILE = "mlflow_run_id"
 
 
 # ---------------------------------------------------------------- data, optimizer, schedule
@@ -411,9 +410,7 @@ def train_hf(cfg: RunConfig, args: Any) -> int:
     it the Trainer works in a temporary folder and saves nothing. ``--resume`` continues
     from the latest ``checkpoint-<step>`` there, in the same MLflow run.
     """
-    from metalearner.cli import fail, print_summary
-    from metalearner.trace import CsvSink, MultiSink
-    from metalearner.tracking import MlflowSink, resolve_tracking_uri
+    from metalearner.cli import RUN_ID_FILE, fail, open_sinks, run_traced
 
     ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     resume_id = None
@@ -431,33 +428,12 @@ def train_hf(cfg: RunConfig, args: Any) -> int:
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
 
-    uri = resolve_tracking_uri(args.tracking_uri)
-    sinks: list[TraceSink] = []
-    mlflow_sink = None
-    if not args.no_mlflow:
-        name = args.run_name or f"{cfg.task.name}-{cfg.controller['name']}-seed{cfg.train.seed}"
-        mlflow_sink = MlflowSink.start(uri, args.experiment, name,
-                                       tags={"metalearner.kind": "train"}, resume_run_id=resume_id)
-        sinks.append(mlflow_sink)
-        if ckpt_dir:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            (ckpt_dir / RUN_ID_FILE).write_text(mlflow_sink.run_id)
-    if args.trace_csv:
-        sinks.append(CsvSink(args.trace_csv, tuple(getattr(task, "eval_metric_names", ()))))
-    sink = MultiSink(*sinks)
-    status = "FAILED"
-    try:
-        with tempfile.TemporaryDirectory(prefix="metalearner-hf-") as scratch:
-            summary = run_hf(cfg, sink, ckpt_dir or scratch, resume=bool(args.resume), task=task,
-                             save_checkpoints=ckpt_dir is not None, log_params=resume_id is None,
-                             progress=sys.stderr.isatty())
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        sink.close(status)
+    sink, mlflow_sink, uri = open_sinks(args, cfg, task, ckpt_dir, resume_id)
 
-    print_summary(summary, cfg, uri if mlflow_sink else None, mlflow_sink.run_id if mlflow_sink else None,
-                  args.experiment, args.trace_csv)
-    return 0
+    def body() -> Summary:
+        with tempfile.TemporaryDirectory(prefix="metalearner-hf-") as scratch:
+            return run_hf(cfg, sink, ckpt_dir or scratch, resume=bool(args.resume), task=task,
+                          save_checkpoints=ckpt_dir is not None, log_params=resume_id is None,
+                          progress=sys.stderr.isatty())
+
+    return run_traced(args, cfg, sink, mlflow_sink, uri, body)
