@@ -144,7 +144,7 @@ def generate_speech_digits(out_dir: str | os.PathLike, n: int, seed: int = 0, pr
         out_dir: the folder to write (created if missing).
         n: number of utterances, >= 1.
         seed: seeds the transcripts and voice settings.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (on an interactive terminal).
 
     Returns:
         ``out_dir`` as a Path.
@@ -183,7 +183,7 @@ def generate_speech_digits(out_dir: str | os.PathLike, n: int, seed: int = 0, pr
     workers = min(8, 2 * (os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         jobs = pool.map(lambda u: _synthesize(espeak, u, out), plan)
-        for _ in tqdm(jobs, total=n, desc="espeak-ng", unit="utt", disable=not progress):
+        for _ in tqdm(jobs, total=n, desc="espeak-ng", unit="utt", disable=None if progress else True):
             pass
     tmp = out / (METADATA + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
