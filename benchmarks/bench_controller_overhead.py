@@ -120,7 +120,7 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict[str, Any]:
         model.apply_knobs(knobs)
     ctrl_sec = (time.perf_counter() - start) / n
     model.apply_knobs(init)
-    return {"median": med, "paired": paired, "changed": changed, "windows": windows, "rounds": args.rounds,
+    return {"median": med, "paired": paired, "times": times, "changed": changed, "windows": windows, "rounds": args.rounds,
             "ctrl_sec": ctrl_sec, "ctrl_moved": moved / n,
             "params": sum(p.numel() for p in model.parameters())}
 
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--window-band", type=int, default=8, help="ewma-both keeps the window in window +- band")
     parser.add_argument("--factor", type=float, default=1.05, help="ewma factor (large: knobs move every step)")
     parser.add_argument("--rounds", type=int, default=0,
-                        help="timed rounds (one step of each variant); 0 = auto (tiny 200, small 60)")
+                        help="timed rounds (one step of each variant); 0 = auto (tiny 300, others 60)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per variant first")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
@@ -149,7 +149,7 @@ def main() -> None:
           f"static window={args.window} ewma factor={args.factor} threshold=0")
     worst = 0.0
     for preset in presets:
-        rounds = args.rounds or (15 if args.quick else {"tiny": 200}.get(preset, 60))
+        rounds = args.rounds or (15 if args.quick else {"tiny": 300}.get(preset, 60))
         args_p = argparse.Namespace(**{**vars(args), "rounds": rounds})
         r = bench_preset(preset, args_p)
         static = r["median"]["static"]

@@ -23,7 +23,7 @@ outside fit* = sweep wall - Tuner wall (writer, parent run, shared task, final f
 measured apart, outside Ray: the imports of a fresh worker process, one `TrainingRun` build and
 one checkpoint save.
 
-    python benchmarks/bench_sweep.py            # 8 trials x ~30 s: ~2.5 minutes
+    python benchmarks/bench_sweep.py            # 8 trials x ~35 s on 2 slots: 3-5 minutes
     python benchmarks/bench_sweep.py --quick    # 4 short trials: the machinery only
 
 Goal: ratio <= 1.15. On a shared machine other jobs' load stretches the sweep wall (two busy
@@ -83,6 +83,8 @@ def timed_train_trial(config: dict[str, Any], task: Any = None, task_key: tuple 
     with open(os.path.join(MARKS, f"{os.getpid()}-{seed}.json"), "w") as fh:
         json.dump({"pid": os.getpid(), "seed": seed, "created": created, "entry": entry, "imported": imported}, fh)
     trial_mod.train_trial(config, task=task, task_key=task_key, threads=threads)
+
+
 HOOKS = [m for m in dir(Callback) if m.startswith(("on_", "setup")) and callable(getattr(Callback, m))]
 
 
@@ -326,10 +328,11 @@ def main() -> None:
         t0 = fit.began
         created = (f"process created {mk['created'] - t0:+.1f} s after fit began"
                    if mk["created"] >= t0 else f"process prestarted {t0 - mk['created']:.1f} s before fit")
-        print(f"  cold start, worker pid {mk['pid']} (seed {r['seed']}): {created}; "
-              f"actor up (on_trial_start) {tm.start[r['tid']] - t0:+.1f} s; trial function entered "
-              f"{mk['entry'] - t0:+.1f} s; its imports {mk['imported'] - mk['entry']:.1f} s; first report "
-              f"{first[0] - t0:+.1f} s, of which training {first[1]:.1f} s")
+        print(f"  cold start, worker pid {mk['pid']} (seed {r['seed']}): {created}; Tune actor up "
+              f"(on_trial_start) {tm.start[r['tid']] - t0:+.1f} s; trial function entered {mk['entry'] - t0:+.1f} s "
+              f"(after unpickling the shared task, which imports torch + metalearner); trainables.trial import "
+              f"{mk['imported'] - mk['entry']:.1f} s; first report {first[0] - t0:+.1f} s, of which training "
+              f"{first[1]:.1f} s (the rest: TrainingRun build, first checkpoint, report)")
     print(f"  measured apart: fresh worker imports {imports:.2f} s; first TrainingRun build in a process {local['build'] * 1e3:.0f} ms; "
           f"checkpoint save {local['save'] * 1e3:.1f} ms ({local['size'] / 1e3:.0f} kB); "
           f"one evaluate() {local['evaluate'] * 1e3:.0f} ms")

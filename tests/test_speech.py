@@ -181,8 +181,14 @@ def test_split_is_deterministic_and_disjoint(task, corpus):
     assert (same.train_idx, same.val_idx) == (task.train_idx, task.val_idx)
     b, c = task.train_batch(7), same.train_batch(7)
     assert all(torch.equal(b[k], c[k]) for k in b)
+    # the training seed changes the batches, never the split: every seed of a comparison
+    # is validated on the same utterances; split_seed moves the split
     other = SpeechTask(SpeechConfig(data_dir=str(corpus), val_fraction=0.25), batch_size=4, seq_len=0, seed=1)
-    assert other.val_idx != task.val_idx
+    assert other.val_idx == task.val_idx
+    assert not all(torch.equal(b[k], other.train_batch(7)[k]) for k in b)
+    moved = SpeechTask(SpeechConfig(data_dir=str(corpus), val_fraction=0.25, split_seed=1), batch_size=4,
+                       seq_len=0, seed=0)
+    assert moved.val_idx != task.val_idx
 
 
 @needs_espeak

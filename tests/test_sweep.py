@@ -101,7 +101,8 @@ def test_pbt_perturbation_reaches_the_controller(tmp_path):
             # from the step a factor is in force, every move of the base is by exactly that factor
             for s in range(start, nxt[0] - 1):
                 ratio = base[s + 1] / base[s]
-                assert any(math.isclose(ratio, x, rel_tol=1e-9) for x in (f, 1 / f, 1.0)), (s, ratio, f)
+                assert any(math.isclose(ratio, x, rel_tol=1e-9) for x in (f, 1 / f, 1.0)), (
+                    s, ratio, f, factors, [(k, base[k]) for k in sorted(base)])
         changed += len({f for _, f in factors}) > 1
     assert changed >= 1  # the exploited trial got a new factor, and it is what moved its knobs
 

@@ -16,7 +16,7 @@ from typing import Any
 from ray.tune import Callback
 
 from metalearner.tracking import MlflowWriter
-from trainables.trial import TRACE_KEY, cell_config
+from trainables.trial import SETTINGS_KEY, TRACE_KEY, cell_config
 
 
 class MlflowTraceCallback(Callback):
@@ -69,17 +69,6 @@ class MlflowTraceCallback(Callback):
                                     "run_id": self.run_ids[tid]}
         return self.run_ids[tid]
 
-    def _mutables(self, trial: Any) -> dict[str, Any]:
-        run_cfg, _ = cell_config(trial.config)
-        out = {}
-        for key in self.mutable_keys:
-            node: Any = run_cfg
-            for part in key.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
-            if isinstance(node, (int, float)) and not isinstance(node, bool):
-                out[key] = float(node)
-        return out
-
     # ------------------------------------------------------------ Tune hooks
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._child(trial)
@@ -100,11 +89,13 @@ class MlflowTraceCallback(Callback):
             row = {k: trace[k][i] for k in keys if trace[k][i] is not None}
             if self.writer.log_metrics(run_id, row, int(step)) and first_new is None:
                 first_new = int(step)
-        if self.mutable_keys and steps:
-            current = self._mutables(trial)
+        if self.mutable_keys and first_new is not None:
+            # the settings the trial's process ran this chunk with (not trial.config, which
+            # PBT may already have changed for the next restart); logged where they change
+            ran = result.get(SETTINGS_KEY) or {}
+            current = {k: float(ran[k]) for k in self.mutable_keys if k in ran}
             if current != self._mutable_seen.get(tid):
-                at = first_new if first_new is not None else int(steps[0])
-                self.writer.log_extra_metrics(run_id, current, at)
+                self.writer.log_extra_metrics(run_id, current, first_new)
                 self._mutable_seen[tid] = current
         self.writer.flush(run_id)
         self.trial_info[tid]["last"] = {k: result.get(k) for k in ("step", "loss", "val_loss", "rope_base", "window")}

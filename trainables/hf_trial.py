@@ -43,7 +43,7 @@ def train_trial_hf(config: dict[str, Any], task: Task | None = None, task_key: t
 
     def on_report(rep: Report) -> None:
         nonlocal first
-        metrics = report_metrics(rep.step, cfg.train.steps, rep.records, rep.last_val, rep.train_seconds, meta,
+        metrics = report_metrics(rep.step, cfg, rep.records, rep.last_val, rep.train_seconds, meta,
                                  rep.params if first else None)
         first = False
         if rep.checkpoint is not None:

@@ -189,7 +189,8 @@ class SweepRunner:
         return tune.with_resources(fn, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
 
     def _tuner(self, trainable: Any, param_space: dict[str, Any], name: str, callback: Any,
-               search_alg: Any = None, scheduler: Any = None, num_samples: int = 1, reuse: bool = True) -> Any:
+               search_alg: Any = None, scheduler: Any = None, num_samples: int = 1, reuse: bool = True,
+               keep: int = 2) -> Any:
         from ray import tune
         from ray.tune.logger import JsonLoggerCallback
 
@@ -207,7 +208,7 @@ class SweepRunner:
                 # our callback is the logger that matters (MLflow); Tune's JSON log keeps
                 # its own result bookkeeping working (the CSV/TensorBoard ones are off)
                 name=name, storage_path=self.storage, callbacks=[callback, JsonLoggerCallback()], verbose=0,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
                 failure_config=tune.FailureConfig(max_failures=1),
             ),
         )
@@ -267,7 +268,8 @@ class SweepRunner:
                 tuner = self._tuner(trainable, space, f"{spec.name}-{arm.name}-{self.stamp}", cb,
                                     search_alg=make_searcher(arm, spec),
                                     scheduler=make_scheduler(arm, steps, report_every),
-                                    num_samples=s.num_samples, reuse=not s.population_based)
+                                    num_samples=s.num_samples, reuse=not s.population_based,
+                                    keep=4 if s.population_based else 2)
                 grid = tuner.fit()
                 progress.stop()
                 result.trials.update(cb.trial_info)

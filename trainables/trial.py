@@ -24,6 +24,7 @@ from metalearner.tasks import Task
 from metalearner.train import TrainingRun
 
 TRACE_KEY = "trace"
+SETTINGS_KEY = "settings"
 
 
 def cell_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -77,7 +78,7 @@ def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tupl
         records = run.advance(every - run.step % every)
         if records and "val_loss" not in records[-1]:
             records[-1].update(run.evaluate())
-        metrics = report_metrics(run.step, cfg.train.steps, records, run.last_val, run.train_seconds, meta,
+        metrics = report_metrics(run.step, cfg, records, run.last_val, run.train_seconds, meta,
                                  params if first else None)
         first = False
         if run.step % ckpt_every == 0 or run.done:
@@ -90,11 +91,14 @@ def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tupl
             raise RuntimeError(f"injected failure at step {run.step} (meta.fail_at_step)")
 
 
-def report_metrics(step: int, total_steps: int, records: list[dict[str, float]], last_val: dict[str, float],
+def report_metrics(step: int, cfg: Any, records: list[dict[str, float]], last_val: dict[str, float],
                    train_seconds: float, meta: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a trial reports: the latest values, the trace chunk of ``records`` (dict of
-    lists, read by the driver's MLflow writer) and, in the first report, the params."""
+    lists, read by the driver's MLflow writer), the controller settings this process ran
+    the chunk with (``settings``: PBT may have changed the trial's config since) and, in
+    the first report, the params."""
     last = records[-1]
+    total_steps = cfg.train.steps
     metrics: dict[str, Any] = {
         "step": step,
         "total_steps": total_steps,
@@ -105,6 +109,8 @@ def report_metrics(step: int, total_steps: int, records: list[dict[str, float]],
         TRACE_KEY: {k: [r.get(k) for r in records] for k in _trace_keys(records)},
         "arm": meta.get("arm", ""),
         "phase": meta.get("phase", ""),
+        SETTINGS_KEY: {f"controller.{k}": v for k, v in cfg.controller.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)},
         **last_val,
     }
     if params is not None:
