@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._timing import median_times  # noqa: E402
 from metalearner.knobs import Knobs  # noqa: E402
 from metalearner.model import (  # noqa: E402
     HybridAttention,
@@ -65,20 +64,6 @@ class AttentionStack(nn.Module):
         for norm, attn in zip(self.norms, self.attns, strict=True):
             x = x + attn(norm(x))
         return x
-
-
-def median_times(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
-    """Run the steps interleaved (a, b, a, b, ...) and return each one's median seconds."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
