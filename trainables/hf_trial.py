@@ -24,7 +24,7 @@ from ray import tune
 from metalearner.config import load_run_config
 from metalearner.hf import Report, run_hf
 from metalearner.tasks import Task
-from trainables.trial import cell_config, report_metrics, shared_task
+from trainables.trial import cadence, cell_config, report_metrics, shared_task
 
 
 def train_trial_hf(config: dict[str, Any], task: Task | None = None, task_key: tuple | None = None,
@@ -34,11 +34,7 @@ def train_trial_hf(config: dict[str, Any], task: Task | None = None, task_key: t
     run_dict, meta = cell_config(config)
     cfg = load_run_config(run_dict)
     checkpoint = tune.get_checkpoint()
-    # fault injection for tests of checkpoint recovery: fail once, on the first attempt
-    fail_at = int(meta.get("fail_at_step", 0)) if checkpoint is None else 0
-    every = cfg.train.report_every
-    ck = cfg.train.checkpoint_every
-    ckpt_every = ck if ck and ck % every == 0 else every
+    _, ckpt_every, fail_at = cadence(cfg, meta, restored=checkpoint is not None)
     first = True
 
     def on_report(rep: Report) -> None:

@@ -67,12 +67,7 @@ def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tupl
         with checkpoint.as_directory() as d:
             run.load(d)
     params = run.params()
-    # fault injection for tests of checkpoint recovery: fail once, on the first attempt
-    fail_at = int(meta.get("fail_at_step", 0)) if checkpoint is None else 0
-    every = cfg.train.report_every
-    # checkpoint at every report unless train.checkpoint_every asks for fewer (a multiple)
-    ck = cfg.train.checkpoint_every
-    ckpt_every = ck if ck and ck % every == 0 else every
+    every, ckpt_every, fail_at = cadence(cfg, meta, restored=checkpoint is not None)
     first = True
     while not run.done:
         records = run.advance(every - run.step % every)
@@ -89,6 +84,19 @@ def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tupl
             tune.report(metrics)
         if fail_at and run.step >= fail_at:
             raise RuntimeError(f"injected failure at step {run.step} (meta.fail_at_step)")
+
+
+def cadence(cfg: Any, meta: dict[str, Any], restored: bool) -> tuple[int, int, int]:
+    """(report every, checkpoint every, fail at step) of a trial, for both engines.
+
+    A checkpoint goes with every report unless ``train.checkpoint_every`` asks for fewer
+    (a multiple of ``report_every``). ``meta.fail_at_step`` is fault injection for the
+    tests of checkpoint recovery: the trial fails once, on its first attempt (0 = never).
+    """
+    every = cfg.train.report_every
+    ck = cfg.train.checkpoint_every
+    fail_at = 0 if restored else int(meta.get("fail_at_step", 0))
+    return every, (ck if ck and ck % every == 0 else every), fail_at
 
 
 def report_metrics(step: int, cfg: Any, records: list[dict[str, float]], last_val: dict[str, float],
