@@ -24,14 +24,6 @@ from typing import Any, Protocol, runtime_checkable
 
 from metalearner.knobs import Knobs
 
-DEFAULT_BOUNDS: dict[str, float] = {
-    "min_window": 1,
-    "max_window": 2**20,
-    "min_base": 2.0,
-    "max_base": 1e12,
-}
-
-
 @runtime_checkable
 class Controller(Protocol):
     """What the train loop needs from a policy."""
@@ -82,6 +74,7 @@ _BOUND_PARAMS: dict[str, Param] = {
     "min_base": Param(2.0, lambda v: _is_num(v) and v > 1, "a float > 1"),
     "max_base": Param(1e12, lambda v: _is_num(v) and v > 1, "a float > 1"),
 }
+BOUND_DEFAULTS: dict[str, Any] = {key: p.default for key, p in _BOUND_PARAMS.items()}  # DESIGN.md's bounds
 _FACTOR = Param(1.005, lambda v: _is_num(v) and v > 1, "a float > 1")
 _OPT_FACTOR = Param(None, lambda v: v is None or (_is_num(v) and v > 1), "a float > 1 (or null)")
 _BETA = Param(0.9, lambda v: _is_num(v) and 0 <= v < 1, "a float in [0, 1)")
