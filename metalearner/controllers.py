@@ -68,13 +68,13 @@ def _is_int(v: Any) -> bool:
 
 REQUIRED = object()
 
-_BOUND_PARAMS: dict[str, Param] = {
+# the bounds every policy accepts; their defaults are defined here and only here
+BOUND_PARAMS: dict[str, Param] = {
     "min_window": Param(1, lambda v: _is_int(v) and v >= 1, "an int >= 1", int),
     "max_window": Param(2**20, lambda v: _is_int(v) and v >= 1, "an int >= 1", int),
     "min_base": Param(2.0, lambda v: _is_num(v) and v > 1, "a float > 1"),
     "max_base": Param(1e12, lambda v: _is_num(v) and v > 1, "a float > 1"),
 }
-BOUND_DEFAULTS: dict[str, Any] = {key: p.default for key, p in _BOUND_PARAMS.items()}  # DESIGN.md's bounds
 _FACTOR = Param(1.005, lambda v: _is_num(v) and v > 1, "a float > 1")
 _OPT_FACTOR = Param(None, lambda v: v is None or (_is_num(v) and v > 1), "a float > 1 (or null)")
 _BETA = Param(0.9, lambda v: _is_num(v) and 0 <= v < 1, "a float in [0, 1)")
@@ -133,7 +133,7 @@ class _Base:
     def __init__(self, init: Knobs, **settings: Any) -> None:
         if not isinstance(init, Knobs):
             raise ValueError(f"init: got {init!r}, expected a Knobs instance")
-        self._settings = _resolve(self.name, {**self.PARAMS, **_BOUND_PARAMS}, settings)
+        self._settings = _resolve(self.name, {**self.PARAMS, **BOUND_PARAMS}, settings)
         s = self._settings
         self.init = init
         self._base_f = _clamp(float(init.rope_base), s["min_base"], s["max_base"])
@@ -390,7 +390,7 @@ def controller_params(name: str) -> list[str]:
     if name not in CONTROLLERS:
         raise ValueError(f"controller.name: got {name!r}, expected one of {sorted(CONTROLLERS)}")
     cls = CONTROLLERS[name]
-    return [*getattr(cls, "PARAMS", {}), *_BOUND_PARAMS]
+    return [*getattr(cls, "PARAMS", {}), *BOUND_PARAMS]
 
 
 def build_controller(name: str, *, init: Knobs, **settings: Any) -> Controller:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from metalearner.controllers import BOUND_DEFAULTS
+from metalearner.controllers import BOUND_PARAMS
 from metalearner.trace import TRACE_KEYS
 from metalearner.tracking import ARM_TAG, PHASE_TAG, SEED_TAG, TrackingReader
 
@@ -163,7 +163,7 @@ def controller_summary(row: pd.Series) -> str:
     name = parse_value(row.get("controller.name")) or "?"
     parts = []
     for k, v in sorted(controller_settings(row).items()):
-        if k in BOUND_DEFAULTS and isinstance(v, (int, float)) and float(v) == BOUND_DEFAULTS[k]:
+        if k in BOUND_PARAMS and isinstance(v, (int, float)) and float(v) == BOUND_PARAMS[k].default:
             continue
         parts.append(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}")
     return f"{name}({', '.join(parts)})"
