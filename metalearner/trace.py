@@ -29,7 +29,7 @@ class TraceSink(Protocol):
 
 
 class MemorySink:
-    """Keeps everything in memory (tests, Ray trials buffering a report)."""
+    """Keeps everything in memory (tests, notebooks)."""
 
     def __init__(self) -> None:
         self.params: dict[str, Any] = {}

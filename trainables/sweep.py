@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from metalearner.environment import HF_OFFLINE, TUNE_QUIET, set_defaults
 from metalearner.experiment import Arm, ExperimentSpec
 from metalearner.tracking import KIND_TAG, MlflowWriter
 from trainables.reporting import cell_config, task_key
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its worker names
 
 
 @dataclass
@@ -324,16 +327,18 @@ class SweepRunner:
 
 
 def _log_errors(grid: Any, path: Path) -> list[str]:
-    """Append each failed trial's full error (and its trial folder) to ``path``; returns one
-    line per failure for the summary."""
+    """Append each failed trial's full error (the trial's remote traceback) and its trial
+    folder to ``path``; returns one line per failure (the error's own type and message)."""
     lines = []
     with open(path, "a", encoding="utf-8") as fh:
         for r in grid:
             if r.error is None:
                 continue
-            text = "".join(traceback.format_exception(r.error)).rstrip()
+            text = _ANSI.sub("", "".join(traceback.format_exception(r.error))).rstrip()
             fh.write(f"==== trial folder {r.path}\n{text}\n\n")
-            lines.append(str(r.error).strip().splitlines()[0] if str(r.error).strip() else type(r.error).__name__)
+            cause = getattr(r.error, "cause", None) or r.error  # a RayTaskError wraps the trial's own
+            message = (str(cause).strip().splitlines() or [""])[0]
+            lines.append(f"{type(cause).__name__}: {message}" if message else type(cause).__name__)
     return lines
 
 

@@ -215,7 +215,6 @@ class SpeechTask:
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.seq_len = cfg.max_text_len + 1
-        self.pad_id, self.bos_id, self.eos_id = PAD_ID, BOS_ID, EOS_ID
         self.data_dir = Path(cfg.data_dir).resolve()
         self.metadata_sha256 = hashlib.sha256((self.data_dir / METADATA).read_bytes()).hexdigest()
         self._load(self.data_dir)
