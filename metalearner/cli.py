@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -58,39 +59,76 @@ def build_train_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-
     try:
         cfg = load_run_config(build_train_config(args))
     except ConfigError as e:
         fail(str(e))
     if args.resume and not args.checkpoint_dir:
         fail("--resume: needs --checkpoint-dir DIR holding an earlier run's checkpoint")
-    if cfg.train.engine == "hf":
-        from metalearner.hf import train_hf
-
-        return train_hf(cfg, args)
-
-    from metalearner.train import CHECKPOINT_FILE, TrainingRun, train
-
-    try:
-        run = TrainingRun(cfg)
-    except ConfigError as e:
-        fail(str(e))
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
     ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    if cfg.train.engine == "hf":
+        return train_hf(cfg, args, ckpt_dir)
+
+    from metalearner.train import CHECKPOINT_FILE, train
+
+    run = build_run(cfg)
     resume_id = None
     if args.resume:
         if not (ckpt_dir / CHECKPOINT_FILE).is_file():
             fail(f"--checkpoint-dir: got {str(ckpt_dir)!r}, expected a folder with {CHECKPOINT_FILE}")
         run.load(ckpt_dir)
-        id_file = ckpt_dir / RUN_ID_FILE
-        resume_id = id_file.read_text().strip() if id_file.is_file() else None
+        resume_id = read_run_id(ckpt_dir)
 
     sink, mlflow_sink, uri = open_sinks(args, cfg, run.task, ckpt_dir, resume_id)
     if resume_id is None:
         sink.log_params(run.params())
     return run_traced(args, cfg, sink, mlflow_sink, uri, lambda: train(run, sink, checkpoint_dir=ckpt_dir))
+
+
+def train_hf(cfg: Any, args: argparse.Namespace, ckpt_dir: Path | None) -> int:
+    """``metalearner train --engine hf``: the same sinks, params, MLflow run naming and
+    summary as the PyTorch engine, with `metalearner.hf.run_hf` training.
+
+    Checkpoints go to ``--checkpoint-dir`` (every ``train.checkpoint_every`` steps and at
+    the end); without it the Trainer works in a temporary folder and saves nothing.
+    ``--resume`` continues from the latest ``checkpoint-<step>`` there, in the same MLflow run.
+    """
+    try:
+        from metalearner.hf import PREFIX_CHECKPOINT_DIR, checkpoints, run_hf
+    except RuntimeError as e:  # the hf extra is missing
+        fail(f"train.engine: got 'hf', {e}")
+
+    resume_id = None
+    if args.resume:
+        if not ckpt_dir.is_dir() or not checkpoints(ckpt_dir):
+            fail(f"--checkpoint-dir: got {str(ckpt_dir)!r}, expected a folder with {PREFIX_CHECKPOINT_DIR}-<step> folders")
+        resume_id = read_run_id(ckpt_dir)
+    task = build_run(cfg).task  # task and model built once up front: bad input exits 2 before MLflow starts
+    sink, mlflow_sink, uri = open_sinks(args, cfg, task, ckpt_dir, resume_id)
+
+    def body() -> Any:
+        with tempfile.TemporaryDirectory(prefix="metalearner-hf-") as scratch:
+            return run_hf(cfg, sink, ckpt_dir or scratch, resume=bool(args.resume), task=task,
+                          save_checkpoints=ckpt_dir is not None, log_params=resume_id is None,
+                          progress=sys.stderr.isatty())
+
+    return run_traced(args, cfg, sink, mlflow_sink, uri, body)
+
+
+def build_run(cfg: Any) -> Any:
+    """The `TrainingRun` of ``cfg``; what its task and model reject exits 2."""
+    from metalearner.train import TrainingRun
+
+    try:
+        return TrainingRun(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        fail(str(e))
+
+
+def read_run_id(ckpt_dir: Path) -> str | None:
+    """The MLflow run that an earlier ``--checkpoint-dir`` run logged to, if it logged."""
+    id_file = ckpt_dir / RUN_ID_FILE
+    return id_file.read_text().strip() if id_file.is_file() else None
 
 
 def open_sinks(args: argparse.Namespace, cfg: Any, task: Any, ckpt_dir: Path | None,
@@ -184,6 +222,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"\nsweep finished in {result.seconds:.0f} s; parent run {result.parent_run_id}")
     for msg in result.errors:
         print(f"  trial error: {msg}")
+    if result.error_log is not None:
+        print(f"  full errors (traceback and trial folder of each failed trial): {result.error_log}")
     for arm, ctrl in result.best.items():
         settings = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in ctrl.items())
         print(f"  best '{arm}' controller: {settings}")
@@ -223,7 +263,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_data_speech(args: argparse.Namespace) -> int:
     if args.n < 1:
         fail(f"--n: got {args.n}, expected an int >= 1")
-    from metalearner.tasks.speech import generate_speech_digits
+    from metalearner.tasks.speech_data import generate_speech_digits
 
     try:
         out = generate_speech_digits(args.out, args.n, seed=args.seed)
@@ -301,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from metalearner.environment import HF_OFFLINE, set_defaults
+
+    set_defaults(HF_OFFLINE)
     parser = build_parser()
     args = parser.parse_args(argv)
     return args.func(args) or 0

@@ -23,8 +23,9 @@ scheduler, RNG and trainer state) plus ``controller.json`` (``controller.state_d
 written in ``on_save`` and restored by `KnobTrainer.train` before the first resumed step.
 Evaluation is ours (`TrainingRun.evaluate`, from the callback), not HF's ``evaluate``.
 
-Imports transformers and accelerate (the ``hf`` extra); must not import ray, and mlflow
-only through `metalearner.tracking` in `train_hf`.
+Imports transformers and accelerate (the ``hf`` extra); must not import ray, mlflow or the
+CLI: `run_hf` returns a `Summary` and raises; ``metalearner train --engine hf`` (in
+`metalearner.cli`) opens the sinks, prints and picks the exit code.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from typing import Any
 
 import torch
 
-from metalearner.config import ConfigError, RunConfig
+from metalearner.config import RunConfig
 from metalearner.tasks import Batch, Task, batch_loss
 from metalearner.trace import TraceSink
 from metalearner.train import Summary, TrainingRun, lr_at
@@ -103,7 +102,7 @@ def lr_schedule(optimizer: torch.optim.Optimizer, train_cfg: Any) -> torch.optim
 
 
 @dataclass
-class Report:
+class StepReport:
     """What `run_hf` hands ``on_report`` every ``train.report_every`` steps (and at the end).
 
     Args:
@@ -213,12 +212,12 @@ class KnobCallback(TrainerCallback):
             (0: only at the last); None: never.
         report_every: call ``on_report`` every this many steps and at the last step; those
             steps are evaluated too (as in the Ray trial).
-        on_report: called with a `Report`, after the step's checkpoint (if any) is written.
+        on_report: called with a `StepReport`, after the step's checkpoint (if any) is written.
         progress: show a tqdm bar (loss, base, window, val).
     """
 
     def __init__(self, trainer: KnobTrainer, sink: TraceSink | None, checkpoint_every: int | None,
-                 report_every: int, on_report: Callable[[Report], None] | None, progress: bool) -> None:
+                 report_every: int, on_report: Callable[[StepReport], None] | None, progress: bool) -> None:
         self.trainer, self.run = trainer, trainer.run
         self.sink = sink
         self.checkpoint_every = checkpoint_every
@@ -294,7 +293,7 @@ class KnobCallback(TrainerCallback):
 
     def _report(self, step: int, checkpoint: Path | None) -> None:
         records, self._unreported, self._report_due = self._unreported, [], False
-        self.on_report(Report(step, records, checkpoint, dict(self.run.last_val), self.run.train_seconds,
+        self.on_report(StepReport(step, records, checkpoint, dict(self.run.last_val), self.run.train_seconds,
                               self.params))
 
 
@@ -335,7 +334,7 @@ def run_hf(
     output_dir: str | os.PathLike,
     resume: bool | str | os.PathLike = False,
     task: Task | None = None,
-    on_report: Callable[[Report], None] | None = None,
+    on_report: Callable[[StepReport], None] | None = None,
     *,
     save_checkpoints: bool = True,
     checkpoint_every: int | None = None,
@@ -351,7 +350,7 @@ def run_hf(
         resume: True to continue from the latest checkpoint in ``output_dir``, or the path
             of a checkpoint folder; False to start fresh.
         task: a prebuilt task (Ray passes a shared one); built from ``cfg`` when None.
-        on_report: called with a `Report` every ``train.report_every`` steps and at the end.
+        on_report: called with a `StepReport` every ``train.report_every`` steps and at the end.
         save_checkpoints: write checkpoints at all.
         checkpoint_every: checkpoint every this many steps (None: ``train.checkpoint_every``;
             0: only at the end); the last step is always checkpointed.
@@ -397,43 +396,3 @@ def summarize(records: list[dict[str, float]], run: TrainingRun, seconds: float)
         seconds=seconds,
         eval_metrics={k: v for k, v in run.last_val.items() if k != "val_loss"},
     )
-
-
-# ---------------------------------------------------------------- command line
-
-
-def train_hf(cfg: RunConfig, args: Any) -> int:
-    """``metalearner train --engine hf``: `metalearner.cli.cmd_train` for the HF Trainer.
-
-    Same sinks, params, MLflow run naming and summary as the PyTorch engine. Checkpoints go
-    to ``--checkpoint-dir`` (every ``train.checkpoint_every`` steps and at the end); without
-    it the Trainer works in a temporary folder and saves nothing. ``--resume`` continues
-    from the latest ``checkpoint-<step>`` there, in the same MLflow run.
-    """
-    from metalearner.cli import RUN_ID_FILE, fail, open_sinks, run_traced
-
-    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
-    resume_id = None
-    if args.resume:
-        if ckpt_dir is None:
-            fail("--resume: needs --checkpoint-dir DIR holding an earlier run's checkpoint")
-        if not ckpt_dir.is_dir() or get_last_checkpoint(str(ckpt_dir)) is None:
-            fail(f"--checkpoint-dir: got {str(ckpt_dir)!r}, expected a folder with {PREFIX_CHECKPOINT_DIR}-<step> folders")
-        id_file = ckpt_dir / RUN_ID_FILE
-        resume_id = id_file.read_text().strip() if id_file.is_file() else None
-    try:  # build the task and model once up front, so bad input exits 2 before MLflow starts
-        task = TrainingRun(cfg).task
-    except ConfigError as e:
-        fail(str(e))
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
-
-    sink, mlflow_sink, uri = open_sinks(args, cfg, task, ckpt_dir, resume_id)
-
-    def body() -> Summary:
-        with tempfile.TemporaryDirectory(prefix="metalearner-hf-") as scratch:
-            return run_hf(cfg, sink, ckpt_dir or scratch, resume=bool(args.resume), task=task,
-                          save_checkpoints=ckpt_dir is not None, log_params=resume_id is None,
-                          progress=sys.stderr.isatty())
-
-    return run_traced(args, cfg, sink, mlflow_sink, uri, body)

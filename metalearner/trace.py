@@ -12,7 +12,11 @@ import csv
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-TRACE_KEYS = ("loss", "loss_ewma", "rope_base", "window", "lr")
+# The trace keys of DESIGN.md, defined here once: every optimizer step logs STEP_KEYS
+# (``loss_ewma`` where the controller keeps one), evaluation steps add EVAL_KEYS.
+STEP_KEYS = ("loss", "loss_ewma", "rope_base", "window", "lr")
+EVAL_KEYS = ("val_loss",)
+TRACE_KEYS = (*STEP_KEYS, *EVAL_KEYS)
 
 
 @runtime_checkable
@@ -25,7 +29,7 @@ class TraceSink(Protocol):
 
 
 class MemorySink:
-    """Keeps everything in memory (tests, Ray trials buffering a report)."""
+    """Keeps everything in memory (tests, notebooks)."""
 
     def __init__(self) -> None:
         self.params: dict[str, Any] = {}
@@ -49,7 +53,7 @@ class CsvSink:
     def __init__(self, path: str | Path, extra_columns: tuple[str, ...] = ()) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._columns = ["step", *TRACE_KEYS, "val_loss", *extra_columns]
+        self._columns = ["step", *TRACE_KEYS, *extra_columns]
         self._fh = self.path.open("w", newline="")
         self._writer = csv.DictWriter(self._fh, fieldnames=self._columns, extrasaction="ignore")
         self._writer.writeheader()

@@ -1,4 +1,4 @@
-"""MLflow: the one module (with the CLI) that imports mlflow.
+"""MLflow: the one module that talks to MLflow (writes, and the queries of the report).
 
 Write path. Every write of a process goes through one `MlflowWriter`: a single writer
 thread fed by a queue. Metrics are buffered and sent with ``log_batch`` (at most 1000
@@ -17,14 +17,23 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# tags that tie the runs of a sweep together (written by the sweep, read by the report)
+KIND_TAG = "metalearner.kind"  # "sweep" | "trial" | "train"
+ARM_TAG = "metalearner.arm"
+PHASE_TAG = "metalearner.phase"  # "search" | "compare"
+SEED_TAG = "metalearner.seed"
+PARENT_TAG = "mlflow.parentRunId"
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -147,7 +156,7 @@ class MlflowWriter:
                    parent_run_id: str | None = None) -> str:
         tags = dict(tags or {})
         if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
+            tags[PARENT_TAG] = parent_run_id
         exp_id = self.experiment_id(experiment)
         run = self.call(lambda: self.client.create_run(exp_id, tags=tags, run_name=run_name))
         self._last_step[run.info.run_id] = 0
@@ -184,9 +193,6 @@ class MlflowWriter:
         self.submit(lambda: self.client.set_terminated(run_id, status=status))
 
     # ------------------------------------------------------------ metrics
-    def last_step(self, run_id: str) -> int:
-        return self._last_step.get(run_id, 0)
-
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int,
                     timestamp_ms: int | None = None) -> bool:
         """Buffer one step's metrics; False (and nothing stored) if ``step`` is not past
@@ -270,14 +276,96 @@ class MlflowSink:
 # ------------------------------------------------------------ reading back
 
 
-def metric_frame(tracking_uri: str, run_ids: Iterable[str], keys: Iterable[str]) -> Any:
-    """Long pandas frame (run_id, key, step, value) of the given runs' metric histories."""
-    import pandas as pd
+class TrackingReader:
+    """The queries of `metalearner.report`: sweeps, their children, metric histories.
 
-    client = _mlflow().MlflowClient(tracking_uri=tracking_uri)
-    rows = []
-    for rid in run_ids:
-        for key in keys:
-            for m in client.get_metric_history(rid, key):
-                rows.append((rid, key, m.step, m.value))
-    return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+    Args:
+        tracking_uri: MLflow tracking URI.
+    """
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.client = _mlflow().MlflowClient(tracking_uri=tracking_uri)
+
+    def find_sweep(self, name_or_run_id: str) -> Any:
+        """The sweep's parent `mlflow.entities.Run`.
+
+        Args:
+            name_or_run_id: a run id (32 hex chars; must be a sweep parent) or an experiment
+                name (its most recently started sweep parent run is returned).
+
+        Raises:
+            ValueError: one line, when nothing matches or the run is not a sweep.
+        """
+        from mlflow.exceptions import MlflowException
+
+        key, uri = str(name_or_run_id).strip(), self.tracking_uri
+        if _RUN_ID.fullmatch(key):
+            try:
+                run = self.client.get_run(key)
+            except MlflowException:
+                run = None
+            if run is not None:
+                kind = run.data.tags.get(KIND_TAG)
+                if kind != "sweep":
+                    raise ValueError(f"compare: run {key} is not a sweep parent run "
+                                     f"(tag {KIND_TAG}={kind!r}, expected 'sweep') in {uri}")
+                return run
+        exp = self.client.get_experiment_by_name(key)
+        if exp is None:
+            raise ValueError(f"compare: no experiment or sweep run named {key!r} in {uri}")
+        runs = self.client.search_runs([exp.experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'sweep'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            raise ValueError(f"compare: experiment {key!r} has no sweep run (tag {KIND_TAG}='sweep') in {uri}")
+        return runs[0]
+
+    def experiment_name(self, run: Any) -> str:
+        return self.client.get_experiment(run.info.experiment_id).name
+
+    def trials(self, parent_run_id: str) -> list[Any]:
+        """Every trial run (tag ``metalearner.kind`` = ``trial``, or none) under a parent run."""
+        parent = self.client.get_run(parent_run_id)
+        children = self._search_all([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+        return [r for r in children if r.data.tags.get(KIND_TAG, "trial") == "trial"]
+
+    def _search_all(self, experiment_ids: list[str], filter_string: str) -> list[Any]:
+        out: list[Any] = []
+        token = None
+        while True:
+            page = self.client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000,
+                                           page_token=token)
+            out.extend(page)
+            token = page.token
+            if not token:
+                return out
+
+    def metric_points(self, jobs: Iterable[tuple[str, str]],
+                      max_workers: int | None = None) -> list[tuple[str, int, str, float, int]]:
+        """Every stored point of each (run id, key) in ``jobs``, duplicates included.
+
+        Args:
+            jobs: (run id, metric key) pairs.
+            max_workers: threads fetching histories; default 8 for a tracking server, 1 for
+                a local store (SQLite reads gain nothing from threads).
+
+        Returns:
+            (run_id, step, key, value, timestamp_ms) tuples, in the store's order per job.
+        """
+        jobs = list(jobs)
+        remote = self.tracking_uri.startswith(("http://", "https://", "databricks"))
+        workers = max_workers or (8 if remote else 1)
+
+        def fetch(job: tuple[str, str]) -> list[tuple[str, int, str, float, int]]:
+            rid, key = job
+            return [(rid, m.step, key, m.value, m.timestamp) for m in self.client.get_metric_history(rid, key)]
+
+        if workers > 1 and len(jobs) > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                return [p for chunk in pool.map(fetch, jobs) for p in chunk]
+        return [p for job in jobs for p in fetch(job)]
+
+    def log_artifacts(self, run_id: str, files: Iterable[str | Path], artifact_path: str) -> None:
+        for f in files:
+            self.client.log_artifact(run_id, str(f), artifact_path)
+

@@ -5,7 +5,7 @@ import csv
 import mlflow
 import pytest
 
-TRACE_KEYS = ["loss", "loss_ewma", "rope_base", "window", "lr"]
+from metalearner.trace import STEP_KEYS as TRACE_KEYS  # noqa: E402 - the one definition
 
 
 def only_run(uri, experiment="metalearner-train"):

@@ -17,7 +17,7 @@ from metalearner.train import TrainingRun, make_controller  # noqa: E402
 
 STEPS = 20
 KNOB_KEYS = ("rope_base", "window")
-TRACE_KEYS = ("loss", "loss_ewma", "rope_base", "window", "lr")
+from metalearner.trace import STEP_KEYS as TRACE_KEYS  # noqa: E402 - the one definition
 
 
 def make_cfg(steps=STEPS, **train):
@@ -107,7 +107,7 @@ def test_resume_from_an_hf_checkpoint_continues_the_controller_exactly(tmp_path,
 def test_speech_run_writes_a_complete_trace_to_mlflow(tmp_path):
     if shutil.which("espeak-ng") is None:
         pytest.skip("needs the espeak-ng Debian package")
-    from metalearner.tasks.speech import generate_speech_digits
+    from metalearner.tasks.speech_data import generate_speech_digits
 
     data = generate_speech_digits(tmp_path / "d", 24, seed=0, progress=False)
     steps = 6

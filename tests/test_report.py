@@ -1,4 +1,4 @@
-"""report.py against a real MLflow SQLite store holding a small synthetic sweep.
+"""metalearner.report against a real MLflow SQLite store holding a small synthetic sweep.
 
 The sweep: 4 compare arms x 3 seeds at 20 steps (val loss every 5 steps), seq_len 16.
   static      finals 2.00 2.10 2.20, window 8                          (the baseline)
@@ -20,6 +20,9 @@ import yaml
 from scipy import stats
 
 from metalearner import report
+from metalearner.report import stats as report_stats
+from metalearner.trace import TRACE_KEYS
+from metalearner.tracking import TrackingReader
 
 STEPS, SEQ_LEN, EVAL = 20, 16, (5, 10, 15, 20)
 STATIC = {0: 2.00, 1: 2.10, 2: 2.20}
@@ -124,18 +127,18 @@ def row(table, arm, phase="compare"):
 
 
 def test_find_sweep_by_name_returns_the_newest_sweep_and_by_id(sweep):
-    assert report.find_sweep(sweep["uri"], "toy-sweep").info.run_id == sweep["parent"]
-    assert report.find_sweep(sweep["uri"], sweep["older"]).info.run_id == sweep["older"]
+    assert TrackingReader(sweep["uri"]).find_sweep("toy-sweep").info.run_id == sweep["parent"]
+    assert TrackingReader(sweep["uri"]).find_sweep(sweep["older"]).info.run_id == sweep["older"]
 
 
 def test_find_sweep_errors_are_one_line(sweep):
     with pytest.raises(ValueError, match=r"no experiment or sweep run named 'nope' in sqlite:///") as e:
-        report.find_sweep(sweep["uri"], "nope")
+        TrackingReader(sweep["uri"]).find_sweep("nope")
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="not a sweep parent run"):
-        report.find_sweep(sweep["uri"], sweep["other"])
+        TrackingReader(sweep["uri"]).find_sweep(sweep["other"])
     with pytest.raises(ValueError, match="no experiment or sweep run named"):
-        report.find_sweep(sweep["uri"], "0" * 32)
+        TrackingReader(sweep["uri"]).find_sweep("0" * 32)
 
 
 def test_load_traces_shapes(loaded):
@@ -145,7 +148,7 @@ def test_load_traces_shapes(loaded):
     assert {"run_id", "arm", "phase", "seed", "status", "seq_len", "n_heads", "n_global_heads",
             "controller.name", "controller.factor"} <= set(runs.columns)
     assert set(traces.columns) == {"run_id", "step", "key", "value"}
-    assert set(traces["key"]) == set(report.TRACE_KEYS)
+    assert set(traces["key"]) == set(TRACE_KEYS)
     assert not traces.duplicated(["run_id", "key", "step"]).any()
     static = runs[runs["arm"] == "static"]["run_id"]
     assert "loss_ewma" not in set(traces[traces["run_id"].isin(static)]["key"])
@@ -201,11 +204,11 @@ def test_paired_comparison_and_verdict_rule(table):
 
 
 def test_verdict_needs_two_pairs_and_a_ci_excluding_zero():
-    assert report._verdict(-0.5, float("nan")) == "no clear difference"
-    assert report._verdict(-0.5, 0.6) == "no clear difference"
-    assert report._verdict(-0.5, 0.4) == "better"
-    assert report._verdict(0.5, 0.4) == "worse"
-    delta, ci, n, p = report._paired(pd.Series({0: 1.0}), pd.Series({0: 2.0, 1: 3.0}))
+    assert report_stats.verdict(-0.5, float("nan")) == "no clear difference"
+    assert report_stats.verdict(-0.5, 0.6) == "no clear difference"
+    assert report_stats.verdict(-0.5, 0.4) == "better"
+    assert report_stats.verdict(0.5, 0.4) == "worse"
+    delta, ci, n, p = report_stats.paired(pd.Series({0: 1.0}), pd.Series({0: 2.0, 1: 3.0}))
     assert n == 1 and math.isnan(ci) and math.isnan(p)
 
 
@@ -278,3 +281,55 @@ def test_a_sweep_without_trials_reports_without_crashing(sweep, tmp_path):
     rep = report.write_report(sweep["uri"], "empty-sweep", tmp_path, log_to_mlflow=False)
     assert rep.table.empty and "(no finished trials)" in rep.text
     assert {f.name for f in rep.files} == {"comparison.csv", "comparison.md"}
+
+
+# ---------------------------------------------------------------- the trace audit
+
+
+@pytest.fixture(scope="module")
+def dup_sweep(tmp_path_factory):
+    """Two static seeds; seed 1 stored steps 5..7 of ``loss`` and ``window`` twice (as a
+    restart that repeated them would) and its last val loss twice, the second one 1.95."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    tmp = tmp_path_factory.mktemp("dups")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("dup-sweep", artifact_location=(tmp / "artifacts").as_uri())
+    pid = client.create_run(exp_id, tags={"metalearner.kind": "sweep"}, run_name="dups").info.run_id
+    static = {"controller.name": "static"}
+    clean = log_trial(client, exp_id, pid, "static", "compare", 0, static, val_curve(2.0), lambda s: 8)
+    dup = log_trial(client, exp_id, pid, "static", "compare", 1, static, val_curve(2.1), lambda s: 8)
+    ts = int(time.time() * 1000) + 1000
+    again = [Metric(k, 9.0 if k == "loss" else 8.0, ts, s) for s in (5, 6, 7) for k in ("loss", "window")]
+    client.log_batch(dup, metrics=[*again, Metric("val_loss", 1.95, ts, STEPS)])
+    return {"uri": uri, "parent": pid, "clean": clean, "dup": dup}
+
+
+def test_duplicate_points_are_kept_counted_and_reported(dup_sweep, tmp_path):
+    runs, traces = report.load_traces(dup_sweep["uri"], dup_sweep["parent"])
+    assert traces.duplicated(["run_id", "key", "step"]).sum() == 7  # kept as stored, not dropped
+    assert dict(zip(runs["run_id"], runs["duplicate_points"])) == {dup_sweep["clean"]: 0, dup_sweep["dup"]: 7}
+    dups = report.duplicate_points(traces).set_index("key")
+    assert set(dups["run_id"]) == {dup_sweep["dup"]}
+    assert dups.loc["loss", ["steps", "extra_points", "first_step"]].tolist() == [3, 3, 5]
+    assert dups.loc["window", ["steps", "extra_points", "first_step"]].tolist() == [3, 3, 5]
+    assert dups.loc["val_loss", ["steps", "extra_points", "first_step"]].tolist() == [1, 1, STEPS]
+    # the statistics count each step once, with the point written last
+    summary = report.run_summary(runs, traces).loc[dup_sweep["dup"]]
+    assert summary["window_steps"] == STEPS and summary["window_used"] == 8 * STEPS
+    assert summary["final_val_loss"] == pytest.approx(1.95)
+
+    rep = report.write_report(dup_sweep["uri"], "dup-sweep", tmp_path, log_to_mlflow=False)
+    assert "trace audit: 7 duplicate point(s) in 1 run(s)" in rep.text
+    assert f"({dup_sweep['dup']}) loss: 3 step(s) stored more than once, 3 extra point(s), first at step 5" in rep.text
+    assert "duplicates.csv" in {f.name for f in rep.files} and len(rep.duplicates) == 3
+    assert "trace audit: 7 duplicate point(s)" in (tmp_path / "comparison.md").read_text()
+
+
+def test_a_clean_sweep_passes_the_trace_audit(sweep, loaded, tmp_path):
+    assert report.duplicate_points(loaded[1]).empty and (loaded[0]["duplicate_points"] == 0).all()
+    rep = report.write_report(sweep["uri"], "toy-sweep", tmp_path, log_to_mlflow=False)
+    assert "trace audit: one point per step per key in every run" in rep.text
+    assert "duplicates.csv" not in {f.name for f in rep.files}

@@ -13,16 +13,11 @@ import torch
 from torch import nn
 
 from metalearner.tasks.base import IGNORE_INDEX, Task, batch_loss
-from metalearner.tasks.speech import (
-    BOS_ID,
+from metalearner.tasks.speech import BOS_ID, EOS_ID, PAD_ID, SpeechConfig, SpeechTask, edit_distance
+from metalearner.tasks.speech_data import (
     DIGIT_WORDS,
-    EOS_ID,
-    PAD_ID,
     PREFIX_WORDS,
     SUFFIX_WORDS,
-    SpeechConfig,
-    SpeechTask,
-    edit_distance,
     generate_speech_digits,
     plan_speech_digits,
 )

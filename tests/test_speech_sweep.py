@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs
 def test_speech_ewma_smoke_sweep(tmp_path):
     import ray
 
-    from metalearner.tasks.speech import generate_speech_digits
+    from metalearner.tasks.speech_data import generate_speech_digits
     from trainables.sweep import SweepRunner
 
     data = generate_speech_digits(tmp_path / "digits", 40, seed=0, progress=False)

@@ -16,7 +16,7 @@ from metalearner.experiment import load_experiment, parse_experiment
 from trainables.sweep import SweepRunner
 
 ROOT = Path(__file__).resolve().parent.parent
-TRACE_KEYS = ["loss", "loss_ewma", "rope_base", "window", "lr"]
+from metalearner.trace import STEP_KEYS as TRACE_KEYS  # noqa: E402 - the one definition
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -134,7 +134,7 @@ def test_restored_trial_continues_with_an_identical_trace(tmp_path, engine):
     assert not grid.errors
     client, _, runs = children(runner.tracking_uri, parent)
     by_arm = {r.data.tags["metalearner.arm"]: r.info.run_id for r in runs}
-    for key in TRACE_KEYS + ["val_loss"]:
+    for key in [*TRACE_KEYS, "val_loss"]:
         clean = history(client, by_arm["clean"], key)
         crashed = history(client, by_arm["crashed"], key)
         assert [s for s, _ in crashed] == [s for s, _ in clean]

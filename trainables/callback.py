@@ -1,4 +1,5 @@
-"""Driver-side Tune callback: the sweep's single MLflow writer and its live progress table.
+"""Driver-side Tune callback: the sweep's single MLflow writer (the live display of the
+trials is `trainables.progress.ProgressTable`, which this callback feeds).
 
 Trials never talk to MLflow. Each ``tune.report`` carries the trace chunk of the steps
 since the last report; this callback (on the driver) turns it into batched ``log_batch``
@@ -9,14 +10,13 @@ when a trial restarts from a checkpoint or PBT clones another trial's checkpoint
 
 from __future__ import annotations
 
-import sys
-import time
 from typing import Any
 
 from ray.tune import Callback
 
-from metalearner.tracking import MlflowWriter
-from trainables.trial import SETTINGS_KEY, TRACE_KEY, cell_config
+from metalearner.tracking import ARM_TAG, KIND_TAG, PHASE_TAG, SEED_TAG, MlflowWriter
+from trainables.progress import ProgressTable
+from trainables.reporting import LATEST_KEYS, SETTINGS_KEY, TRACE_KEY, cell_config
 
 
 class MlflowTraceCallback(Callback):
@@ -61,8 +61,8 @@ class MlflowTraceCallback(Callback):
             run_cfg, meta = cell_config(trial.config)
             arm = meta.get("arm", "trial")
             seed = run_cfg.get("train", {}).get("seed", 0)
-            tags = {**self.tags, "metalearner.arm": arm, "metalearner.phase": meta.get("phase", ""),
-                    "metalearner.trial_id": tid, "metalearner.seed": str(seed), "metalearner.kind": "trial"}
+            tags = {**self.tags, ARM_TAG: arm, PHASE_TAG: meta.get("phase", ""),
+                    "metalearner.trial_id": tid, SEED_TAG: str(seed), KIND_TAG: "trial"}
             name = f"{arm}-{meta.get('phase', '')}-{tid}"
             self.run_ids[tid] = self.writer.create_run(self.experiment, name, tags, parent_run_id=self.parent_run_id)
             self.trial_info[tid] = {"arm": arm, "phase": meta.get("phase", ""), "seed": seed,
@@ -98,7 +98,7 @@ class MlflowTraceCallback(Callback):
                 self.writer.log_extra_metrics(run_id, current, first_new)
                 self._mutable_seen[tid] = current
         self.writer.flush(run_id)
-        self.trial_info[tid]["last"] = {k: result.get(k) for k in ("step", "loss", "val_loss", "rope_base", "window")}
+        self.trial_info[tid]["last"] = {k: result.get(k) for k in LATEST_KEYS}
         if self.progress:
             self.progress.update(trial, "RUNNING", result)
 
@@ -130,68 +130,3 @@ class MlflowTraceCallback(Callback):
         self.writer.flush()
         if self.progress:
             self.progress.render(final=True)
-
-
-class ProgressTable:
-    """Live table of the trials (trial, arm, status, step, loss, base, window, val loss):
-    a `rich` live display on a terminal, a plain line every few seconds elsewhere."""
-
-    def __init__(self, total_steps: int, title: str, interactive: bool | None = None) -> None:
-        self.total_steps = total_steps
-        self.title = title
-        self.rows: dict[str, dict[str, Any]] = {}
-        self.interactive = sys.stdout.isatty() if interactive is None else interactive
-        self._live = None
-        self._last_plain = 0.0
-        if self.interactive:
-            from rich.live import Live
-
-            self._live = Live(self._table(), refresh_per_second=2, transient=False)
-            self._live.start()
-
-    def update(self, trial: Any, status: str, result: dict | None) -> None:
-        run_cfg, meta = cell_config(trial.config)
-        row = self.rows.setdefault(trial.trial_id, {"arm": meta.get("arm", ""),
-                                                    "seed": run_cfg.get("train", {}).get("seed", "")})
-        row["status"] = status
-        if result:
-            for k in ("step", "loss", "rope_base", "window", "val_loss"):
-                row[k] = result.get(k)
-        self.render()
-
-    def _table(self) -> Any:
-        from rich.table import Table
-
-        t = Table(title=self.title, expand=False)
-        for col in ("trial", "arm", "seed", "status", "step", "loss", "base", "window", "val loss"):
-            t.add_column(col, justify="right" if col in ("step", "loss", "base", "window", "val loss") else "left")
-        for tid, r in self.rows.items():
-            t.add_row(tid, str(r["arm"]), str(r["seed"]), r.get("status", ""),
-                      f"{r.get('step') or 0}/{self.total_steps}", _fmt(r.get("loss")), _fmt(r.get("rope_base"), ".4g"),
-                      _fmt(r.get("window"), ".0f"), _fmt(r.get("val_loss")))
-        return t
-
-    def render(self, final: bool = False) -> None:
-        if self._live is not None:
-            self._live.update(self._table())
-            if final:
-                self._live.stop()
-                self._live = None
-            return
-        now = time.monotonic()
-        if final or now - self._last_plain > 10:
-            self._last_plain = now
-            running = [r for r in self.rows.values() if r.get("status") == "RUNNING"]
-            done = sum(r.get("status") == "TERMINATED" for r in self.rows.values())
-            print(f"[{self.title}] {len(self.rows)} trials: {len(running)} running, {done} done"
-                  + "".join(f" | {r['arm']}/s{r['seed']} step {r.get('step') or 0} loss {_fmt(r.get('loss'))}"
-                            f" w {_fmt(r.get('window'), '.0f')}" for r in running[:4]), flush=True)
-
-    def stop(self) -> None:
-        if self._live is not None:
-            self._live.stop()
-            self._live = None
-
-
-def _fmt(v: Any, spec: str = ".4f") -> str:
-    return "" if v is None else format(v, spec)

@@ -10,7 +10,7 @@ report, the flattened ``params``. A checkpoint goes with every report, or with e
 from ``tune.get_checkpoint()``: weights, optimizer, schedule, RNG, step and controller
 *state*; the controller's *settings* come from the trial config (PBT/PB2 perturbations).
 
-Import it lazily (``train_trial`` dispatches here): it pulls in transformers.
+Import it lazily (the sweep runner picks it by ``train.engine``): it pulls in transformers.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 from ray import tune
 
 from metalearner.config import load_run_config
-from metalearner.hf import Report, run_hf
+from metalearner.hf import StepReport, run_hf
 from metalearner.tasks import Task
-from trainables.trial import cadence, cell_config, report_metrics, shared_task
+from trainables.reporting import cadence, cell_config, report_metrics, shared_task
 
 
 def train_trial_hf(config: dict[str, Any], task: Task | None = None, task_key: tuple | None = None,
@@ -37,7 +37,7 @@ def train_trial_hf(config: dict[str, Any], task: Task | None = None, task_key: t
     _, ckpt_every, fail_at = cadence(cfg, meta, restored=checkpoint is not None)
     first = True
 
-    def on_report(rep: Report) -> None:
+    def on_report(rep: StepReport) -> None:
         nonlocal first
         metrics = report_metrics(rep.step, cfg, rep.records, rep.last_val, rep.train_seconds, meta,
                                  rep.params if first else None)

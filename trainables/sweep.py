@@ -16,7 +16,9 @@ from __future__ import annotations
 import copy
 import os
 import random
+import re
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +27,12 @@ import numpy as np
 import yaml
 
 from metalearner.config import flatten, load_run_config, set_dotted
+from metalearner.environment import HF_OFFLINE, TUNE_QUIET, set_defaults
 from metalearner.experiment import Arm, ExperimentSpec
-from metalearner.tracking import MlflowWriter
+from metalearner.tracking import KIND_TAG, MlflowWriter
+from trainables.reporting import cell_config, task_key
 
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its worker names
 
 
 @dataclass
@@ -40,7 +42,8 @@ class SweepResult:
     experiment: str
     best: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm -> best controller
     trials: dict[str, dict[str, Any]] = field(default_factory=dict)  # trial id -> info
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # one line per failed trial
+    error_log: Path | None = None  # every failed trial's full error and trial folder
     seconds: float = 0.0
     spec_files: dict[str, Path] = field(default_factory=dict)
 
@@ -160,6 +163,8 @@ class SweepRunner:
     def _init_ray(self) -> None:
         import ray
 
+        # the sweep is where Ray starts: its environment is set here (workers inherit it)
+        set_defaults(TUNE_QUIET, HF_OFFLINE)
         if ray.is_initialized():
             return
         if self.address:
@@ -171,21 +176,24 @@ class SweepRunner:
     def _shared_task(self) -> tuple[Any, tuple | None]:
         """Load the data once on the driver (shipped to trials with tune.with_parameters)."""
         from metalearner.tasks import build_task
-        from trainables.trial import _task_key
 
         cfg = load_run_config(self.spec.run_config(self.spec.arms[0], self.spec.seeds[0]))
         t = cfg.train
         task = build_task(cfg.task, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed,
                           eval_batches=t.eval_batches)
-        return task, _task_key(cfg)
+        return task, task_key(cfg)
 
-    def _trainable(self, task: Any, task_key: tuple | None) -> Any:
+    def _trainable(self, task: Any, key: tuple | None) -> Any:
+        """The engine's trainable (``train.engine``), with the shared task and resources."""
         from ray import tune
 
-        from trainables.trial import train_trial
+        if load_run_config(self.spec.run_config(self.spec.arms[0], self.spec.seeds[0])).train.engine == "hf":
+            from trainables.hf_trial import train_trial_hf as train_trial
+        else:
+            from trainables.trial import train_trial
 
         r = self.spec.resources
-        fn = tune.with_parameters(train_trial, task=task, task_key=task_key, threads=max(1, int(r.cpus_per_trial)))
+        fn = tune.with_parameters(train_trial, task=task, task_key=key, threads=max(1, int(r.cpus_per_trial)))
         return tune.with_resources(fn, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
 
     def _tuner(self, trainable: Any, param_space: dict[str, Any], name: str, callback: Any,
@@ -194,6 +202,7 @@ class SweepRunner:
         from ray import tune
         from ray.tune.logger import JsonLoggerCallback
 
+        set_defaults(TUNE_QUIET, HF_OFFLINE)  # the sweep's environment, also when Ray was started elsewhere
         r = self.spec.resources
         return tune.Tuner(
             trainable,
@@ -215,8 +224,8 @@ class SweepRunner:
 
     # ------------------------------------------------------------ the sweep
     def run(self) -> SweepResult:
-        from trainables.callback import MlflowTraceCallback, ProgressTable
-        from trainables.trial import cell_config
+        from trainables.callback import MlflowTraceCallback
+        from trainables.progress import ProgressTable
 
         spec = self.spec
         t0 = time.perf_counter()
@@ -227,7 +236,7 @@ class SweepRunner:
         searchers = sorted({a.search.searcher for a in spec.arms if a.search}) or ["grid"]
         schedulers = sorted({a.search.scheduler.name for a in spec.arms if a.search}) or ["fifo"]
         parent = writer.create_run(spec.name, f"{spec.name}-{self.stamp}", tags={
-            "metalearner.kind": "sweep", "metalearner.searcher": ",".join(searchers),
+            KIND_TAG: "sweep", "metalearner.searcher": ",".join(searchers),
             "metalearner.scheduler": ",".join(schedulers), "metalearner.arms": ",".join(a.name for a in spec.arms),
             "metalearner.seeds": ",".join(map(str, spec.seeds)), "mlflow.note.content": spec.description,
         })
@@ -241,6 +250,7 @@ class SweepRunner:
         spec_file = out_dir / "experiment.yaml"
         spec_file.write_text(yaml.safe_dump(spec.raw, sort_keys=False))
         writer.log_artifact(parent, spec_file)
+        error_log = out_dir / "trial_errors.log"
 
         status = "FAILED"
         progress: ProgressTable | None = None
@@ -273,7 +283,7 @@ class SweepRunner:
                 grid = tuner.fit()
                 progress.stop()
                 result.trials.update(cb.trial_info)
-                result.errors += [str(e).splitlines()[0] for e in grid.errors]
+                result.errors += _log_errors(grid, error_log)
                 try:
                     best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="last")
                 except RuntimeError:
@@ -300,7 +310,9 @@ class SweepRunner:
                 grid = tuner.fit()
                 progress.stop()
                 result.trials.update(cb.trial_info)
-                result.errors += [str(e).splitlines()[0] for e in grid.errors]
+                result.errors += _log_errors(grid, error_log)
+            if result.errors:
+                result.error_log = error_log
             status = "FINISHED" if not result.errors else "FAILED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -314,10 +326,24 @@ class SweepRunner:
         return result
 
 
+def _log_errors(grid: Any, path: Path) -> list[str]:
+    """Append each failed trial's full error (the trial's remote traceback) and its trial
+    folder to ``path``; returns one line per failure (the error's own type and message)."""
+    lines = []
+    with open(path, "a", encoding="utf-8") as fh:
+        for r in grid:
+            if r.error is None:
+                continue
+            text = _ANSI.sub("", "".join(traceback.format_exception(r.error))).rstrip()
+            fh.write(f"==== trial folder {r.path}\n{text}\n\n")
+            cause = getattr(r.error, "cause", None) or r.error  # a RayTaskError wraps the trial's own
+            message = (str(cause).strip().splitlines() or [""])[0]
+            lines.append(f"{type(cause).__name__}: {message}" if message else type(cause).__name__)
+    return lines
+
+
 def trial_name(trial: Any) -> str:
     """Short trial names: ``ARM-sSEED-ID`` instead of the whole config."""
-    from trainables.trial import cell_config
-
     run_cfg, meta = cell_config(trial.config)
     seed = run_cfg.get("train", {}).get("seed", "")
     return f"{meta.get('arm', 'trial')}-s{seed}-{trial.trial_id}"

@@ -1,4 +1,4 @@
-"""The Ray Tune function trainable: one trial = one controlled training run.
+"""The Ray Tune function trainable of ``train.engine: torch``: one trial = one training run.
 
 It builds task, model and controller from the trial config and drives the one train
 loop (`metalearner.train.TrainingRun`). Every ``train.report_every`` steps it evaluates
@@ -12,7 +12,6 @@ perturbation takes effect from the next step on.
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from typing import Any
 
@@ -22,45 +21,18 @@ from ray import tune
 from metalearner.config import load_run_config
 from metalearner.tasks import Task
 from metalearner.train import TrainingRun
-
-TRACE_KEY = "trace"
-SETTINGS_KEY = "settings"
-
-
-def cell_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split a trial config into (run config, meta). Grid trials wrap theirs in ``cell``."""
-    config = copy.deepcopy(config)
-    if "cell" in config:
-        config = {**config.pop("cell"), **config}
-    meta = config.pop("meta", {})
-    return config, meta
-
-
-def _task_key(cfg: Any) -> tuple:
-    t = cfg.train
-    return (repr(cfg.task), t.batch_size, t.seq_len, t.eval_batches)
-
-
-def shared_task(task: Task | None, task_key: tuple | None, cfg: Any) -> Task | None:
-    """Reuse the driver's task (data loaded once, shipped with ``tune.with_parameters``)
-    when it matches this trial's data settings; only the batch stream's seed differs."""
-    if task is None or task_key != _task_key(cfg):
-        return None
-    mine = copy.copy(task)
-    mine.seed = cfg.train.seed
-    return mine
+from trainables.reporting import cadence, cell_config, report_metrics, shared_task
 
 
 def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tuple | None = None,
                 threads: int = 1) -> None:
-    """Ray Tune function trainable (wrapped with `tune.with_parameters`)."""
+    """Ray Tune function trainable (wrapped with `tune.with_parameters`), PyTorch engine.
+
+    The sweep runner picks it, or `trainables.hf_trial.train_trial_hf`, by ``train.engine``.
+    """
     torch.set_num_threads(max(1, int(threads)))
     run_dict, meta = cell_config(config)
     cfg = load_run_config(run_dict)
-    if cfg.train.engine == "hf":  # the Hugging Face Trainer drives the same controller
-        from trainables.hf_trial import train_trial_hf
-
-        return train_trial_hf(config, task=task, task_key=task_key, threads=threads)
     run = TrainingRun(cfg, task=shared_task(task, task_key, cfg))
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -84,52 +56,3 @@ def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tupl
             tune.report(metrics)
         if fail_at and run.step >= fail_at:
             raise RuntimeError(f"injected failure at step {run.step} (meta.fail_at_step)")
-
-
-def cadence(cfg: Any, meta: dict[str, Any], restored: bool) -> tuple[int, int, int]:
-    """(report every, checkpoint every, fail at step) of a trial, for both engines.
-
-    A checkpoint goes with every report unless ``train.checkpoint_every`` asks for fewer
-    (a multiple of ``report_every``). ``meta.fail_at_step`` is fault injection for the
-    tests of checkpoint recovery: the trial fails once, on its first attempt (0 = never).
-    """
-    every = cfg.train.report_every
-    ck = cfg.train.checkpoint_every
-    fail_at = 0 if restored else int(meta.get("fail_at_step", 0))
-    return every, (ck if ck and ck % every == 0 else every), fail_at
-
-
-def report_metrics(step: int, cfg: Any, records: list[dict[str, float]], last_val: dict[str, float],
-                   train_seconds: float, meta: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a trial reports: the latest values, the trace chunk of ``records`` (dict of
-    lists, read by the driver's MLflow writer), the controller settings this process ran
-    the chunk with (``settings``: PBT may have changed the trial's config since) and, in
-    the first report, the params."""
-    last = records[-1]
-    total_steps = cfg.train.steps
-    metrics: dict[str, Any] = {
-        "step": step,
-        "total_steps": total_steps,
-        "loss": last["loss"],
-        "rope_base": last["rope_base"],
-        "window": last["window"],
-        "train_seconds": train_seconds,
-        TRACE_KEY: {k: [r.get(k) for r in records] for k in _trace_keys(records)},
-        "arm": meta.get("arm", ""),
-        "phase": meta.get("phase", ""),
-        SETTINGS_KEY: {f"controller.{k}": v for k, v in cfg.controller.items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool)},
-        **last_val,
-    }
-    if params is not None:
-        metrics["params"] = params
-    return metrics
-
-
-def _trace_keys(records: list[dict[str, float]]) -> list[str]:
-    keys: list[str] = []
-    for r in records:
-        for k in r:
-            if k not in keys:
-                keys.append(k)
-    return keys

@@ -12,6 +12,7 @@ from typing import Any
 
 from metalearner.tasks.base import IGNORE_INDEX, Batch, Task, batch_loss, forward_logits, step_generator
 from metalearner.tasks.recall import RecallConfig, RecallTask
+from metalearner.tasks.speech import SpeechConfig, SpeechTask  # datasets/transformers load lazily
 from metalearner.tasks.text import TextConfig, TextTask
 
 
@@ -21,26 +22,11 @@ class TaskEntry:
     factory: Callable[..., Task]
 
 
-def _speech_factory(cfg: Any, **kw: Any) -> Task:
-    from metalearner.tasks.speech import SpeechTask
-
-    return SpeechTask(cfg, **kw)
-
-
-def _speech_config() -> type:
-    from metalearner.tasks.speech import SpeechConfig
-
-    return SpeechConfig
-
-
 TASKS: dict[str, TaskEntry] = {
     "recall": TaskEntry(RecallConfig, RecallTask),
     "text": TaskEntry(TextConfig, TextTask),
+    "speech": TaskEntry(SpeechConfig, SpeechTask),
 }
-try:  # the speech task's module imports its heavy deps lazily
-    TASKS["speech"] = TaskEntry(_speech_config(), _speech_factory)
-except ImportError:  # pragma: no cover - only while the module is missing
-    pass
 
 
 def build_task(cfg: Any, *, batch_size: int, seq_len: int, seed: int, eval_batches: int = 4) -> Task:
@@ -57,5 +43,6 @@ def build_task(cfg: Any, *, batch_size: int, seq_len: int, seed: int, eval_batch
 
 __all__ = [
     "IGNORE_INDEX", "Batch", "Task", "TASKS", "TaskEntry", "build_task", "batch_loss",
-    "forward_logits", "step_generator", "RecallConfig", "RecallTask", "TextConfig", "TextTask",
+    "forward_logits", "step_generator", "RecallConfig", "RecallTask", "SpeechConfig", "SpeechTask", "TextConfig",
+    "TextTask",
 ]

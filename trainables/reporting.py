@@ -1,0 +1,92 @@
+"""What a trial reports, for both engines' trainables and for the driver's callback.
+
+One trial's ``tune.report`` carries the latest values, the trace chunk of the steps since
+the last report (``trace``: dict of lists, stored by the driver's `MlflowTraceCallback`),
+the controller settings the chunk ran with (``settings``) and, in the first report, the
+flattened ``params``. This module holds that format and the cadence both trainables
+share; it imports neither engine, neither trainable, nor ray.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from metalearner.tasks import Task
+
+TRACE_KEY = "trace"  # the trace chunk in a report
+SETTINGS_KEY = "settings"  # the controller settings a chunk ran with
+LATEST_KEYS = ("step", "loss", "rope_base", "window", "val_loss")  # what the driver shows per trial
+
+
+def cell_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a trial config into (run config, meta). Grid trials wrap theirs in ``cell``."""
+    config = copy.deepcopy(config)
+    if "cell" in config:
+        config = {**config.pop("cell"), **config}
+    meta = config.pop("meta", {})
+    return config, meta
+
+
+def task_key(cfg: Any) -> tuple:
+    """What a task's data depends on: trials with equal keys can share one loaded task."""
+    t = cfg.train
+    return (repr(cfg.task), t.batch_size, t.seq_len, t.eval_batches)
+
+
+def shared_task(task: Task | None, key: tuple | None, cfg: Any) -> Task | None:
+    """Reuse the driver's task (data loaded once, shipped with ``tune.with_parameters``)
+    when it matches this trial's data settings; only the batch stream's seed differs."""
+    if task is None or key != task_key(cfg):
+        return None
+    mine = copy.copy(task)
+    mine.seed = cfg.train.seed
+    return mine
+
+
+def cadence(cfg: Any, meta: dict[str, Any], restored: bool) -> tuple[int, int, int]:
+    """(report every, checkpoint every, fail at step) of a trial, for both engines.
+
+    A checkpoint goes with every report unless ``train.checkpoint_every`` asks for fewer
+    (a multiple of ``report_every``). ``meta.fail_at_step`` is fault injection for the
+    tests of checkpoint recovery: the trial fails once, on its first attempt (0 = never).
+    """
+    every = cfg.train.report_every
+    ck = cfg.train.checkpoint_every
+    fail_at = 0 if restored else int(meta.get("fail_at_step", 0))
+    return every, (ck if ck and ck % every == 0 else every), fail_at
+
+
+def report_metrics(step: int, cfg: Any, records: list[dict[str, float]], last_val: dict[str, float],
+                   train_seconds: float, meta: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a trial reports: the latest values, the trace chunk of ``records`` (dict of
+    lists, read by the driver's MLflow writer), the controller settings this process ran
+    the chunk with (``settings``: PBT may have changed the trial's config since) and, in
+    the first report, the params."""
+    last = records[-1]
+    metrics: dict[str, Any] = {
+        "step": step,
+        "total_steps": cfg.train.steps,
+        "loss": last["loss"],
+        "rope_base": last["rope_base"],
+        "window": last["window"],
+        "train_seconds": train_seconds,
+        TRACE_KEY: {k: [r.get(k) for r in records] for k in _trace_keys(records)},
+        "arm": meta.get("arm", ""),
+        "phase": meta.get("phase", ""),
+        SETTINGS_KEY: {f"controller.{k}": v for k, v in cfg.controller.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        **last_val,
+    }
+    if params is not None:
+        metrics["params"] = params
+    return metrics
+
+
+def _trace_keys(records: list[dict[str, float]]) -> list[str]:
+    keys: list[str] = []
+    for r in records:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    return keys
