@@ -526,6 +526,12 @@ def mde_sentence(
 # ---------------------------------------------------------------- runs, pairs, verdicts
 
 
+def _plain(x: object) -> object:
+    """numpy scalar -> Python scalar, so messages read ``seed 0``, not ``np.int64(0)``."""
+    item = getattr(x, "item", None)
+    return item() if callable(item) else x
+
+
 def _check_rows(rows: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in ("arm", "seed", "value", "status") if c not in rows.columns]
     if missing:
@@ -536,12 +542,12 @@ def _check_rows(rows: pd.DataFrame) -> pd.DataFrame:
     dup = rows.duplicated(["arm", "seed"])
     if dup.any():
         r = rows[dup].iloc[0]
-        raise ValueError(f"rows: arm {r['arm']!r} seed {r['seed']!r} appears twice, expected one run per arm and seed")
+        raise ValueError(f"rows: arm {r['arm']!r} seed {_plain(r['seed'])!r} appears twice, expected one run per arm and seed")
     fin = rows[rows["status"] == "finished"]
     nonfinite = fin[~np.isfinite(fin["value"].astype(float))]
     if len(nonfinite):
         r = nonfinite.iloc[0]
-        raise ValueError(f"value: got {r['value']!r} for finished arm {r['arm']!r} seed {r['seed']!r}, "
+        raise ValueError(f"value: got {_plain(r['value'])!r} for finished arm {r['arm']!r} seed {_plain(r['seed'])!r}, "
                          "expected a finite number (mark the run diverged)")
     return rows
 
@@ -564,12 +570,13 @@ def count_runs(rows: pd.DataFrame) -> pd.DataFrame:
     return out.astype(int)
 
 
-def _effective(value: float, status: str, lower_is_better: bool) -> float:
-    if status == "diverged":
-        return float("inf") if lower_is_better else float("-inf")
-    if status == "incomplete":
-        return float("nan")
-    return float(value)
+def _effective(values: pd.Series, status: pd.Series, lower_is_better: bool) -> pd.Series:
+    """Value used in pairing: +inf (or -inf) for diverged runs, NaN for incomplete or absent."""
+    v = values.astype(float).where(status == "finished", np.nan)
+    return v.where(status != "diverged", np.inf if lower_is_better else -np.inf)
+
+
+PAIR_CATEGORIES = ("paired", "missing", "lost", "won", "both_diverged")
 
 
 def pair_with_baseline(rows: pd.DataFrame, baseline: str, lower_is_better: bool = True) -> pd.DataFrame:
@@ -589,30 +596,26 @@ def pair_with_baseline(rows: pd.DataFrame, baseline: str, lower_is_better: bool 
     _check_rows(rows)
     if baseline not in set(rows["arm"]):
         raise ValueError(f"baseline: got {baseline!r}, expected one of the arms {sorted(set(rows['arm']))}")
-    base = rows[rows["arm"] == baseline].set_index("seed")
-    out = []
-    for arm, grp in rows[rows["arm"] != baseline].groupby("arm", sort=True):
-        g = grp.set_index("seed")
-        for seed in sorted(set(g.index) | set(base.index)):
-            st = g.at[seed, "status"] if seed in g.index else "absent"
-            bst = base.at[seed, "status"] if seed in base.index else "absent"
-            val = _effective(g.at[seed, "value"], st, lower_is_better) if st != "absent" else float("nan")
-            bval = _effective(base.at[seed, "value"], bst, lower_is_better) if bst != "absent" else float("nan")
-            if st == "finished" and bst == "finished":
-                cat = "paired"
-            elif st == "diverged" and bst == "diverged":
-                cat = "both_diverged"
-            elif st == "diverged" and bst == "finished":
-                cat = "lost"
-            elif st == "finished" and bst == "diverged":
-                cat = "won"
-            else:
-                cat = "missing"
-            diff = val - bval if cat == "paired" else float("nan")
-            out.append({"arm": arm, "seed": seed, "value": val, "baseline_value": bval, "status": st,
-                        "baseline_status": bst, "diff": diff, "category": cat})
     cols = ["arm", "seed", "value", "baseline_value", "status", "baseline_status", "diff", "category"]
-    return pd.DataFrame(out, columns=cols)
+    base = rows.loc[rows["arm"] == baseline, ["seed", "value", "status"]]
+    others = rows.loc[rows["arm"] != baseline, ["arm", "seed", "value", "status"]]
+    if others.empty:
+        return pd.DataFrame(columns=cols)
+    arms = pd.DataFrame({"arm": sorted(set(others["arm"]))})
+    seeds = pd.concat([others[["arm", "seed"]], arms.merge(base[["seed"]], how="cross")]).drop_duplicates()
+    out = (seeds.merge(others, on=["arm", "seed"], how="left")
+           .merge(base.rename(columns={"value": "baseline_value", "status": "baseline_status"}), on="seed", how="left"))
+    out["status"] = out["status"].fillna("absent")
+    out["baseline_status"] = out["baseline_status"].fillna("absent")
+    out["value"] = _effective(out["value"], out["status"], lower_is_better)
+    out["baseline_value"] = _effective(out["baseline_value"], out["baseline_status"], lower_is_better)
+    st_, bst = out["status"], out["baseline_status"]
+    out["category"] = np.select(
+        [(st_ == "finished") & (bst == "finished"), (st_ == "diverged") & (bst == "diverged"),
+         (st_ == "diverged") & (bst == "finished"), (st_ == "finished") & (bst == "diverged")],
+        ["paired", "both_diverged", "lost", "won"], default="missing")
+    out["diff"] = (out["value"] - out["baseline_value"]).where(out["category"] == "paired", np.nan)
+    return out[cols].sort_values(["arm", "seed"], kind="stable").reset_index(drop=True)
 
 
 def compare_with_baseline(
@@ -644,49 +647,42 @@ def compare_with_baseline(
     pairs = pair_with_baseline(rows, baseline, lower_is_better)
     arms = sorted(set(rows["arm"]) - {baseline})
     m = len(arms)
-    cats = ("paired", "missing", "lost", "won", "both_diverged")
-    table = pd.DataFrame(index=pd.Index([baseline, *arms], name="arm"))
-    table = table.join(counts)
-    for c in cats:
-        table[f"n_{c}"] = 0
-    for col in ("delta", "ci95", "p", "p_holm", "mde"):
-        table[col] = np.nan
-    table["verdict"] = "baseline"
-    if m == 0:
-        return table, mde_sentence(0, float("inf"), metric, alpha, 1, power)
-    max_n = max(int((pairs["arm"] == a).sum()) for a in arms)
-    diffs = np.full((m, max(max_n, 1)), np.nan)
+    cat_counts = (pd.crosstab(pairs["arm"], pairs["category"]).reindex(index=arms, columns=list(PAIR_CATEGORIES))
+                  .fillna(0).astype(int))
+    n_paired = cat_counts["paired"].to_numpy()
+    diffs = np.full((m, max(int(n_paired.max()) if m else 0, 1)), np.nan)
+    paired_rows = pairs[pairs["category"] == "paired"]
+    by_arm = {a: d.to_numpy(dtype=float) for a, d in paired_rows.groupby("arm", sort=True)["diff"]}
     for i, arm in enumerate(arms):
-        pa = pairs[pairs["arm"] == arm]
-        for c in cats:
-            table.loc[arm, f"n_{c}"] = int((pa["category"] == c).sum())
-        d = pa.loc[pa["category"] == "paired", "diff"].to_numpy(dtype=float)
+        d = by_arm.get(arm, np.empty(0))
         diffs[i, : len(d)] = d
     delta, half, n, p = paired_t(diffs)
-    verdicts = holm_verdicts(delta, p, alpha, lower_is_better)
-    _, p_adj = holm(p, alpha)
-    sds = []
+    verdicts = holm_verdicts(delta, p, alpha, lower_is_better) if m else np.empty(0, dtype=str)
+    p_adj = holm(p, alpha)[1] if m else np.empty(0)
+    base_row: dict[str, object] = {"arm": baseline, **{f"n_{c}": 0 for c in PAIR_CATEGORIES},
+                                   "delta": np.nan, "ci95": np.nan, "p": np.nan, "p_holm": np.nan,
+                                   "mde": np.nan, "verdict": "baseline"}
+    out = [base_row]
+    sds: list[tuple[int, float]] = []
     for i, arm in enumerate(arms):
-        d = diffs[i][np.isfinite(diffs[i])]
+        d = by_arm.get(arm, np.empty(0))
         sd = float(d.std(ddof=1)) if len(d) >= 2 else float("nan")
         if len(d) >= 2:
             sds.append((len(d) - 1, sd))
         v = str(verdicts[i])
-        lost, won = table.loc[arm, "n_lost"], table.loc[arm, "n_won"]
+        lost, won = cat_counts.at[arm, "lost"], cat_counts.at[arm, "won"]
         if (v == "better" and lost > 0) or (v == "worse" and won > 0):
-            v = "no clear difference"  # a diverged seed is a loss: no side taken against it
-        table.loc[arm, ["delta", "ci95", "p", "p_holm", "mde"]] = [
-            delta[i], half[i], p[i], p_adj[i], mde_paired(int(n[i]), sd, alpha, m, power)]
-        table.loc[arm, "verdict"] = v
+            v = "no clear difference"  # a diverged seed is a loss: no side is taken against it
+        out.append({"arm": arm, **{f"n_{c}": int(cat_counts.at[arm, c]) for c in PAIR_CATEGORIES},
+                    "delta": float(delta[i]), "ci95": float(half[i]), "p": float(p[i]),
+                    "p_holm": float(p_adj[i]), "mde": mde_paired(int(n[i]), sd, alpha, m, power), "verdict": v})
+    table = pd.DataFrame(out).set_index("arm")
+    table = counts.reindex(table.index).join(table)
+    if m == 0:
+        return table, mde_sentence(0, float("inf"), metric, alpha, 1, power)
     n_min = int(n.min())
-    if sds:
-        dof = sum(k for k, _ in sds)
-        pooled = math.sqrt(sum(k * s**2 for k, s in sds) / dof)
-    else:
-        pooled = float("nan")
+    pooled = math.sqrt(sum(k * s**2 for k, s in sds) / sum(k for k, _ in sds)) if sds else float("nan")
     sentence = mde_sentence(n_min, mde_paired(n_min, pooled, alpha, m, power), metric, alpha, m, power)
-    int_cols = [c for c in table.columns if c.startswith("n_")]
-    table[int_cols] = table[int_cols].fillna(0).astype(int)
     return table, sentence
 
 
