@@ -252,8 +252,25 @@ def test_compare_with_baseline_counts_holm_and_divergence_veto():
     # Holm: the adjusted p-values are those of st.holm over the three arms.
     np.testing.assert_allclose(table.loc[["fast", "risky", "slow"], "p_holm"],
                                st.holm(table.loc[["fast", "risky", "slow"], "p"].to_numpy())[1])
+    assert table.loc["risky", "n"] == 5 and table.loc["static", "n"] == 6
+    assert table.loc["fast", "mean"] == pytest.approx(np.mean([base[s] - 0.05 + 0.002 * (s % 2) for s in seeds]))
+    assert table.loc["fast", "iqm_low"] <= table.loc["fast", "iqm"] <= table.loc["fast", "iqm_high"]
+    fast = table.loc["fast"]
+    assert fast["delta_boot_low"] <= fast["delta"] <= fast["delta_boot_high"] < 0
+    pd.testing.assert_frame_equal(table, st.compare_with_baseline(_rows(spec), "static")[0])  # seeded bootstrap
     assert sentence.startswith("with n=5 seeds, differences in val_loss under ")
     assert sentence.endswith("(80% power, α=0.05 Holm over 3 arms)")
+
+
+def test_compare_with_baseline_edge_cases():
+    alone = _rows([("static", 0, 1.5, "finished"), ("static", 1, 1.6, "finished")])
+    table, sentence = st.compare_with_baseline(alone, "static")
+    assert table["verdict"].tolist() == ["baseline"] and sentence == "no arm to compare with the baseline 'static'"
+    nothing = pd.concat([alone, _rows([("a", 0, 1.0, "incomplete"), ("a", 1, np.inf, "diverged")])])
+    table, sentence = st.compare_with_baseline(nothing, "static")
+    assert table.loc["a", ["n_runs", "n_paired", "n_missing", "n_lost"]].tolist() == [2, 0, 1, 1]
+    assert table.loc["a", "verdict"] == "no clear difference" and table.loc["a", "mde"] == math.inf
+    assert sentence.startswith("with n=0 seeds, no difference in val_loss can be detected")
 
 
 def test_compare_with_baseline_holm_withholds_a_marginal_uncorrected_win():
@@ -263,7 +280,7 @@ def test_compare_with_baseline_holm_withholds_a_marginal_uncorrected_win():
     noise = np.array([0.01, -0.012, 0.008, -0.004, -0.002])
     spec = [("static", s, base[s], "finished") for s in range(5)]
     spec += [("a", s, base[s] - 0.012 + noise[s], "finished") for s in range(5)]
-    for arm, shift in (("b", 0.3), ("c", -0.3), ("d", 0.1)):
+    for arm in ("b", "c", "d"):  # null arms
         spec += [(arm, s, base[s] + rng.normal(0, 0.02), "finished") for s in range(5)]
     table, _ = st.compare_with_baseline(_rows(spec), "static")
     p = table.loc["a", "p"]
@@ -412,7 +429,7 @@ def test_calibration_table_path_equals_vectorized_path():
     arms = ["static", "a", "b", "c", "d"]
     for i in range(20):
         rows = _rows([(arms[k], s, loss[i, k, s], "finished") for k in range(5) for s in range(5)])
-        table, _ = st.compare_with_baseline(rows, "static")
+        table, _ = st.compare_with_baseline(rows, "static", n_boot=200)
         assert table.loc[arms[1:], "verdict"].tolist() == fast[i].tolist()
     assert (fast[:, 0] == "better").any()  # the comparison is not vacuous
 

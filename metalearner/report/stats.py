@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
@@ -625,6 +625,8 @@ def compare_with_baseline(
     power: float = 0.8,
     lower_is_better: bool = True,
     metric: str = "val_loss",
+    n_boot: int = N_BOOT,
+    seed: int = 0,
 ) -> tuple[pd.DataFrame, str]:
     """Each arm against the baseline: paired t test, Holm over the arms, MDE, counts.
 
@@ -635,11 +637,16 @@ def compare_with_baseline(
         power: power for the minimum detectable effect.
         lower_is_better: True for losses.
         metric: the metric's name, for the sentence.
+        n_boot, seed: bootstrap resamples and RNG seed (deterministic for a given seed).
 
     Returns:
         ``(table, sentence)``. ``table`` is indexed by arm (baseline first) with columns
-        n_runs, n_finished, n_diverged, n_incomplete, n_paired, n_missing, n_lost, n_won,
-        n_both_diverged, delta, ci95, p, p_holm, mde, verdict. ``sentence`` is the MDE
+        n_runs, n_finished, n_diverged, n_incomplete; the arm's finished values summarized
+        (the ``ArmSummary`` fields: n, mean, t_ci95, boot_low, boot_high, iqm, iqm_low,
+        iqm_high); the pairing counts n_paired, n_missing, n_lost, n_won, n_both_diverged;
+        the paired comparison delta (mean arm - baseline), ci95 (t half-width, per
+        comparison), delta_boot_low/high (percentile bootstrap of delta over seeds), p,
+        p_holm, mde; and verdict. ``sentence`` is the MDE
         sentence for the whole table, at the smallest n_paired over the arms and the
         pooled standard deviation of their paired differences (df-weighted).
     """
@@ -660,7 +667,8 @@ def compare_with_baseline(
     verdicts = holm_verdicts(delta, p, alpha, lower_is_better) if m else np.empty(0, dtype=str)
     p_adj = holm(p, alpha)[1] if m else np.empty(0)
     base_row: dict[str, object] = {"arm": baseline, **{f"n_{c}": 0 for c in PAIR_CATEGORIES},
-                                   "delta": np.nan, "ci95": np.nan, "p": np.nan, "p_holm": np.nan,
+                                   "delta": np.nan, "ci95": np.nan, "delta_boot_low": np.nan,
+                                   "delta_boot_high": np.nan, "p": np.nan, "p_holm": np.nan,
                                    "mde": np.nan, "verdict": "baseline"}
     out = [base_row]
     sds: list[tuple[int, float]] = []
@@ -673,13 +681,19 @@ def compare_with_baseline(
         lost, won = cat_counts.at[arm, "lost"], cat_counts.at[arm, "won"]
         if (v == "better" and lost > 0) or (v == "worse" and won > 0):
             v = "no clear difference"  # a diverged seed is a loss: no side is taken against it
+        boot_lo, boot_hi = bootstrap_ci(d, "mean", n_boot=n_boot, seed=seed)
         out.append({"arm": arm, **{f"n_{c}": int(cat_counts.at[arm, c]) for c in PAIR_CATEGORIES},
-                    "delta": float(delta[i]), "ci95": float(half[i]), "p": float(p[i]),
+                    "delta": float(delta[i]), "ci95": float(half[i]), "delta_boot_low": boot_lo,
+                    "delta_boot_high": boot_hi, "p": float(p[i]),
                     "p_holm": float(p_adj[i]), "mde": mde_paired(int(n[i]), sd, alpha, m, power), "verdict": v})
     table = pd.DataFrame(out).set_index("arm")
-    table = counts.reindex(table.index).join(table)
+    finished = rows[rows["status"] == "finished"]
+    summaries = pd.DataFrame(
+        [{"arm": a, **asdict(summarize_arm(finished.loc[finished["arm"] == a, "value"], n_boot, seed))}
+         for a in table.index]).set_index("arm")
+    table = counts.reindex(table.index).join(summaries).join(table)
     if m == 0:
-        return table, mde_sentence(0, float("inf"), metric, alpha, 1, power)
+        return table, f"no arm to compare with the baseline {baseline!r}"
     n_min = int(n.min())
     pooled = math.sqrt(sum(k * s**2 for k, s in sds) / sum(k for k, _ in sds)) if sds else float("nan")
     sentence = mde_sentence(n_min, mde_paired(n_min, pooled, alpha, m, power), metric, alpha, m, power)
@@ -844,7 +858,8 @@ def compute_to_target(
     missing = [c for c in need if c not in runs.columns]
     if missing:
         raise ValueError(f"runs: missing columns {missing}, expected {list(need)}")
-    wide = traces.pivot_table(index=["run_id", "step"], columns="key", values="value", aggfunc="last")
+    keys = traces["key"].isin(["window", loss_key, "train_seconds"]) & traces["run_id"].isin(runs["run_id"])
+    wide = traces[keys].pivot_table(index=["run_id", "step"], columns="key", values="value", aggfunc="last")
     per_run = []
     for r in runs.itertuples(index=False):
         tr = wide.loc[r.run_id].reset_index() if r.run_id in wide.index.get_level_values(0) else pd.DataFrame()
