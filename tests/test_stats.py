@@ -446,3 +446,16 @@ def test_calibration_power_at_the_printed_mde():
     assert abs(power - 0.8) <= tol
     # The three null arms still keep their family-wise error.
     assert float((verdicts[:, 1:] != "no clear difference").any(axis=1).mean()) <= MC_FWER_BOUND
+
+
+def test_module_imports_no_mlflow_ray_or_torch():
+    import subprocess
+
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('s', {str(Path(st.__file__))!r})\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['s'] = m; spec.loader.exec_module(m)\n"
+        "print(sorted(k for k in ('mlflow', 'ray', 'torch') if k in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
