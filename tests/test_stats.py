@@ -184,6 +184,7 @@ def test_mde_matches_scipy_noncentral_t_power():
     assert st.mde_paired(5, 0.03, ALPHA, 4) > st.mde_paired(5, 0.03, ALPHA, 1) > st.mde_paired(10, 0.03, ALPHA, 1)
     assert st.mde_paired(1, 0.03) == math.inf and st.mde_paired(5, float("nan")) == math.inf
     assert st.mde_paired(5, 0.0) == 0.0
+    assert st.mde_paired(np.int64(5), 0.03, ALPHA, np.int64(4)) == st.mde_paired(5, 0.03, ALPHA, 4)
     with pytest.raises(ValueError, match="power: got 1.5"):
         st.mde_paired(5, 1.0, power=1.5)
     with pytest.raises(ValueError, match="n_comparisons: got 0"):

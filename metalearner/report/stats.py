@@ -437,7 +437,7 @@ def holm_verdicts(
 def _level(alpha: float, n_comparisons: int) -> float:
     if not 0 < alpha < 1:
         raise ValueError(f"alpha: got {alpha!r}, expected a number in (0, 1)")
-    if isinstance(n_comparisons, bool) or not isinstance(n_comparisons, int) or n_comparisons < 1:
+    if isinstance(n_comparisons, bool) or not isinstance(n_comparisons, (int, np.integer)) or n_comparisons < 1:
         raise ValueError(f"n_comparisons: got {n_comparisons!r}, expected an int >= 1")
     return alpha / n_comparisons
 
