@@ -9,7 +9,6 @@ detectable effect, each within 3 Monte-Carlo standard errors. numpy only, well u
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -19,15 +18,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-try:
-    from metalearner.report import stats as st
-except ImportError:  # before the report package exists (report.py still a module): load the file
-    _path = Path(__file__).resolve().parents[1] / "metalearner" / "report" / "stats.py"
-    _spec = importlib.util.spec_from_file_location("metalearner_report_stats", _path)
-    assert _spec is not None and _spec.loader is not None
-    st = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = st
-    _spec.loader.exec_module(st)
+from metalearner.report import stats as st
 
 N_SIMS = 2000
 ALPHA = 0.05
