@@ -215,7 +215,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     from trainables.sweep import SweepRunner
 
-    runner = SweepRunner(spec, uri, storage=args.storage, address=args.address, num_cpus=args.num_cpus)
+    runner = SweepRunner(spec, uri, storage=args.storage, address=args.address, num_cpus=args.num_cpus,
+                         progress=None)  # the face shows the trials: live on a terminal, plain lines elsewhere
     print(f"metalearner sweep '{spec.name}'{' (smoke test)' if args.smoke_test else ''}: "
           f"{len(spec.arms)} arm(s) x {len(spec.seeds)} seed(s); MLflow: {uri}", flush=True)
     result = runner.run()
