@@ -55,11 +55,11 @@ os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "Creating initial
 
 from metalearner.config import load_run_config  # noqa: E402
 from metalearner.tasks import build_task  # noqa: E402
+from metalearner.trace import TRACE_KEYS as KEYS  # noqa: E402
 from metalearner.tracking import MlflowSink, MlflowWriter  # noqa: E402
 from metalearner.train import TrainingRun  # noqa: E402
 
 GOAL = 1.02
-KEYS = ("loss", "loss_ewma", "rope_base", "window", "lr", "val_loss")
 
 
 def run_config(args: argparse.Namespace, steps: int) -> Any:

@@ -136,7 +136,7 @@ def open_sinks(args: argparse.Namespace, cfg: Any, task: Any, ckpt_dir: Path | N
     """The trace sinks of ``metalearner train`` (both engines): MLflow unless --no-mlflow
     (a new run, or the resumed one), plus --trace-csv. Returns (sink, mlflow sink, uri)."""
     from metalearner.trace import CsvSink, MultiSink
-    from metalearner.tracking import MlflowSink, resolve_tracking_uri
+    from metalearner.tracking import KIND_TAG, MlflowSink, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     sinks: list[Any] = []
@@ -144,7 +144,7 @@ def open_sinks(args: argparse.Namespace, cfg: Any, task: Any, ckpt_dir: Path | N
     if not args.no_mlflow:
         name = args.run_name or f"{cfg.task.name}-{cfg.controller['name']}-seed{cfg.train.seed}"
         mlflow_sink = MlflowSink.start(uri, args.experiment, name,
-                                       tags={"metalearner.kind": "train"}, resume_run_id=resume_id)
+                                       tags={KIND_TAG: "train"}, resume_run_id=resume_id)
         sinks.append(mlflow_sink)
         if ckpt_dir:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -215,7 +215,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     from trainables.sweep import SweepRunner
 
-    runner = SweepRunner(spec, uri, storage=args.storage, address=args.address, num_cpus=args.num_cpus)
+    runner = SweepRunner(spec, uri, storage=args.storage, address=args.address, num_cpus=args.num_cpus,
+                         progress=None)  # the face shows the trials: live on a terminal, plain lines elsewhere
     print(f"metalearner sweep '{spec.name}'{' (smoke test)' if args.smoke_test else ''}: "
           f"{len(spec.arms)} arm(s) x {len(spec.seeds)} seed(s); MLflow: {uri}", flush=True)
     result = runner.run()

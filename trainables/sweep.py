@@ -150,7 +150,7 @@ class SweepRunner:
     """Runs an `ExperimentSpec`; see the module docstring for the layout."""
 
     def __init__(self, spec: ExperimentSpec, tracking_uri: str, storage: str | None = None,
-                 address: str | None = None, progress: bool | None = None, num_cpus: int | None = None) -> None:
+                 address: str | None = None, progress: bool | None = False, num_cpus: int | None = None) -> None:
         self.spec = spec
         self.tracking_uri = tracking_uri
         self.storage = str(Path(storage or Path.cwd() / "ray_results").resolve())
@@ -222,6 +222,11 @@ class SweepRunner:
             ),
         )
 
+    def _progress(self, table: Any, steps: int, title: str) -> Any:
+        """The live table of a phase, or None: the runner shows nothing unless asked (the
+        CLI asks; ``progress=None`` picks a live display on a terminal, plain lines elsewhere)."""
+        return None if self.progress is False else table(steps, title, self.progress)
+
     # ------------------------------------------------------------ the sweep
     def run(self) -> SweepResult:
         from trainables.callback import MlflowTraceCallback
@@ -268,7 +273,7 @@ class SweepRunner:
                 s = arm.search
                 base = spec.run_config(arm, s.seed)
                 report_every = load_run_config(base).train.report_every
-                progress = ProgressTable(steps, f"{spec.name}: tuning {arm.name}", self.progress)
+                progress = self._progress(ProgressTable, steps, f"{spec.name}: tuning {arm.name}")
                 cb = MlflowTraceCallback(writer, spec.name, parent,
                                          mutable_keys=list(s.space) if s.population_based else [],
                                          progress=progress, tags={"metalearner.sweep": spec.name})
@@ -281,7 +286,8 @@ class SweepRunner:
                                     num_samples=s.num_samples, reuse=not s.population_based,
                                     keep=4 if s.population_based else 2)
                 grid = tuner.fit()
-                progress.stop()
+                if progress is not None:
+                    progress.stop()
                 result.trials.update(cb.trial_info)
                 result.errors += _log_errors(grid, error_log)
                 try:
@@ -302,13 +308,14 @@ class SweepRunner:
             if cells:
                 from ray import tune
 
-                progress = ProgressTable(steps, f"{spec.name}: comparison at equal steps", self.progress)
+                progress = self._progress(ProgressTable, steps, f"{spec.name}: comparison at equal steps")
                 cb = MlflowTraceCallback(writer, spec.name, parent, progress=progress,
                                          tags={"metalearner.sweep": spec.name})
                 tuner = self._tuner(trainable, {"cell": tune.grid_search(cells)},
                                     f"{spec.name}-compare-{self.stamp}", cb)
                 grid = tuner.fit()
-                progress.stop()
+                if progress is not None:
+                    progress.stop()
                 result.trials.update(cb.trial_info)
                 result.errors += _log_errors(grid, error_log)
             if result.errors:
