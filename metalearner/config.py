@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field
 
-from metalearner.controllers import CONTROLLERS, build_controller
+from metalearner.controllers import BOUND_PARAMS, CONTROLLERS, build_controller, controller_params
 from metalearner.knobs import Knobs
 from metalearner.schema import ConfigError, checker, load_dataclass, short
 
@@ -211,9 +211,11 @@ def _load_controller(data: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(name, str) or name not in CONTROLLERS:
         raise ConfigError(f"controller.name: got {short(name)}, expected one of {sorted(CONTROLLERS)}")
     settings = {k: v for k, v in data.items() if k != "name"}
+    known = controller_params(name)
     for key in settings:
-        if not isinstance(key, str):
-            raise ConfigError(f"controller: got key {short(key)}, expected a setting name")
+        if key not in known:
+            raise ConfigError(f"controller.{key}: unknown parameter for controller '{name}'; "
+                              f"expected one of {sorted(known)}")
     try:
         build_controller(name, init=Knobs(rope_base=10_000.0, window=1), **settings)
     except (ValueError, TypeError) as e:
@@ -254,7 +256,7 @@ def _check_window_bounds(cfg: RunConfig) -> None:
     if cfg.task.name == "speech":
         return  # the sequence lengths come from the data; train.make_controller checks
     seq = cfg.model.overrides.get("max_seq_len", cfg.train.seq_len)
-    lo = cfg.controller.get("min_window", 1)
+    lo = cfg.controller.get("min_window", BOUND_PARAMS["min_window"].default)
     if lo > seq:
         raise ConfigError(f"controller.min_window: got {lo}, expected at most the model's sequence length "
                           f"({seq}, from {'model.max_seq_len' if 'max_seq_len' in cfg.model.overrides else 'train.seq_len'})")

@@ -24,14 +24,6 @@ from typing import Any, Protocol, runtime_checkable
 
 from metalearner.knobs import Knobs
 
-DEFAULT_BOUNDS: dict[str, float] = {
-    "min_window": 1,
-    "max_window": 2**20,
-    "min_base": 2.0,
-    "max_base": 1e12,
-}
-
-
 @runtime_checkable
 class Controller(Protocol):
     """What the train loop needs from a policy."""
@@ -76,7 +68,8 @@ def _is_int(v: Any) -> bool:
 
 REQUIRED = object()
 
-_BOUND_PARAMS: dict[str, Param] = {
+# the bounds every policy accepts; their defaults are defined here and only here
+BOUND_PARAMS: dict[str, Param] = {
     "min_window": Param(1, lambda v: _is_int(v) and v >= 1, "an int >= 1", int),
     "max_window": Param(2**20, lambda v: _is_int(v) and v >= 1, "an int >= 1", int),
     "min_base": Param(2.0, lambda v: _is_num(v) and v > 1, "a float > 1"),
@@ -140,7 +133,7 @@ class _Base:
     def __init__(self, init: Knobs, **settings: Any) -> None:
         if not isinstance(init, Knobs):
             raise ValueError(f"init: got {init!r}, expected a Knobs instance")
-        self._settings = _resolve(self.name, {**self.PARAMS, **_BOUND_PARAMS}, settings)
+        self._settings = _resolve(self.name, {**self.PARAMS, **BOUND_PARAMS}, settings)
         s = self._settings
         self.init = init
         self._base_f = _clamp(float(init.rope_base), s["min_base"], s["max_base"])
@@ -397,7 +390,7 @@ def controller_params(name: str) -> list[str]:
     if name not in CONTROLLERS:
         raise ValueError(f"controller.name: got {name!r}, expected one of {sorted(CONTROLLERS)}")
     cls = CONTROLLERS[name]
-    return [*getattr(cls, "PARAMS", {}), *_BOUND_PARAMS]
+    return [*getattr(cls, "PARAMS", {}), *BOUND_PARAMS]
 
 
 def build_controller(name: str, *, init: Knobs, **settings: Any) -> Controller:
