@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from metalearner.knobs import Knobs
 
+
 @runtime_checkable
 class Controller(Protocol):
     """What the train loop needs from a policy."""

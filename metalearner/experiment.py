@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, field_validator, model_validator
 
 from metalearner.config import (
     ConfigError,
@@ -166,11 +166,12 @@ class SpecFile(BaseModel):
     smoke: Mapping | None = None
     seed: Seed = 0
 
-    @model_validator(mode="after")
-    def _distinct_seeds(self) -> SpecFile:
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"got seeds {self.seeds}, expected distinct seeds")
-        return self
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("expected distinct seeds")
+        return seeds
 
 
 class ArmInput(BaseModel):

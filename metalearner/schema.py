@@ -103,7 +103,15 @@ def one_line(err: ValidationError, prefix: str = "", model: Any = None) -> Confi
     if kind == "missing":
         return ConfigError(f"{field}: missing, expected a value")
     if kind == "invalid_key":
-        return ConfigError(f"{field}: got key {short(e['input'])}, expected a string key")
+        where = dotted(prefix, loc[:-1]) or "input"
+        return ConfigError(f"{where}: got key {short(e['input'])}, expected a string key")
+    if kind in ("too_short", "too_long"):
+        ctx = e.get("ctx", {})
+        n = ctx.get("min_length") if kind == "too_short" else ctx.get("max_length")
+        return ConfigError(f"{field}: got {short(e.get('input'))}, expected {'at least' if kind == 'too_short' else 'at most'} "
+                           f"{n} item{'s' if n != 1 else ''}")
+    if kind == "dict_type":
+        return ConfigError(f"{field}: got {short(e.get('input'))}, expected a mapping")
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     elif msg.startswith("Input should be "):

@@ -260,7 +260,7 @@ class TrainingRun:
         return path
 
     def load(self, directory: str | Path) -> None:
-        state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=self.device, weights_only=False)
+        state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=self.device, weights_only=True)
         self.load_state_dict(state)
 
 
