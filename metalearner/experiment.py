@@ -166,6 +166,14 @@ class SpecFile(BaseModel):
     smoke: Mapping | None = None
     seed: Seed = 0
 
+    @field_validator("task", "model", "train", "controller", "search", "arms", "resources", "stop", "smoke",
+                     mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("expected a mapping (or leave the key out)")
+        return value
+
     @field_validator("seeds")
     @classmethod
     def _distinct_seeds(cls, seeds: list[int]) -> list[int]:

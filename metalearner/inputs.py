@@ -122,10 +122,10 @@ def tracking_location(uri: str | None, field: str = "--tracking-uri") -> None:
 def _flag_section(loaded: dict[str, Any], section: str, flag: str, value: str | None) -> None:
     """Put ``--task``/``--controller`` into ``loaded[section]["name"]``; another name
     there is a conflict (that section's settings would not apply)."""
-    current = loaded.get(section)
-    if current is None:
+    if section not in loaded:
         loaded[section] = {"name": value} if value is not None else {}
         return
+    current = loaded[section]
     if not isinstance(current, dict):
         raise ConfigError(f"{section}: got {short(current)}, expected a mapping of {section} settings")
     if value is not None:
