@@ -329,8 +329,11 @@ def parse_experiment(data: Any, source: str = "<spec>") -> ExperimentSpec:
     name = top.name if top.name is not None else check_name(Path(source).stem, "name")
     base = {k: copy.deepcopy(data[k]) for k in ("task", "model", "train") if data.get(k) is not None}
     if "seed" in (top.train or {}):
-        raise ConfigError(f"train.seed: got {short(top.train['seed'])}, expected it unset: each cell trains "
-                          "on one of 'seeds' (and a search on search.seed), which would replace it")
+        searched = top.search is not None or any(isinstance(a, dict) and a.get("search") is not None
+                                                 for a in top.arms or [])
+        if top.seeds != [top.train["seed"]] or searched:  # honoured only when it is the one seed
+            raise ConfigError(f"train.seed: got {short(top.train['seed'])}, expected it unset: each cell trains "
+                              "on one of 'seeds' (and a search on search.seed), which would replace it")
     resources = load_dataclass(Resources, top.resources, "resources.")
     seeds = list(top.seeds)
     budget = top.stop.time_budget_s if top.stop else 0.0

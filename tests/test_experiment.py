@@ -173,3 +173,10 @@ def test_not_utf8_spec(tmp_path):
     p.write_bytes(b"name: t\ndescription: \xff\n")
     with pytest.raises(ConfigError, match="^experiment: got .* expected UTF-8 text"):
         load_experiment(p)
+
+
+def test_train_seed_is_allowed_only_where_it_is_honoured(tmp_path):
+    spec = load_experiment(_write(tmp_path, {**BASE, "train": {**BASE["train"], "seed": 3}, "seeds": [3]}))
+    assert spec.run_config(spec.arms[0], 3)["train"]["seed"] == 3
+    with pytest.raises(ConfigError, match="^train.seed"):
+        load_experiment(_write(tmp_path, {**BASE, "train": {**BASE["train"], "seed": 3}, "seeds": [3, 4]}))
