@@ -147,3 +147,15 @@ def test_read_yaml_refuses_what_is_not_utf8_yaml(tmp_path):
         read_yaml(bad, "--config")
     with pytest.raises(ConfigError, match="^--config: got .*expected an existing YAML file"):
         read_yaml(tmp_path / "missing.yaml", "--config")
+
+
+@pytest.mark.parametrize("task,field", [
+    ({"name": "recall", "eval_size": 10**7}, "task.eval_size"),
+    ({"name": "recall", "n_keys": 0}, "task.n_keys"),
+    ({"name": "text", "val_fraction": 0.7}, "task.val_fraction"),
+    ({"name": "text", "files": "a.txt,,"}, "task.files"),  # split to ['a.txt'], which does not exist
+])
+def test_task_settings_are_bounded(task, field):
+    with pytest.raises(ConfigError) as e:
+        load_run_config({"task": task})
+    assert str(e.value).startswith(field), str(e.value)
