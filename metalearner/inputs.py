@@ -68,24 +68,26 @@ def _argparse_line(message: str) -> str:
 # ---------------------------------------------------------------- paths
 
 
-def writable_path(value: str, field: str, folder: bool) -> Path:
+def writable_path(value: str, field: str, folder: bool, shown: str | None = None) -> Path:
     """``value`` is a path the run will write (a file, or a folder when ``folder``):
     it must be of that kind if it exists, and its nearest existing parent a writable
-    folder. Nothing is created."""
+    folder. Nothing is created. ``shown``: the value as the user gave it (a URI)."""
     p = Path(value).expanduser()
+    given = shown or value
     if p.exists():
         if folder and not p.is_dir():
-            raise ConfigError(f"{field}: got {value!r}, expected a folder (it is a file)")
+            raise ConfigError(f"{field}: got {given!r}, expected a folder (it is a file)")
         if not folder and p.is_dir():
-            raise ConfigError(f"{field}: got {value!r}, expected a file path (it is a folder)")
+            raise ConfigError(f"{field}: got {given!r}, expected a file path (it is a folder)")
         if not os.access(p if folder else p.parent, os.W_OK):
-            raise ConfigError(f"{field}: got {value!r}, expected a place this user may write")
+            raise ConfigError(f"{field}: got {given!r}, expected a place this user may write")
         return p
     parent = p.absolute().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{field}: got {value!r}, expected a place this user may write ({parent} is not writable)")
+        raise ConfigError(f"{field}: got {given!r}, expected a place this user may write ({parent} is not a "
+                          "writable folder)")
     return p
 
 
@@ -97,7 +99,7 @@ def storage_location(value: str | None, field: str) -> None:
     m = URI_SCHEME.match(value)
     if m and m.group(1) != "file":
         return
-    writable_path(value[len("file://"):] if m else value, field, folder=True)
+    writable_path(value[len("file://"):] if m else value, field, folder=True, shown=value)
 
 
 def tracking_location(uri: str | None, field: str = "--tracking-uri") -> None:
@@ -108,12 +110,12 @@ def tracking_location(uri: str | None, field: str = "--tracking-uri") -> None:
         path = uri[len("sqlite:///"):]
         if not path or path == ":memory:":
             return
-        writable_path(path, field, folder=False)
+        writable_path(path, field, folder=False, shown=uri)
         return
     m = URI_SCHEME.match(uri)
     if m and m.group(1) != "file":
         return
-    writable_path(uri[len("file://"):] if m else uri, field, folder=True)
+    writable_path(uri[len("file://"):] if m else uri, field, folder=True, shown=uri)
 
 
 # ---------------------------------------------------------------- train

@@ -29,6 +29,13 @@ NAME_EXPECTED = "1-64 letters, digits, '_', '.' or '-', starting with a letter o
 MAX_REPR = 80  # longest value repr quoted in a message
 
 
+# pydantic's wording -> ours
+WORDS = (("greater than or equal to", ">="), ("less than or equal to", "<="), ("greater than", ">"),
+         ("less than", "<"), ("a valid integer", "an int"), ("a valid number", "a number"),
+         ("a valid string", "a string"), ("a valid boolean", "true or false"), ("a valid list", "a list"),
+         ("a valid dictionary", "a mapping"))
+
+
 class ConfigError(ValueError):
     """Bad input: the message is one line naming the field, the value and what was expected."""
 
@@ -120,6 +127,8 @@ def one_line(err: ValidationError, prefix: str = "", model: Any = None) -> Confi
         msg = msg[len("Assertion failed, "):]
     else:
         msg = "expected " + msg[0].lower() + msg[1:]
+    for long, plain in WORDS:
+        msg = msg.replace(long, plain)
     if msg.startswith("got "):
         return ConfigError(f"{field}: {msg}")
     return ConfigError(f"{field}: got {short(e.get('input'))}, {msg}")
