@@ -12,9 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, NoReturn
 
-import yaml
-
-from metalearner.config import ConfigError, apply_overrides, load_run_config
+from metalearner.config import ConfigError
+from metalearner.inputs import OneLineParser, compare_inputs, data_inputs, sweep_inputs, train_inputs
 
 EXIT_BAD_INPUT = 2
 RUN_ID_FILE = "mlflow_run_id"  # in --checkpoint-dir: the MLflow run that --resume continues
@@ -25,42 +24,12 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_BAD_INPUT)
 
 
-def read_yaml(path: str, field: str) -> Any:
-    p = Path(path)
-    if not p.is_file():
-        fail(f"{field}: got {path!r}, expected an existing YAML file")
-    try:
-        return yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        fail(f"{field}: {path} is not valid YAML ({str(e).splitlines()[0]})")
-
-
 # ---------------------------------------------------------------- train
-
-
-def build_train_config(args: argparse.Namespace) -> dict[str, Any]:
-    raw: dict[str, Any] = {"task": {"name": args.task}, "train": {}, "controller": {"name": args.controller}}
-    if args.config:
-        loaded = read_yaml(args.config, "--config") or {}
-        if not isinstance(loaded, dict):
-            fail(f"--config: got {type(loaded).__name__}, expected a mapping of sections")
-        raw = {**raw, **loaded}
-        raw.setdefault("task", {}).setdefault("name", args.task)
-    if args.controller_spec:
-        spec = read_yaml(args.controller_spec, "--controller-spec")
-        if not isinstance(spec, dict):
-            fail(f"--controller-spec: got {spec!r}, expected a mapping with 'name' and settings")
-        raw["controller"] = dict(spec.get("controller", spec))
-    if args.steps is not None:
-        raw["train"]["steps"] = args.steps
-    if args.engine:
-        raw["train"]["engine"] = args.engine
-    return apply_overrides(raw, args.set)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     try:
-        cfg = load_run_config(build_train_config(args))
+        cfg = train_inputs(args)  # every input checked: exit 2 before anything starts
     except ConfigError as e:
         fail(str(e))
     if args.resume and not args.checkpoint_dir:
@@ -203,15 +172,12 @@ def print_summary(summary: Any, cfg: Any, uri: str | None, run_id: str | None,
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from metalearner.experiment import load_experiment
     from metalearner.tracking import resolve_tracking_uri, ui_command
 
     try:
-        spec = load_experiment(args.experiment, overrides=args.set, smoke=args.smoke_test)
+        spec = sweep_inputs(args)  # every input checked: exit 2 before Ray or MLflow starts
     except ConfigError as e:
         fail(str(e))
-    if args.num_cpus is not None and args.num_cpus < 1:
-        fail(f"--num-cpus: got {args.num_cpus}, expected an int >= 1")
     uri = resolve_tracking_uri(args.tracking_uri)
     from trainables.sweep import SweepRunner
 
@@ -243,6 +209,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from metalearner.report import export_best_controller, load_traces, write_report
     from metalearner.tracking import resolve_tracking_uri, ui_command
 
+    try:
+        compare_inputs(args)
+    except ConfigError as e:
+        fail(str(e))
     uri = resolve_tracking_uri(args.tracking_uri)
     try:
         report = write_report(uri, args.sweep, Path(args.out), log_to_mlflow=not args.no_log)
@@ -262,8 +232,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_data_speech(args: argparse.Namespace) -> int:
-    if args.n < 1:
-        fail(f"--n: got {args.n}, expected an int >= 1")
+    try:
+        data_inputs(args)
+    except ConfigError as e:
+        fail(str(e))
     from metalearner.tasks.speech_data import generate_speech_digits
 
     try:
@@ -279,7 +251,7 @@ def cmd_data_speech(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="metalearner",
         description="Meta-learn online controllers of a transformer's RoPE base and attention window.",
     )
@@ -287,12 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="one controlled training run, traced in MLflow",
                        description="Train one model with an online controller; every step is traced in MLflow.")
-    t.add_argument("--task", default="text", help="recall | text | speech (default: text)")
-    t.add_argument("--controller", default="ewma", help="static | schedule | ewma | plateau (default: ewma)")
+    t.add_argument("--task", help="recall | text | speech (default: text)")
+    t.add_argument("--controller", help="static | schedule | ewma | plateau (default: ewma)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: train.steps = 300)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field with a dotted key, e.g. controller.factor=1.01 (repeatable)")
-    t.add_argument("--config", help="YAML file with task/model/train/controller sections")
+    t.add_argument("--config", help="YAML file with task/model/train/controller sections; --controller-spec, "
+                   "--steps, --engine and --set override its values (--task/--controller must agree with it)")
     t.add_argument("--controller-spec", help="YAML controller spec (e.g. exported by 'metalearner compare')")
     t.add_argument("--engine", choices=["torch", "hf"], default=None,
                    help="training engine: our PyTorch loop (default) or the Hugging Face Trainer")
@@ -346,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
 
     set_defaults(HF_OFFLINE)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except ConfigError as e:
+        fail(str(e))
     return args.func(args) or 0
 
 

@@ -2,30 +2,83 @@
 
 A run config has four sections — ``task``, ``model``, ``train``, ``controller`` — written as
 nested dicts (YAML, ``--set`` overrides, Ray trial configs) and flattened with dots for
-MLflow params (``controller.factor``, ``model.d_model``, ...). Every error is a
-`ConfigError` whose message is one line naming the field, the value and what was expected.
+MLflow params (``controller.factor``, ``model.d_model``, ...). Validation runs on strict
+pydantic models (`metalearner.schema`); every error is a `ConfigError` whose message is
+one line naming the field, the value and what was expected.
 
-Must not import ray or mlflow.
+Sizes are bounded so that a typo cannot ask for a model or a batch that no machine holds
+(`MAX_TOKENS_PER_BATCH`, `MAX_PARAMS`, the ``le=`` limits below); raise them here if you
+really mean to train something that large.
+
+A setting the run would not honour is an error, not a silent change: a model key that
+the task dictates (``model.vocab_size`` of the text task, ...), ``train.seq_len`` for the
+speech task, or a ``controller.min_window`` above the model's sequence length.
+
+Must not import ray, mlflow or torch.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-import types
-import typing
+import importlib.util
+import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import Field
 
-from metalearner.controllers import CONTROLLERS, build_controller, controller_params
+from metalearner.controllers import BOUND_PARAMS, CONTROLLERS, build_controller, controller_params
 from metalearner.knobs import Knobs
+from metalearner.schema import ConfigError, checker, load_dataclass, short
 
+__all__ = ["ConfigError", "RunConfig", "TrainConfig", "load_run_config", "apply_overrides", "flatten",
+           "parse_override", "set_dotted", "read_yaml"]
 
-class ConfigError(ValueError):
-    """Bad configuration: the message names the field, the value and what was expected."""
+# ---------------------------------------------------------------- size limits
+
+MAX_STEPS = 10_000_000
+MAX_BATCH_SIZE = 4096
+MAX_SEQ_LEN = 65_536
+MAX_TOKENS_PER_BATCH = 2**20  # train.batch_size * train.seq_len
+MAX_PARAMS = 2_000_000_000  # estimated model parameters
+MAX_YAML_BYTES = 1_000_000  # a spec or config file
+
+Pos = Annotated[int, Field(ge=1)]
+Count = Annotated[int, Field(ge=0)]
+
+# ModelConfig fields bounded beyond the model's own checks (sizes that fit in memory)
+MODEL_LIMITS: dict[str, Any] = {
+    "vocab_size": Field(le=2**20),
+    "d_model": Field(le=8192),
+    "n_layers": Field(le=128),
+    "n_heads": Field(le=256),
+    "n_global_heads": Field(ge=0, le=256),
+    "max_seq_len": Field(le=MAX_SEQ_LEN),
+    "mlp_ratio": Field(le=16),
+    "n_mels": Field(le=512),
+    "n_decoder_layers": Field(le=128),
+    "max_source_frames": Field(le=MAX_SEQ_LEN),
+    "window": Field(ge=1, le=2**20),
+    "rope_base": Field(gt=1, le=1e12),
+    "dropout": Field(ge=0, lt=1),
+}
+
+# ModelConfig keys each task sets from its data (train.resolve_model_config): the user
+# may not set them, since the task would replace them
+TASK_MODEL_KEYS: dict[str, tuple[str, ...]] = {
+    "recall": ("arch", "vocab_size"),
+    "text": ("arch", "vocab_size"),
+    "speech": ("arch", "vocab_size", "n_mels", "max_seq_len", "max_source_frames"),
+}
+
+# optional dependencies: (what needs them, pip extra, import names)
+EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "train.engine='hf'": ("hf", ("transformers", "accelerate", "datasets")),
+    "task.name='speech'": ("speech", ("datasets", "soundfile", "soxr")),
+}
 
 
 # ---------------------------------------------------------------- sections
@@ -33,30 +86,28 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 50
-    eval_batches: int = 4
-    seed: int = 0
-    threads: int = 0
+    steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 300
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)] = 16
+    seq_len: Annotated[int, Field(ge=1, le=MAX_SEQ_LEN)] = 128
+    lr: Annotated[float, Field(gt=0, le=10)] = 3e-3
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
+    warmup_steps: Annotated[int, Field(ge=0, le=MAX_STEPS)] = 20
+    weight_decay: Annotated[float, Field(ge=0, le=10)] = 0.1
+    grad_clip: Annotated[float, Field(ge=0, le=1e6)] = 1.0
+    eval_every: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 50
+    eval_batches: Annotated[int, Field(ge=1, le=10_000)] = 4
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
+    threads: Annotated[int, Field(ge=0, le=1024)] = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     engine: Literal["torch", "hf"] = "torch"
-    report_every: int = 25
-    checkpoint_every: int = 0
+    report_every: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 25
+    checkpoint_every: Annotated[int, Field(ge=0, le=MAX_STEPS)] = 0
 
     def validate(self) -> None:
-        _positive(self, "steps", "batch_size", "seq_len", "eval_every", "eval_batches", "report_every")
-        _nonneg(self, "warmup_steps", "weight_decay", "grad_clip", "threads", "checkpoint_every", "seed")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr: got {self.lr!r}, expected a float > 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"min_lr_ratio: got {self.min_lr_ratio!r}, expected a float in [0, 1]")
+        tokens = self.batch_size * self.seq_len
+        if tokens > MAX_TOKENS_PER_BATCH:
+            raise ConfigError(f"batch_size: got {self.batch_size} with seq_len {self.seq_len} ({tokens} tokens "
+                              f"per batch), expected at most {MAX_TOKENS_PER_BATCH} tokens per batch")
 
 
 @dataclass
@@ -76,10 +127,13 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The nested dict form (round-trips through `RunConfig.from_dict`)."""
+        train = dataclasses.asdict(self.train)
+        if self.task.name == "speech":
+            del train["seq_len"]  # the speech task takes it from task.max_text_len
         return {
             "task": dataclasses.asdict(self.task),
             "model": {"preset": self.model.preset, **self.model.overrides},
-            "train": dataclasses.asdict(self.train),
+            "train": train,
             "controller": dict(self.controller),
         }
 
@@ -94,143 +148,77 @@ class RunConfig:
 # ---------------------------------------------------------------- loading
 
 
-def _positive(obj: Any, *names: str) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        if v <= 0:
-            raise ConfigError(f"{n}: got {v!r}, expected a value > 0")
-
-
-def _nonneg(obj: Any, *names: str) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        if v < 0:
-            raise ConfigError(f"{n}: got {v!r}, expected a value >= 0")
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {int: "an int", float: "a float", str: "a string", bool: "true/false",
-            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def coerce(tp: Any, value: Any, name: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (int, float, str, bool, Literal,
-    Optional, list); ints pass as floats, a comma-separated string passes as a list."""
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"{name}: got {value!r}, expected {_type_name(tp)}")
-    if tp is Any:
-        return value
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise bad
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return coerce(arg, value, name)
-            except ConfigError:
-                continue
-        raise bad
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        (arg,) = typing.get_args(tp)
-        return [coerce(arg, v, name) for v in value]
-    if tp is type(None):
-        if value is None:
-            return None
-        raise bad
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    return value
-
-
-def load_dataclass(cls: type, data: dict[str, Any] | None, prefix: str) -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys and bad values raise ConfigError
-    named ``prefix + key``. Runs ``validate()`` (if any), prefixing its field names."""
-    data = dict(data or {})
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.')}: got {data!r}, expected a mapping")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            raise ConfigError(f"{prefix}{key}: unknown key; expected one of {sorted(names)}")
-    kwargs = {k: coerce(hints[k], v, prefix + k) for k, v in data.items()}
-    try:
-        obj = cls(**kwargs)
-        if hasattr(obj, "validate"):
-            obj.validate()
-    except ConfigError as e:
-        raise ConfigError(prefix + str(e)) from None
-    except ValueError as e:
-        raise ConfigError(prefix + str(e)) from None
-    return obj
+def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: got {short(value)}, expected a mapping of {key} settings")
+    return dict(value)
 
 
 def _load_task(data: dict[str, Any]) -> Any:
     from metalearner.tasks import TASKS
 
-    data = dict(data or {})
     name = data.get("name", "text")
-    if name not in TASKS:
-        raise ConfigError(f"task.name: got {name!r}, expected one of {sorted(TASKS)}")
+    if not isinstance(name, str) or name not in TASKS:
+        raise ConfigError(f"task.name: got {short(name)}, expected one of {sorted(TASKS)}")
     return load_dataclass(TASKS[name].config_cls, data, "task.")
 
 
-def _load_model(data: dict[str, Any]) -> ModelSection:
-    from metalearner.model import PRESETS, ModelConfig
+_MODEL_CHECKER: Any = None
 
-    data = dict(data or {})
+
+def _model_checker() -> Any:
+    global _MODEL_CHECKER
+    if _MODEL_CHECKER is None:
+        from metalearner.model import ModelConfig
+
+        _MODEL_CHECKER = checker(ModelConfig, MODEL_LIMITS)
+    return _MODEL_CHECKER
+
+
+def _load_model(data: dict[str, Any], task: str) -> ModelSection:
+    from metalearner.model import PRESETS
+    from metalearner.schema import validate
+
     preset = data.pop("preset", "small")
-    if preset not in PRESETS:
-        raise ConfigError(f"model.preset: got {preset!r}, expected one of {sorted(PRESETS)}")
-    hints = typing.get_type_hints(ModelConfig)
-    for key, value in data.items():
-        if key not in hints:
-            raise ConfigError(f"model.{key}: unknown key; expected one of {sorted(['preset', *hints])}")
-        data[key] = coerce(hints[key], value, "model." + key)
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ConfigError(f"model.preset: got {short(preset)}, expected one of {sorted(PRESETS)}")
+    checked = validate(_model_checker(), data, "model.")
+    overrides = {k: getattr(checked, k) for k in data}
+    for key in TASK_MODEL_KEYS.get(task, ()):
+        if key in overrides:
+            raise ConfigError(f"model.{key}: got {short(overrides[key])}, expected it unset: the {task} task "
+                              f"sets {key} from its data (the run would not use your value)")
     try:
-        PRESETS[preset](**data).validate()
+        mc = PRESETS[preset](**overrides).validate()
     except ValueError as e:
         raise ConfigError(f"model.{e}") from None
-    return ModelSection(preset=preset, overrides=data)
+    params = _param_estimate(mc)
+    if params > MAX_PARAMS:
+        raise ConfigError(f"model.d_model: got {mc.d_model} with n_layers {mc.n_layers} and vocab_size "
+                          f"{mc.vocab_size} (about {params:.3g} parameters), expected at most {MAX_PARAMS:.3g}")
+    return ModelSection(preset=preset, overrides=overrides)
+
+
+def _param_estimate(mc: Any) -> int:
+    """Parameters of a model of ``mc``, roughly: blocks plus the embedding."""
+    blocks = mc.n_layers + (mc.decoder_layers if mc.arch == "encoder_decoder" else 0)
+    return int(blocks * (4 + 2 * mc.mlp_ratio) * mc.d_model**2 + mc.vocab_size * mc.d_model)
 
 
 def _load_controller(data: dict[str, Any]) -> dict[str, Any]:
-    data = dict(data or {})
     name = data.get("name", "ewma")
-    if name not in CONTROLLERS:
-        raise ConfigError(f"controller.name: got {name!r}, expected one of {sorted(CONTROLLERS)}")
+    if not isinstance(name, str) or name not in CONTROLLERS:
+        raise ConfigError(f"controller.name: got {short(name)}, expected one of {sorted(CONTROLLERS)}")
     settings = {k: v for k, v in data.items() if k != "name"}
+    known = controller_params(name)
+    for key in settings:
+        if key not in known:
+            raise ConfigError(f"controller.{key}: unknown parameter for controller '{name}'; "
+                              f"expected one of {sorted(known)}")
     try:
         build_controller(name, init=Knobs(rope_base=10_000.0, window=1), **settings)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise ConfigError(f"controller.{e}") from None
     return {"name": name, **settings}
 
@@ -238,19 +226,22 @@ def _load_controller(data: dict[str, Any]) -> dict[str, Any]:
 SECTIONS = ("task", "model", "train", "controller")
 
 
-def load_run_config(data: dict[str, Any]) -> RunConfig:
+def load_run_config(data: Any) -> RunConfig:
     """Validate a nested config dict into a `RunConfig` (raises `ConfigError`)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"config: got {type(data).__name__}, expected a mapping")
+        raise ConfigError(f"config: got {short(data)}, expected a mapping with sections {list(SECTIONS)}")
     for key in data:
         if key not in SECTIONS:
             raise ConfigError(f"{key}: unknown section; expected one of {list(SECTIONS)}")
-    cfg = RunConfig(
-        task=_load_task(data.get("task")),
-        model=_load_model(data.get("model")),
-        train=load_dataclass(TrainConfig, data.get("train"), "train."),
-        controller=_load_controller(data.get("controller")),
-    )
+    sections = {key: _section(data, key) for key in SECTIONS}
+    task = _load_task(sections["task"])
+    train = load_dataclass(TrainConfig, sections["train"], "train.")
+    if task.name == "speech" and "seq_len" in sections["train"]:
+        raise ConfigError(f"train.seq_len: got {short(sections['train']['seq_len'])}, expected it unset: the speech "
+                          "task takes its sequence length from task.max_text_len")
+    cfg = RunConfig(task=task, model=_load_model(sections["model"], task.name), train=train,
+                    controller=_load_controller(sections["controller"]))
+    _check_window_bounds(cfg)
     if hasattr(cfg.task, "check_files"):
         try:
             cfg.task.check_files()
@@ -259,36 +250,132 @@ def load_run_config(data: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def _check_window_bounds(cfg: RunConfig) -> None:
+    """``controller.min_window`` must fit the model's sequence length (the train loop caps
+    ``max_window`` there, as DESIGN.md says; it never lowers ``min_window``)."""
+    if cfg.task.name == "speech":
+        return  # the sequence lengths come from the data; train.make_controller checks
+    seq = cfg.model.overrides.get("max_seq_len", cfg.train.seq_len)
+    lo = cfg.controller.get("min_window", BOUND_PARAMS["min_window"].default)
+    if lo > seq:
+        raise ConfigError(f"controller.min_window: got {lo}, expected at most the model's sequence length "
+                          f"({seq}, from {'model.max_seq_len' if 'max_seq_len' in cfg.model.overrides else 'train.seq_len'})")
+
+
+def missing_extras(cfg: RunConfig) -> ConfigError | None:
+    """The optional packages this run needs but cannot import, as the error to show."""
+    needs = []
+    if cfg.train.engine == "hf":
+        needs.append("train.engine='hf'")
+    if cfg.task.name == "speech":
+        needs.append("task.name='speech'")
+    return probe(needs)
+
+
+def probe(needs: list[str], table: dict[str, tuple[str, tuple[str, ...]]] | None = None) -> ConfigError | None:
+    """Check that the packages behind each of ``needs`` (keys of ``table``, default
+    `EXTRAS`) import; the first missing one becomes an error naming the pip extra."""
+    table = table or EXTRAS
+    for what in needs:
+        extra, modules = table[what]
+        for mod in modules:
+            if importlib.util.find_spec(mod) is None:
+                field, value = what.split("=", 1)
+                return ConfigError(f"{field}: got {value}, which needs the package {mod!r} (not installed); "
+                                   f"expected it installed: pip install 'metalearner[{extra}]'")
+    return None
+
+
+def read_yaml(path: str | Path, field: str) -> Any:
+    """Read a YAML file given as input ``field``; every failure is a `ConfigError`:
+    missing, unreadable, too large, not UTF-8 or not YAML."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{field}: got {str(path)!r}, expected an existing YAML file")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{field}: got {str(path)!r}, expected a readable file ({e.strerror})") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"{field}: got {str(path)!r} of {len(raw)} bytes, expected at most {MAX_YAML_BYTES}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{field}: got {str(path)!r}, expected UTF-8 text (byte {raw[e.start]:#04x} at "
+                          f"offset {e.start} is not)") from None
+    return parse_yaml(text, f"{field}: {path}")
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)``; any failure is a one-line `ConfigError` after ``where``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML ({_first_line(e)})") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:  # e.g. a date like 2024-02-30
+        raise ConfigError(f"{where} holds a value YAML cannot build ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return " ".join(lines)[:200] or type(e).__name__
+
+
 # ---------------------------------------------------------------- overrides and flattening
 
 
+KEY_PART = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*)(?:\[(\d+)\])?$")
+
+
 def parse_override(item: str) -> tuple[str, Any]:
-    """``"train.steps=100"`` -> ``("train.steps", 100)``; values parse as YAML scalars."""
+    """``"train.steps=100"`` -> ``("train.steps", 100)``; values parse as YAML scalars
+    (a value that is not YAML stays a string)."""
+    bad = ConfigError(f"--set: got {item!r}, expected key=value (e.g. train.steps=100)")
     if "=" not in item:
-        raise ConfigError(f"--set: got {item!r}, expected key=value (e.g. train.steps=100)")
+        raise bad
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"--set: got {item!r}, expected key=value (e.g. train.steps=100)")
+        raise bad
+    for part in key.split("."):
+        if not KEY_PART.match(part):
+            raise ConfigError(f"--set: got key {key!r}, expected dotted names like train.steps or arms[1].name")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except Exception:  # noqa: BLE001 - anything YAML cannot read is the literal string
         value = raw
     return key, value
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``data["a"]["b"] = value`` for ``key="a.b"`` (creating mappings on the way)."""
+    """Set ``data["a"]["b"] = value`` for ``key="a.b"`` (creating mappings on the way);
+    ``arms[1].name`` indexes an existing list."""
     parts = key.split(".")
-    node = data
-    for i, p in enumerate(parts[:-1]):
-        nxt = node.get(p)
-        if nxt is None:
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{'.'.join(parts[:i + 1])}: got {nxt!r}, cannot set {key} inside it")
-        node = nxt
-    node[parts[-1]] = value
+    node: Any = data
+    for i, part in enumerate(parts):
+        m = KEY_PART.match(part)
+        name, index = (m.group(1), m.group(2)) if m else (part, None)
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(parts[:i]) or key}: got {short(node)}, cannot set {key} inside it")
+        if index is None:
+            if last:
+                node[name] = value
+                return
+            nxt = node.get(name)
+            if nxt is None:
+                nxt = node[name] = {}
+            node = nxt
+            continue
+        seq = node.get(name)
+        if not isinstance(seq, list) or not int(index) < len(seq):
+            n = len(seq) if isinstance(seq, list) else 0
+            raise ConfigError(f"{where}: got index {index}, expected an index below {n} (the length of {name})")
+        if last:
+            seq[int(index)] = value
+            return
+        node = seq[int(index)]
 
 
 def apply_overrides(data: dict[str, Any], items: list[str]) -> dict[str, Any]:
@@ -310,14 +397,3 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in flat.items():
-        set_dotted(out, k, v)
-    return out
-
-
-def controller_keys(name: str) -> list[str]:
-    return ["name", *controller_params(name)]

@@ -7,7 +7,11 @@ Without ``arms``, the top-level ``controller`` (+ ``search``) is the single arm.
 
 Search-space domains map one to one onto Ray Tune's (``grid``, ``choice``, ``uniform``,
 ``loguniform``, ``randint``); the mapping itself lives in `trainables` (only it imports
-ray). Every error is a `ConfigError`: one line naming the field. Must not import ray.
+ray). Every value a domain can yield — both ends of a range included, since PBT's explore
+step clamps mutated values onto them — must make a valid run config.
+
+Validation runs on strict pydantic models (`metalearner.schema`); every error is a
+`ConfigError`: one line naming the field. Must not import ray.
 """
 
 from __future__ import annotations
@@ -16,71 +20,65 @@ import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, field_validator, model_validator
 
 from metalearner.config import (
     ConfigError,
     RunConfig,
     apply_overrides,
-    load_dataclass,
     load_run_config,
+    missing_extras,
+    probe,
+    read_yaml,
     set_dotted,
 )
+from metalearner.schema import STRICT, SafeName, check_name, load_dataclass, short, validate
 
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 SEARCHERS = ("random", "optuna", "hyperopt")
 SCHEDULERS = ("fifo", "asha", "pbt", "pb2")
-TOP_KEYS = ("name", "description", "task", "model", "train", "controller", "search", "arms", "seeds",
-            "resources", "metric", "mode", "stop", "smoke", "seed")
+MAX_SEEDS = 1000
+MAX_SAMPLES = 10_000
+
+# what a trial reports that a sweep may rank on, and the direction that is better
+METRIC_MODES: dict[str, str] = {"val_loss": "min", "loss": "min"}
+TASK_METRIC_MODES: dict[str, dict[str, str]] = {"recall": {"recall_acc": "max"}, "speech": {"cer": "min"},
+                                               "text": {}}
+
+# optional dependencies of searchers and schedulers: (spec field=value, pip extra, imports)
+SEARCH_EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "search.searcher='hyperopt'": ("hyperopt", ("hyperopt",)),
+    "search.scheduler.name='pb2'": ("pb2", ("sklearn",)),  # Ray's PB2 fits its GP with scikit-learn
+}
 
 
 @dataclass
 class Resources:
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    max_concurrent: int = 0  # 0 = as many as the resources allow
-
-    def validate(self) -> None:
-        if self.cpus_per_trial <= 0:
-            raise ConfigError(f"cpus_per_trial: got {self.cpus_per_trial!r}, expected a number > 0")
-        if self.gpus_per_trial < 0:
-            raise ConfigError(f"gpus_per_trial: got {self.gpus_per_trial!r}, expected a number >= 0")
-        if self.max_concurrent < 0:
-            raise ConfigError(f"max_concurrent: got {self.max_concurrent!r}, expected an int >= 0")
+    cpus_per_trial: Annotated[float, Field(gt=0, le=1024)] = 1.0
+    gpus_per_trial: Annotated[float, Field(ge=0, le=64)] = 0.0
+    max_concurrent: Annotated[int, Field(ge=0, le=MAX_SAMPLES)] = 0  # 0 = as many as the resources allow
 
 
 @dataclass
 class Scheduler:
-    name: str = "fifo"
-    grace_period: int = 0  # asha: steps before the first cut (0 = two reports)
-    reduction_factor: float = 2.0  # asha
-    perturbation_interval: int = 0  # pbt/pb2: steps between perturbations (0 = 4 reports)
-    quantile_fraction: float = 0.25  # pbt/pb2
-    resample_probability: float = 0.25  # pbt
+    name: Literal["fifo", "asha", "pbt", "pb2"] = "fifo"
+    grace_period: Annotated[int, Field(ge=0)] = 0  # asha: steps before the first cut (0 = two reports)
+    reduction_factor: Annotated[float, Field(gt=1, le=100)] = 2.0  # asha
+    perturbation_interval: Annotated[int, Field(ge=0)] = 0  # pbt/pb2: steps between perturbations (0 = 4 reports)
+    quantile_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.25  # pbt/pb2
+    resample_probability: Annotated[float, Field(ge=0, le=1)] = 0.25  # pbt
     synch: bool = True  # pbt: perturb all trials at the same step
-
-    def validate(self) -> None:
-        if self.name not in SCHEDULERS:
-            raise ConfigError(f"name: got {self.name!r}, expected one of {list(SCHEDULERS)}")
-        if self.grace_period < 0 or self.perturbation_interval < 0:
-            raise ConfigError("grace_period/perturbation_interval: expected an int >= 0")
-        if self.reduction_factor <= 1:
-            raise ConfigError(f"reduction_factor: got {self.reduction_factor!r}, expected > 1")
-        if not 0 < self.quantile_fraction <= 0.5:
-            raise ConfigError(f"quantile_fraction: got {self.quantile_fraction!r}, expected in (0, 0.5]")
-        if not 0 <= self.resample_probability <= 1:
-            raise ConfigError(f"resample_probability: got {self.resample_probability!r}, expected in [0, 1]")
 
 
 @dataclass
 class Search:
     space: dict[str, Any] = field(default_factory=dict)
-    searcher: str = "random"
+    searcher: Literal["random", "optuna", "hyperopt"] = "random"
     scheduler: Scheduler = field(default_factory=Scheduler)
-    num_samples: int = 4
-    seed: int = 1000  # the tuning seed: kept apart from the comparison seeds
+    num_samples: Annotated[int, Field(ge=1, le=MAX_SAMPLES)] = 4
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 1000  # the tuning seed: kept apart from the comparison seeds
     confirm: bool = True  # re-train the best configuration on every comparison seed
 
     @property
@@ -118,184 +116,275 @@ class ExperimentSpec:
         return cfg
 
 
+# ---------------------------------------------------------------- input models
+
+Mapping = dict[str, Any]
+
+
+def _scalar(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    raise ValueError("expected a finite number, a string, true/false or null")
+
+
+def _count_to_seeds(value: Any) -> Any:
+    """``seeds: 3`` means ``[0, 1, 2]``."""
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SEEDS:
+        return list(range(value))
+    return value
+
+
+Scalar = Annotated[Any, AfterValidator(_scalar)]
+Number = Annotated[float, Field(allow_inf_nan=False)]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
+class Stop(BaseModel):
+    model_config = STRICT
+    time_budget_s: Annotated[float, Field(ge=0, le=10**7)] = 0.0
+
+
+class SpecFile(BaseModel):
+    """The top level of a spec file (the sections are checked by their own loaders)."""
+
+    model_config = STRICT
+    name: SafeName | None = None
+    description: str = ""
+    task: Mapping | None = None
+    model: Mapping | None = None
+    train: Mapping | None = None
+    controller: Mapping | None = None
+    search: Mapping | None = None
+    arms: Annotated[list[Any], Field(min_length=1, max_length=100)] | None = None
+    seeds: Annotated[list[Seed], BeforeValidator(_count_to_seeds), Field(min_length=1, max_length=MAX_SEEDS)] = [0]
+    resources: Mapping | None = None
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    stop: Stop | None = None
+    smoke: Mapping | None = None
+    seed: Seed = 0
+
+    @field_validator("task", "model", "train", "controller", "search", "arms", "resources", "stop", "smoke",
+                     mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("expected a mapping (or leave the key out)")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("expected distinct seeds")
+        return seeds
+
+
+class ArmInput(BaseModel):
+    model_config = STRICT
+    name: SafeName | None = None
+    controller: Mapping | None = None
+    search: Mapping | None = None
+
+
+class Domain(BaseModel):
+    """One search-space entry: exactly one of its fields."""
+
+    model_config = STRICT
+    grid: Annotated[list[Scalar], Field(min_length=1, max_length=1000)] | None = None
+    choice: Annotated[list[Scalar], Field(min_length=1, max_length=1000)] | None = None
+    uniform: Annotated[list[Number], Field(min_length=2, max_length=2)] | None = None
+    loguniform: Annotated[list[Number], Field(min_length=2, max_length=2)] | None = None
+    randint: Annotated[list[int], Field(min_length=2, max_length=2)] | None = None
+
+    @model_validator(mode="after")
+    def _one_range(self) -> Domain:
+        given = [k for k in DOMAINS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"got {given or 'no domain'}, expected exactly one of {list(DOMAINS)}")
+        kind = given[0]
+        args = getattr(self, kind)
+        for v in args:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"got {v!r} in {kind}, expected finite values")
+        if kind in ("uniform", "loguniform", "randint"):
+            lo, hi = args
+            if not lo < hi:
+                raise ValueError(f"got {kind} [{lo}, {hi}], expected low < high (an empty or reversed range)")
+            if kind == "loguniform" and lo <= 0:
+                raise ValueError(f"got loguniform [{lo}, {hi}], expected low > 0 for a log scale")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DOMAINS if getattr(self, k) is not None)
+
+    def ends(self) -> list[Any]:
+        """Every value a choice can yield, or both ends of a range (randint: high exclusive)."""
+        args = getattr(self, self.kind)
+        if self.kind in ("grid", "choice"):
+            return list(args)
+        if self.kind == "randint":
+            return [args[0], args[1] - 1]
+        return [float(args[0]), float(args[1])]
+
+    def middle(self) -> Any:
+        """A representative value (the first choice, or the middle of a range)."""
+        args = getattr(self, self.kind)
+        if self.kind in ("grid", "choice"):
+            return args[0]
+        lo, hi = args
+        if self.kind == "randint":
+            return int(lo)
+        return math.sqrt(lo * hi) if self.kind == "loguniform" else (lo + hi) / 2
+
+
 # ---------------------------------------------------------------- parsing
 
 
-def _domain(key: str, spec: Any) -> None:
-    """Validate one search-space entry ``{kind: args}``."""
-    if not isinstance(spec, dict) or len(spec) != 1:
-        raise ConfigError(f"search.space.{key}: got {spec!r}, expected one of {{{', '.join(DOMAINS)}: ...}}")
-    (kind, args), = spec.items()
-    where = f"search.space.{key}.{kind}"
-    if kind not in DOMAINS:
-        raise ConfigError(f"search.space.{key}: got domain {kind!r}, expected one of {list(DOMAINS)}")
-    if kind in ("grid", "choice"):
-        if not isinstance(args, list) or not args:
-            raise ConfigError(f"{where}: got {args!r}, expected a non-empty list of values")
-        values = args
-    else:
-        if (not isinstance(args, list) or len(args) != 2
-                or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)):
-            raise ConfigError(f"{where}: got {args!r}, expected [low, high]")
-        lo, hi = args
-        if not lo < hi:
-            raise ConfigError(f"{where}: got [{lo}, {hi}], expected low < high (an empty or reversed range)")
-        if kind == "loguniform" and lo <= 0:
-            raise ConfigError(f"{where}: got [{lo}, {hi}], expected low > 0 for a log scale")
-        if kind == "randint" and not (float(lo).is_integer() and float(hi).is_integer()):
-            raise ConfigError(f"{where}: got [{lo}, {hi}], expected integer bounds")
-        values = [lo, hi] if kind != "randint" else [lo, hi - 1]
-    # the values a domain can yield must make valid controller settings
-    name = key.split(".")[-1]
-    if not key.startswith("controller."):
-        return
-    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if name in ("factor", "base_factor", "window_factor") and any(v <= 1 for v in nums):
-        raise ConfigError(f"{where}: got {args!r} for {key}, expected values above 1 (a factor must be > 1)")
-    if name == "beta" and any(not 0 <= v < 1 for v in nums):
-        if not (kind == "uniform" and 0 <= values[0] and values[1] <= 1):
-            raise ConfigError(f"{where}: got {args!r} for {key}, expected values in [0, 1)")
-    if name == "threshold" and any(v < 0 for v in nums):
-        raise ConfigError(f"{where}: got {args!r} for {key}, expected values >= 0")
-
-
-def sample_point(space: dict[str, Any]) -> dict[str, Any]:
-    """A representative point of the space (the low end), to validate the configs it yields."""
-    out = {}
-    for key, spec in space.items():
-        (kind, args), = spec.items()
-        if kind in ("grid", "choice"):
-            out[key] = args[0]
-        elif kind == "randint":
-            out[key] = int(args[0])
-        else:
-            lo, hi = args
-            out[key] = math.sqrt(lo * hi) if kind == "loguniform" else (lo + hi) / 2
-    return out
-
-
-def _load_search(data: Any, where: str) -> Search:
+def _load_search(data: Any, where: str) -> tuple[Search, dict[str, Domain]]:
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: got {data!r}, expected a mapping")
+        raise ConfigError(f"{where}: got {short(data)}, expected a mapping")
     data = dict(data)
     sched = data.pop("scheduler", {"name": "fifo"})
     if isinstance(sched, str):
         sched = {"name": sched}
     scheduler = load_dataclass(Scheduler, sched, f"{where}.scheduler.")
+    space = data.pop("space", None)
     search = load_dataclass(Search, data, f"{where}.")
     search.scheduler = scheduler
-    if search.searcher not in SEARCHERS:
-        raise ConfigError(f"{where}.searcher: got {search.searcher!r}, expected one of {list(SEARCHERS)}")
-    if search.num_samples < 1:
-        raise ConfigError(f"{where}.num_samples: got {search.num_samples}, expected an int >= 1")
-    if not search.space:
-        raise ConfigError(f"{where}.space: got an empty space, expected at least one key to tune")
-    for key, spec in search.space.items():
-        _domain(key, spec)
-        if not key.startswith(("controller.", "train.", "model.")):
+    if not isinstance(space, dict) or not space:
+        raise ConfigError(f"{where}.space: got {short(space)}, expected a mapping of at least one key to a domain")
+    domains: dict[str, Domain] = {}
+    for key, spec in space.items():
+        if not isinstance(key, str) or not key.startswith(("controller.", "train.", "model.")):
             raise ConfigError(f"{where}.space.{key}: expected a key under controller., train. or model.")
+        if key == "train.seed":
+            raise ConfigError(f"{where}.space.train.seed: got a search over it, expected none: the tuning "
+                              f"seed is {where}.seed and the comparison seeds are 'seeds'")
+        domains[key] = validate(Domain, spec, f"{where}.space.{key}.")
+    search.space = {key: {d.kind: getattr(d, d.kind)} for key, d in domains.items()}
+    kinds = {d.kind for d in domains.values()}
     if search.population_based:
         if search.searcher != "random":
             raise ConfigError(
                 f"{where}.searcher: got {search.searcher!r} with scheduler {scheduler.name!r}, expected "
                 "'random' (Ray cannot combine a search algorithm with PBT/PB2)"
             )
-        if any(next(iter(s)) == "grid" for s in search.space.values()):
-            raise ConfigError(f"{where}.space: 'grid' cannot be mutated by {scheduler.name}; use choice/uniform")
-        if scheduler.name == "pb2" and any(next(iter(s)) not in ("uniform", "loguniform", "randint")
-                                           for s in search.space.values()):
-            raise ConfigError(f"{where}.space: pb2 needs continuous ranges (uniform/loguniform/randint)")
-    if search.searcher in ("optuna", "hyperopt") and any(next(iter(s)) == "grid" for s in search.space.values()):
-        raise ConfigError(f"{where}.space: 'grid' works with searcher 'random' only; use choice")
-    return search
+        if "grid" in kinds:
+            raise ConfigError(f"{where}.space: got a 'grid', expected choice/uniform: {scheduler.name} cannot mutate a grid")
+        if scheduler.name == "pb2" and kinds - {"uniform", "loguniform", "randint"}:
+            raise ConfigError(f"{where}.space: got {sorted(kinds)}, expected continuous ranges "
+                              "(uniform/loguniform/randint) for pb2")
+    if search.searcher in ("optuna", "hyperopt") and "grid" in kinds:
+        raise ConfigError(f"{where}.space: got a 'grid' with searcher {search.searcher!r}, expected choice "
+                          "('grid' works with searcher 'random' only)")
+    return search, domains
+
+
+def _check_space(cfg: dict[str, Any], domains: dict[str, Domain], where: str) -> RunConfig:
+    """Validate the run configs a search space yields: the base alone, then each key at
+    its middle and at every choice or both ends of its range (PBT's explore step clamps
+    onto the ends), then all keys at their middles together."""
+    load_run_config(cfg)
+    for key, dom in domains.items():
+        for value in [dom.middle(), *dom.ends()]:
+            one = copy.deepcopy(cfg)
+            set_dotted(one, key, value)
+            try:
+                load_run_config(one)
+            except ConfigError as e:
+                raise ConfigError(f"{where}.space.{key}: got {short({dom.kind: getattr(dom, dom.kind)})}, which "
+                                  f"can yield {value!r} (PBT clamps onto the ends of a range), and then {e}") from None
+    middle = copy.deepcopy(cfg)
+    for key, dom in domains.items():
+        set_dotted(middle, key, dom.middle())
+    try:
+        return load_run_config(middle)
+    except ConfigError as e:
+        raise ConfigError(f"{where}.space: its middle point is not a valid config: {e}") from None
+
+
+def _check_cell(cfg: RunConfig, spec: SpecFile) -> None:
+    """Rules of a sweep cell beyond the run config: cadence and the metric."""
+    t = cfg.train
+    if t.checkpoint_every and t.checkpoint_every % t.report_every:
+        raise ConfigError(f"train.checkpoint_every: got {t.checkpoint_every}, expected a multiple of "
+                          f"train.report_every ({t.report_every}): a trial checkpoints when it reports")
+    modes = {**METRIC_MODES, **TASK_METRIC_MODES.get(cfg.task.name, {})}
+    if spec.metric not in modes:
+        raise ConfigError(f"metric: got {spec.metric!r}, expected one that a {cfg.task.name} trial reports: "
+                          f"{sorted(modes)}")
+    if spec.mode != modes[spec.metric]:
+        raise ConfigError(f"mode: got {spec.mode!r}, expected {modes[spec.metric]!r} for metric {spec.metric!r}")
 
 
 def parse_experiment(data: Any, source: str = "<spec>") -> ExperimentSpec:
     """Validate a loaded YAML spec (overrides already applied)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"experiment: got {type(data).__name__}, expected a mapping")
-    for key in data:
-        if key not in TOP_KEYS:
-            raise ConfigError(f"{key}: unknown key; expected one of {sorted(TOP_KEYS)}")
-    name = data.get("name") or Path(source).stem
-    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
-        raise ConfigError(f"name: got {name!r}, expected letters, digits, '-' or '_'")
-    base = {k: copy.deepcopy(data[k]) for k in ("task", "model", "train") if k in data}
-    resources = load_dataclass(Resources, data.get("resources"), "resources.")
-    seeds = data.get("seeds", [0])
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = list(range(seeds))
-    if (not isinstance(seeds, list) or not seeds
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
-        raise ConfigError(f"seeds: got {seeds!r}, expected a non-empty list of ints >= 0 (or a count)")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"seeds: got {seeds!r}, expected distinct seeds")
-    metric, mode = data.get("metric", "val_loss"), data.get("mode", "min")
-    if mode not in ("min", "max"):
-        raise ConfigError(f"mode: got {mode!r}, expected 'min' or 'max'")
-    stop = data.get("stop") or {}
-    if not isinstance(stop, dict) or set(stop) - {"time_budget_s"}:
-        raise ConfigError(f"stop: got {stop!r}, expected a mapping with time_budget_s")
-    budget = stop.get("time_budget_s", 0)
-    if not isinstance(budget, (int, float)) or budget < 0:
-        raise ConfigError(f"stop.time_budget_s: got {budget!r}, expected seconds >= 0")
+        raise ConfigError(f"experiment: got {short(data)}, expected a mapping")
+    top = validate(SpecFile, data)
+    name = top.name if top.name is not None else check_name(Path(source).stem, "name")
+    base = {k: copy.deepcopy(data[k]) for k in ("task", "model", "train") if data.get(k) is not None}
+    if "seed" in (top.train or {}):
+        searched = top.search is not None or any(isinstance(a, dict) and a.get("search") is not None
+                                                 for a in top.arms or [])
+        if top.seeds != [top.train["seed"]] or searched:  # honoured only when it is the one seed
+            raise ConfigError(f"train.seed: got {short(top.train['seed'])}, expected it unset: each cell trains "
+                              "on one of 'seeds' (and a search on search.seed), which would replace it")
+    resources = load_dataclass(Resources, top.resources, "resources.")
+    seeds = list(top.seeds)
+    budget = top.stop.time_budget_s if top.stop else 0.0
 
-    arms_raw = data.get("arms")
-    implicit = arms_raw is None  # the top-level controller (+ search) is the single arm
-    if arms_raw is None:
-        ctrl = data.get("controller") or {"name": "ewma"}
-        arms_raw = [{"name": (ctrl or {}).get("name", "ewma") if "search" not in data else "tuned",
-                     "controller": ctrl, **({"search": data["search"]} if "search" in data else {})}]
-    elif "search" in data:
-        raise ConfigError("search: with 'arms', put each search inside its arm")
-    if not isinstance(arms_raw, list) or not arms_raw:
-        raise ConfigError(f"arms: got {arms_raw!r}, expected a non-empty list")
-    default_ctrl = data.get("controller") or {"name": "ewma"}
+    default_ctrl = top.controller or {"name": "ewma"}
+    implicit = top.arms is None  # the top-level controller (+ search) is the single arm
+    if implicit:
+        arms_raw: list[Any] = [{"controller": default_ctrl,
+                                **({"search": top.search} if top.search is not None else {})}]
+    elif top.search is not None:
+        raise ConfigError("search: got a top-level search with 'arms', expected each search inside its arm")
+    else:
+        arms_raw = list(top.arms or [])
     arms: list[Arm] = []
-    for i, a in enumerate(arms_raw):
+    for i, raw in enumerate(arms_raw):
         where = "" if implicit else f"arms[{i}]"
-        if not isinstance(a, dict) or set(a) - {"name", "controller", "search"}:
-            raise ConfigError(f"{where}: got {a!r}, expected a mapping with name, controller, search")
-        ctrl = dict(a.get("controller") or default_ctrl)
-        arm_name = a.get("name") or ctrl.get("name", "ewma")
-        if any(arm_name == b.name for b in arms):
-            raise ConfigError(f"{where}.name: got {arm_name!r} twice, expected distinct arm names")
-        search = _load_search(a["search"], f"{where}.search".lstrip(".")) if "search" in a else None
-        arm = Arm(name=str(arm_name), controller=ctrl, search=search)
-        # validate the configs this arm yields (with a representative point of its space)
+        a = validate(ArmInput, raw, f"{where}." if where else "")
+        ctrl = dict(a.controller or default_ctrl)
         cfg = {**copy.deepcopy(base), "controller": copy.deepcopy(ctrl)}
-        if search:
-            for key, value in sample_point(search.space).items():
-                set_dotted(cfg, key, value)
         try:
-            load_run_config(cfg)
+            if a.search is not None:
+                search, domains = _load_search(a.search, f"{where}.search".lstrip("."))
+                resolved = _check_space(cfg, domains, f"{where}.search".lstrip("."))
+            else:
+                search, resolved = None, load_run_config(cfg)
         except ConfigError as e:
             msg = str(e)
-            raise ConfigError(msg if not (where and msg.startswith("controller.")) else f"{where}.{msg}") from None
-        arms.append(arm)
-    spec = ExperimentSpec(name=name, description=str(data.get("description", "")), base=base, arms=arms,
-                          seeds=seeds, resources=resources, metric=metric, mode=mode,
-                          time_budget_s=float(budget), seed=int(data.get("seed", 0)), source=source,
-                          raw=copy.deepcopy(data))
-    return spec
+            raise ConfigError(f"{where}.{msg}" if where and msg.startswith("controller.") else msg) from None
+        _check_cell(resolved, top)
+        arm_name = a.name if a.name is not None else check_name(
+            "tuned" if implicit and search else resolved.controller["name"], f"{where}.name".lstrip("."))
+        if any(arm_name == b.name for b in arms):
+            raise ConfigError(f"{where}.name: got {arm_name!r} twice, expected distinct arm names")
+        arms.append(Arm(name=arm_name, controller=ctrl, search=search))
+    return ExperimentSpec(name=name, description=top.description, base=base, arms=arms, seeds=seeds,
+                          resources=resources, metric=top.metric, mode=top.mode, time_budget_s=float(budget),
+                          seed=top.seed, source=source, raw=copy.deepcopy(data))
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None, smoke: bool = False) -> ExperimentSpec:
-    """Read, apply ``smoke`` and ``--set`` overrides, validate. Raises `ConfigError`."""
+    """Read, apply ``smoke`` and ``--set`` overrides, validate. Raises `ConfigError`
+    (and nothing else, whatever the file holds)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"experiment: got {str(path)!r}, expected an existing YAML file")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"experiment: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(p, "experiment")
     if not isinstance(data, dict):
-        raise ConfigError(f"experiment: {path} holds {type(data).__name__}, expected a mapping")
+        raise ConfigError(f"experiment: {path} holds {short(data)}, expected a mapping")
     smoke_block = data.pop("smoke", None)
     if smoke_block is None:
         smoke_block = {}
-    if not isinstance(smoke_block, dict):
-        raise ConfigError(f"smoke: got {smoke_block!r}, expected a mapping of dotted overrides")
+    if not isinstance(smoke_block, dict) or not all(isinstance(k, str) for k in smoke_block):
+        raise ConfigError(f"smoke: got {short(smoke_block)}, expected a mapping of dotted overrides")
     if smoke:
         data = apply_smoke(data, smoke_block)
     data = apply_overrides(data, overrides or [])
@@ -310,8 +399,10 @@ def apply_smoke(data: dict[str, Any], smoke: dict[str, Any]) -> dict[str, Any]:
     for key, value in smoke.items():
         if key.startswith("search."):
             sub = key[len("search."):]
-            targets = [a.get("search") for a in out.get("arms", []) if isinstance(a, dict) and a.get("search")]
-            if "search" in out:
+            arms = out.get("arms")
+            targets = [a.get("search") for a in (arms if isinstance(arms, list) else [])
+                       if isinstance(a, dict) and isinstance(a.get("search"), dict)]
+            if isinstance(out.get("search"), dict):
                 targets.append(out["search"])
             for t in targets:
                 set_dotted(t, sub, value)
@@ -320,5 +411,18 @@ def apply_smoke(data: dict[str, Any], smoke: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def validate_cell(cfg: dict[str, Any]) -> RunConfig:
-    return load_run_config(cfg)
+def check_extras(spec: ExperimentSpec) -> None:
+    """Raise `ConfigError` naming the pip extra when a searcher, scheduler, engine or task
+    of ``spec`` needs a package that is not installed (probed without importing it)."""
+    needs = []
+    for arm in spec.arms:
+        if arm.search is not None:
+            if arm.search.searcher == "hyperopt":
+                needs.append("search.searcher='hyperopt'")
+            if arm.search.scheduler.name == "pb2":
+                needs.append("search.scheduler.name='pb2'")
+    err = probe(needs, SEARCH_EXTRAS)
+    if err is None and spec.arms:
+        err = missing_extras(load_run_config(spec.run_config(spec.arms[0], spec.seeds[0])))
+    if err is not None:
+        raise err

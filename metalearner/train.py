@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from metalearner.config import ConfigError, RunConfig, flatten
-from metalearner.controllers import Controller, build_controller
+from metalearner.controllers import BOUND_PARAMS, Controller, build_controller
 from metalearner.knobs import Knobs
 from metalearner.model import ModelConfig, build_model, preset
 from metalearner.tasks import Task, batch_loss, build_task
@@ -77,8 +77,11 @@ def window_cap(mc: ModelConfig) -> int:
 
 def make_controller(cfg: RunConfig, mc: ModelConfig) -> Controller:
     settings = cfg.controller_settings()
-    settings["max_window"] = min(int(settings.get("max_window", 2**20)), window_cap(mc))
-    settings["min_window"] = min(int(settings.get("min_window", 1)), settings["max_window"])
+    cap = window_cap(mc)  # DESIGN.md: the train loop caps max_window at the sequence length
+    settings["max_window"] = min(int(settings.get("max_window", BOUND_PARAMS["max_window"].default)), cap)
+    low = settings.get("min_window", BOUND_PARAMS["min_window"].default)
+    if low > settings["max_window"]:  # never lowered behind the user's back
+        raise ConfigError(f"controller.min_window: got {low}, expected at most the model's sequence length ({cap})")
     try:
         return build_controller(cfg.controller["name"], init=Knobs(mc.rope_base, mc.window), **settings)
     except ValueError as e:
@@ -258,7 +261,7 @@ class TrainingRun:
         return path
 
     def load(self, directory: str | Path) -> None:
-        state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=self.device, weights_only=False)
+        state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=self.device, weights_only=True)
         self.load_state_dict(state)
 
 

@@ -103,17 +103,18 @@ def test_sweep_then_compare_then_train_the_exported_controller(cli, tmp_path):
     assert res.returncode == 0, res.stderr
 
 
-@pytest.mark.parametrize("override,field", [
-    ("train.steps=0", "train.steps"),
-    ("seeds=[]", "seeds"),
-    ("arms[0]=1", "arms[0]"),
+@pytest.mark.parametrize("override,message", [
+    ("train.steps=0", "train.steps: got 0, expected"),
+    ("seeds=[]", "seeds: got [], expected at least 1 item"),
+    # reaches arm validation (the arm itself is replaced), not the unknown-key check
+    ("arms[0]=1", "arms[0]: got 1, expected a mapping"),
 ])
-def test_bad_sweep_input_exits_2_before_ray_starts(cli, tmp_path, override, field):
+def test_bad_sweep_input_exits_2_before_ray_starts(cli, tmp_path, override, message):
     root = __import__("pathlib").Path(__file__).resolve().parent.parent
     res = cli("sweep", root / "experiments/compare_policies.yaml", "--set", override,
               "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--storage", tmp_path / "ray", cwd=tmp_path)
     assert res.returncode == 2, res.stdout + res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1 and field in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and message in res.stderr, res.stderr
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "ray").exists()
 
 

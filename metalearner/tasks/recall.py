@@ -11,26 +11,27 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 
 from metalearner.tasks.base import IGNORE_INDEX, Batch, step_generator
 
 
 @dataclass
 class RecallConfig:
-    name: str = "recall"
-    n_pairs: int = 8
-    distance: int = 48
-    n_keys: int = 64
-    n_values: int = 64
-    eval_size: int = 256
+    """``task.*`` settings of the recall task; the ``Field`` bounds are checked when a
+    config is loaded (`metalearner.config`), `validate` checks what relates fields."""
+
+    name: Literal["recall"] = "recall"
+    n_pairs: Annotated[int, Field(ge=1, le=1024)] = 8
+    distance: Annotated[int, Field(ge=2, le=65_536)] = 48
+    n_keys: Annotated[int, Field(ge=1, le=65_536)] = 64
+    n_values: Annotated[int, Field(ge=1, le=65_536)] = 64
+    eval_size: Annotated[int, Field(ge=1, le=100_000)] = 256
 
     def validate(self) -> None:
-        for f in ("n_pairs", "n_keys", "n_values", "eval_size"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"{f}: got {getattr(self, f)}, expected an int >= 1")
         if self.n_pairs > self.n_keys:
             raise ValueError(f"n_pairs: got {self.n_pairs}, expected <= n_keys ({self.n_keys})")
         if self.distance < 2 * self.n_pairs:

@@ -13,22 +13,22 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 
 from metalearner.tasks.base import Batch, step_generator
 
 
 @dataclass
 class TextConfig:
-    name: str = "text"
-    files: list[str] = field(default_factory=list)
-    val_fraction: float = 0.05
+    """``task.*`` settings of the text task (the ``Field`` bounds are checked when a
+    config is loaded, `metalearner.config`)."""
 
-    def validate(self) -> None:
-        if not 0 < self.val_fraction < 0.5:
-            raise ValueError(f"val_fraction: got {self.val_fraction!r}, expected a float in (0, 0.5)")
+    name: Literal["text"] = "text"
+    files: Annotated[list[str], Field(max_length=10_000)] = field(default_factory=list)
+    val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
 
     def check_files(self) -> None:
         for f in self.files:

@@ -1,0 +1,296 @@
+"""Everything the command line is given, checked once before anything starts.
+
+One function per command turns the parsed flags into a validated input (`train_inputs`
+-> `RunConfig`, `sweep_inputs` -> `ExperimentSpec`, ...) or raises `ConfigError`, whose
+message is the one line the CLI prints before it exits 2. Nothing here starts Ray or
+MLflow or writes a file; paths that a run will write are only probed for writability.
+
+Order of precedence in ``metalearner train``: the ``--config`` file, then
+``--controller-spec`` (the controller section), then the flags ``--steps`` and
+``--engine``, then ``--set`` (an intended override: the last one wins). ``--task`` and
+``--controller`` name the section they select: if ``--config`` names another task or
+controller, that is an error, since its settings would not apply.
+
+Must not import ray or mlflow; imports torch only to read a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+from typing import Any, NoReturn
+
+from metalearner.config import (
+    MAX_STEPS,
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    load_run_config,
+    missing_extras,
+    read_yaml,
+)
+from metalearner.schema import check_name, short
+
+CHECKPOINT_KEYS = ("step", "model", "optimizer", "controller", "rng", "config")
+URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+MAX_CPUS = 4096
+MAX_UTTERANCES = 1_000_000
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are a `ConfigError` (one line, field first)
+    instead of a usage block; the CLI prints it and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(_argparse_line(message))
+
+
+def _argparse_line(message: str) -> str:
+    m = re.match(r"argument ([^:]+): invalid (\w+) value: (.*)$", message)
+    if m:
+        flag, kind, value = m.groups()
+        return f"{flag.split('/')[-1]}: got {value}, expected {'an' if kind == 'int' else 'a'} {kind}"
+    m = re.match(r"argument ([^:]+): invalid choice: (\S+) \(choose from (.*)\)$", message)
+    if m:
+        flag, value, choices = m.groups()
+        return f"{flag.split('/')[-1]}: got {value}, expected one of {choices}"
+    m = re.match(r"the following arguments are required: (.*)$", message)
+    if m:
+        return f"{m.group(1)}: missing, expected a value"
+    m = re.match(r"unrecognized arguments: (.*)$", message)
+    if m:
+        return f"{m.group(1).split()[0]}: unknown argument; expected one of those in --help"
+    return message
+
+
+# ---------------------------------------------------------------- paths
+
+
+def writable_path(value: str, field: str, folder: bool, shown: str | None = None) -> Path:
+    """``value`` is a path the run will write (a file, or a folder when ``folder``):
+    it must be of that kind if it exists, and its nearest existing parent a writable
+    folder. Nothing is created. ``shown``: the value as the user gave it (a URI)."""
+    p = Path(value).expanduser()
+    given = shown or value
+    if p.exists():
+        if folder and not p.is_dir():
+            raise ConfigError(f"{field}: got {given!r}, expected a folder (it is a file)")
+        if not folder and p.is_dir():
+            raise ConfigError(f"{field}: got {given!r}, expected a file path (it is a folder)")
+        if not os.access(p if folder else p.parent, os.W_OK):
+            raise ConfigError(f"{field}: got {given!r}, expected a place this user may write")
+        return p
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}: got {given!r}, expected a place this user may write ({parent} is not a "
+                          "writable folder)")
+    return p
+
+
+def storage_location(value: str | None, field: str) -> None:
+    """``--storage``: a URI (``s3://``, ``gs://``: left to Ray) or a writable local folder."""
+    if value is None:
+        writable_path("ray_results", f"{field} (default ./ray_results)", folder=True)
+        return
+    m = URI_SCHEME.match(value)
+    if m and m.group(1) != "file":
+        return
+    writable_path(value[len("file://"):] if m else value, field, folder=True, shown=value)
+
+
+def tracking_location(uri: str | None, field: str = "--tracking-uri") -> None:
+    """A local MLflow store (``sqlite:///PATH``, ``file://PATH`` or a plain path) must
+    be writable; server URIs (``http://``, ...) are left to MLflow."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if not path or path == ":memory:":
+            return
+        writable_path(path, field, folder=False, shown=uri)
+        return
+    m = URI_SCHEME.match(uri)
+    if m and m.group(1) != "file":
+        return
+    writable_path(uri[len("file://"):] if m else uri, field, folder=True, shown=uri)
+
+
+# ---------------------------------------------------------------- train
+
+
+def _flag_section(loaded: dict[str, Any], section: str, flag: str, value: str | None) -> None:
+    """Put ``--task``/``--controller`` into ``loaded[section]["name"]``; another name
+    there is a conflict (that section's settings would not apply)."""
+    if section not in loaded:
+        loaded[section] = {"name": value} if value is not None else {}
+        return
+    current = loaded[section]
+    if not isinstance(current, dict):
+        raise ConfigError(f"{section}: got {short(current)}, expected a mapping of {section} settings")
+    if value is not None:
+        named = current.get("name")
+        if named is not None and named != value:
+            raise ConfigError(f"{flag}: got {value!r}, but the config names {section}.name {named!r}; expected "
+                              f"one of them (the {named!r} settings would not apply to {value!r})")
+        current["name"] = value
+
+
+def train_config_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """The nested run config of ``metalearner train``, before validation (see the
+    module docstring for the order of precedence)."""
+    loaded: dict[str, Any] = {}
+    if args.config:
+        data = read_yaml(args.config, "--config")
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config: got {short(data)}, expected a mapping of sections (task, model, train, "
+                              "controller)")
+        loaded = dict(data)
+    if getattr(args, "controller_spec", None):
+        spec = read_yaml(args.controller_spec, "--controller-spec")
+        if isinstance(spec, dict) and set(spec) == {"controller"}:
+            spec = spec["controller"]
+        if not isinstance(spec, dict):
+            raise ConfigError(f"--controller-spec: got {short(spec)}, expected a mapping with 'name' and settings")
+        if loaded.get("controller"):
+            raise ConfigError("--controller-spec: got a spec, but --config has a controller section too; expected "
+                              "one of them")
+        if args.controller is not None and spec.get("name") not in (None, args.controller):
+            raise ConfigError(f"--controller: got {args.controller!r}, but --controller-spec names "
+                              f"{spec.get('name')!r}; expected one of them")
+        loaded["controller"] = dict(spec)
+    _flag_section(loaded, "task", "--task", args.task)
+    _flag_section(loaded, "controller", "--controller", args.controller)
+    if args.steps is not None:
+        loaded.setdefault("train", {})
+        if isinstance(loaded["train"], dict):
+            loaded["train"]["steps"] = args.steps
+    if getattr(args, "engine", None):
+        loaded.setdefault("train", {})
+        if isinstance(loaded["train"], dict):
+            loaded["train"]["engine"] = args.engine
+    return apply_overrides(loaded, args.set)
+
+
+def train_inputs(args: argparse.Namespace) -> RunConfig:
+    """Check every input of ``metalearner train``; returns the validated run config."""
+    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
+        raise ConfigError(f"--steps: got {args.steps}, expected an int in 1..{MAX_STEPS}")
+    if args.resume and not args.checkpoint_dir:
+        raise ConfigError("--resume: got no --checkpoint-dir, expected --checkpoint-dir DIR holding an earlier "
+                          "run's checkpoint")
+    cfg = load_run_config(train_config_dict(args))
+    err = missing_extras(cfg)
+    if err is not None:
+        raise err
+    check_name(args.experiment, "--experiment")
+    if args.run_name is not None:
+        check_name(args.run_name, "--run-name")
+    if args.no_mlflow and not args.trace_csv:
+        raise ConfigError("--no-mlflow: got no --trace-csv, expected one: the trace would go nowhere")
+    if not args.no_mlflow:
+        tracking_location(args.tracking_uri)
+    if args.trace_csv:
+        writable_path(args.trace_csv, "--trace-csv", folder=False)
+    if args.checkpoint_dir:
+        writable_path(args.checkpoint_dir, "--checkpoint-dir", folder=True)
+    if args.resume and cfg.train.engine == "torch":
+        check_checkpoint(Path(args.checkpoint_dir), cfg)
+    return cfg
+
+
+def read_checkpoint(path: Path, field: str = "--checkpoint-dir") -> dict[str, Any]:
+    """Load a `TrainingRun` checkpoint with ``torch.load(weights_only=True)`` (tensors
+    and plain containers only, never arbitrary pickled objects); a missing, corrupt or
+    foreign file is a `ConfigError`."""
+    import torch
+
+    if not path.is_file():
+        raise ConfigError(f"{field}: got {str(path.parent)!r}, expected a folder with {path.name}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ConfigError(f"{field}: got {str(path)!r}, expected a checkpoint torch can read ({first})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ConfigError(f"{field}: got {str(path)!r} without {missing}, expected a metalearner checkpoint")
+    if not isinstance(state["step"], int) or state["step"] < 0:
+        raise ConfigError(f"{field}: got {str(path)!r} with step {short(state['step'])}, expected an int >= 0")
+    return state
+
+
+def check_checkpoint(directory: Path, cfg: RunConfig) -> dict[str, Any]:
+    """The checkpoint in ``directory`` must belong to a run of ``cfg``'s task, model and
+    controller, and stop before ``train.steps``. Returns the loaded state."""
+    from metalearner.train import CHECKPOINT_FILE
+
+    state = read_checkpoint(directory / CHECKPOINT_FILE)
+    saved = state["config"] if isinstance(state["config"], dict) else {}
+    now = cfg.to_dict()
+    for section in ("task", "model"):
+        old, new = saved.get(section), now[section]
+        if old != new:
+            keys = sorted(k for k in {*(old or {}), *new} if (old or {}).get(k) != new.get(k))
+            key = keys[0] if keys else ""
+            raise ConfigError(f"{section}.{key}: got {short(new.get(key))}, expected {short((old or {}).get(key))} "
+                              f"as in the checkpoint in {str(directory)!r} (resume the same run)")
+    old_ctrl = (saved.get("controller") or {}).get("name")
+    if old_ctrl != cfg.controller["name"]:
+        raise ConfigError(f"controller.name: got {cfg.controller['name']!r}, expected {old_ctrl!r} as in the "
+                          f"checkpoint in {str(directory)!r}")
+    if state["step"] >= cfg.train.steps:
+        raise ConfigError(f"train.steps: got {cfg.train.steps}, expected more than the checkpoint's step "
+                          f"{state['step']} (nothing would be left to train)")
+    return state
+
+
+# ---------------------------------------------------------------- sweep, compare, data
+
+
+def sweep_inputs(args: argparse.Namespace) -> Any:
+    """Check every input of ``metalearner sweep``; returns the validated `ExperimentSpec`."""
+    from metalearner.experiment import check_extras, load_experiment
+
+    if args.num_cpus is not None and not 1 <= args.num_cpus <= MAX_CPUS:
+        raise ConfigError(f"--num-cpus: got {args.num_cpus}, expected an int in 1..{MAX_CPUS}")
+    spec = load_experiment(args.experiment, overrides=args.set, smoke=args.smoke_test)
+    check_extras(spec)
+    if args.address is None:
+        cpus = args.num_cpus or os.cpu_count() or 1
+        need = spec.resources.cpus_per_trial
+        if need > cpus:
+            raise ConfigError(f"resources.cpus_per_trial: got {need:g}, expected at most the {cpus} CPUs of the "
+                              "local Ray (--num-cpus); no trial could start")
+    storage_location(args.storage, "--storage")
+    tracking_location(args.tracking_uri)
+    if args.out:
+        writable_path(args.out, "--out", folder=True)
+    return spec
+
+
+def compare_inputs(args: argparse.Namespace) -> None:
+    """Check the inputs of ``metalearner compare``."""
+    check_name(args.sweep, "NAME-or-run-id")
+    if args.arm is not None:
+        check_name(args.arm, "--arm")
+        if not args.export_best:
+            raise ConfigError(f"--arm: got {args.arm!r} without --export-best, expected both (--arm picks the arm "
+                              "whose best trial is exported)")
+    tracking_location(args.tracking_uri)
+    writable_path(args.out, "--out", folder=True)
+    if args.export_best:
+        writable_path(args.export_best, "--export-best", folder=False)
+
+
+def data_inputs(args: argparse.Namespace) -> None:
+    """Check the inputs of ``metalearner data speech-digits``."""
+    if not 1 <= args.n <= MAX_UTTERANCES:
+        raise ConfigError(f"--n: got {args.n}, expected an int in 1..{MAX_UTTERANCES}")
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed: got {args.seed}, expected an int in 0..{2**32 - 1}")
+    writable_path(args.out, "--out", folder=True)
