@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # DESIGN.md's layers, lowest first: a module imports its own layer or those below it
 LAYERS = [
-    ["metalearner.knobs", "metalearner.environment", "metalearner.trace"],
+    ["metalearner.knobs", "metalearner.environment", "metalearner.trace", "metalearner.schema"],
     ["metalearner.controllers"],
     ["metalearner.model"],
     ["metalearner.tasks"],
@@ -18,7 +18,7 @@ LAYERS = [
     ["metalearner.train", "metalearner.hf"],
     ["metalearner.tracking", "metalearner.report"],
     ["trainables"],
-    ["metalearner.cli"],
+    ["metalearner.cli", "metalearner.inputs"],  # the face: the CLI and its input checks
     ["metalearner"],  # the package's own __init__ (re-exports)
 ]
 
