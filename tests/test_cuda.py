@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo
 
 from metalearner.config import load_run_config
 from metalearner.knobs import Knobs
@@ -25,6 +26,17 @@ from metalearner.train import TrainingRun
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test starts with no compiled graphs: a training process compiles a handful, but a
+    test process running many models and dtypes would pile up entries past the limit."""
+    if torch.cuda.is_available():
+        from torch import _dynamo
+
+        _dynamo.reset()
+    yield
 
 # A meta-path finder that makes `import ray` / `import mlflow` (and submodules) fail the way
 # a missing package does, installed before anything else in a fresh interpreter.
@@ -95,7 +107,7 @@ def flex_model_config(**overrides):
 def test_recall_evaluate_runs_a_cuda_model():
     task = RecallTask(RecallConfig(n_pairs=4, distance=16, eval_size=8), batch_size=4, seq_len=64, seed=0)
     torch.manual_seed(0)
-    model = build_model(flex_model_config(vocab_size=task.vocab_size, max_seq_len=64)).cuda()
+    model = build_model(tiny(d_model=64, window=16, vocab_size=task.vocab_size, max_seq_len=64)).cuda()
     out = task.evaluate(model)  # fed CPU tensors to the CUDA model before the fix
     assert 0.0 <= out["recall_acc"] <= 1.0
 
@@ -148,9 +160,6 @@ def dynamo_counters() -> tuple[int, int]:
 
 @needs_cuda
 def test_window_and_base_moves_compile_nothing():
-    import torch._dynamo
-
-    torch._dynamo.reset()
     torch.manual_seed(0)
     model = build_model(flex_model_config()).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -165,16 +174,21 @@ def test_window_and_base_moves_compile_nothing():
     step(Knobs(10_000.0, 16))
     graphs, recompiles = dynamo_counters()
     assert graphs >= 1  # the local heads really went through the compiled FlexAttention
+    builds = model.masks.builds
     for i, window in enumerate((17, 40, 100, 5, 64, 65, 129, 16, 199)):  # inside and across tiles
         step(Knobs(10_000.0 * 1.1 ** (i + 1), window))
+    assert dynamo_counters() == (graphs, recompiles)
+    assert model.masks.builds - builds <= 5  # (17, 40, 100), 5, (64, 65), 129, 199 tilings
+    # bf16 autocast: the causal local heads take the chunked flash band, which compiles nothing
+    for window in (16, 40, 129):
+        model.apply_knobs(Knobs(10_000.0, window))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(tokens).float().logsumexp(-1).mean().backward()
     assert dynamo_counters() == (graphs, recompiles)
 
 
 @needs_cuda
 def test_speech_shapes_never_reach_the_recompile_limit():
-    import torch._dynamo
-
-    torch._dynamo.reset()
     limit_flag = next(f for f in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
                       if hasattr(torch._dynamo.config, f))
     gen = torch.Generator().manual_seed(0)
@@ -196,6 +210,12 @@ def test_speech_shapes_never_reach_the_recompile_limit():
             assert torch.isfinite(out).all()
     graphs, _ = dynamo_counters()
     assert 1 <= graphs <= 6, graphs  # static + dynamic, train + eval: far below 8
+    # and bf16 autocast on the same varying shapes: causal heads on chunks, encoder on flex
+    with torch._dynamo.config.patch(**{limit_flag: True}), torch.autocast("cuda", dtype=torch.bfloat16):
+        for i in range(8):
+            feats = torch.randn(2, 16, 64 + 32 * i, generator=gen).cuda()
+            tokens = torch.randint(0, 256, (2, 10 + 3 * i), generator=gen).cuda()
+            model(feats, tokens).float().square().mean().backward()
 
 
 @needs_cuda
