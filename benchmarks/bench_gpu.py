@@ -83,8 +83,20 @@ class Sizes:
     warmup: int = 3
 
 
-QUICK = Sizes(batch=1, heads=4, head_dim=16, seq=512, model_seq=256, model_batch=2, d_model=64,
-              n_layers=2, model_heads=4, model_global=1, repeats=10, warmup=2)
+QUICK = Sizes(
+    batch=1,
+    heads=4,
+    head_dim=16,
+    seq=512,
+    model_seq=256,
+    model_batch=2,
+    d_model=64,
+    n_layers=2,
+    model_heads=4,
+    model_global=1,
+    repeats=10,
+    warmup=2,
+)
 
 
 class Timer:
@@ -102,7 +114,7 @@ class Timer:
         times: dict[str, list[float]] = {k: [] for k in fns}
         names = list(fns)
         for r in range(self.repeats):
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 times[name].append(self.time_one(fns[name]))
         return {k: statistics.median(v) for k, v in times.items()}
@@ -139,6 +151,7 @@ def fwd_bwd(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> Callable[[]
     def step() -> None:
         out = fn(*args)
         out.backward(torch.ones_like(out))
+
     return step
 
 
@@ -157,8 +170,14 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def bench_kernel(sizes: Sizes, timer: Timer, dtype: torch.dtype, windows: tuple[int, ...],
-                 reset: bool = True, kernels: tuple[str, ...] = ("flex",)) -> dict[str, float]:
+def bench_kernel(
+    sizes: Sizes,
+    timer: Timer,
+    dtype: torch.dtype,
+    windows: tuple[int, ...],
+    reset: bool = True,
+    kernels: tuple[str, ...] = ("flex",),
+) -> dict[str, float]:
     """fwd+bwd ms of SDPA causal and of each kernel's band at each window ("<kernel>_w<w>")."""
     if reset:
         fresh_compiles()
@@ -186,9 +205,12 @@ def run_sweep(sizes: Sizes, timer: Timer, dtype: torch.dtype) -> attn_mod.FlexCo
             print(f"  {q_block}x{kv_block} {dict(options)}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
         r128, r2048 = ms["flex_w128"] / ms["sdpa_causal"], ms["flex_w2048"] / ms["sdpa_causal"]
-        print(f"  {q_block}x{kv_block} {dict(options)}: sdpa {ms['sdpa_causal']:.3f}  w128 {ms['flex_w128']:.3f} "
-              f"({r128:.3f})  w2048 {ms['flex_w2048']:.3f} ({r2048:.3f})  rel.err out/grads {err:.1e}  "
-              f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+        print(
+            f"  {q_block}x{kv_block} {dict(options)}: sdpa {ms['sdpa_causal']:.3f}  w128 {ms['flex_w128']:.3f} "
+            f"({r128:.3f})  w2048 {ms['flex_w2048']:.3f} ({r2048:.3f})  rel.err out/grads {err:.1e}  "
+            f"[{time.perf_counter() - t0:.0f} s]",
+            flush=True,
+        )
         if err > 2e-2:
             print("    rejected: wrong result", flush=True)
             continue
@@ -211,8 +233,10 @@ def band_error(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> float:
         mask = (rel >= 0) & (rel < w)
         grad = torch.randn_like(q)
         outs = []
-        for fn in (lambda w=w: attn_mod.flex_local_attention(q, k, v, w, True),
-                   lambda mask=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)):
+        for fn in (
+            lambda w=w: attn_mod.flex_local_attention(q, k, v, w, True),
+            lambda mask=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        ):
             out = fn()
             outs.append([out.float(), *(g.float() for g in torch.autograd.grad(out, (q, k, v), grad))])
         for got, want in zip(*outs, strict=True):
@@ -257,17 +281,25 @@ def bench_hybrid(sizes: Sizes, timer: Timer, dtype: torch.dtype) -> dict[str, fl
 
 
 def model_config(sizes: Sizes, window: int) -> ModelConfig:
-    return ModelConfig(arch="decoder", vocab_size=256, d_model=sizes.d_model, n_layers=sizes.n_layers,
-                       n_heads=sizes.model_heads, n_global_heads=sizes.model_global,
-                       max_seq_len=sizes.model_seq, window=window)
+    return ModelConfig(
+        arch="decoder",
+        vocab_size=256,
+        d_model=sizes.d_model,
+        n_layers=sizes.n_layers,
+        n_heads=sizes.model_heads,
+        n_global_heads=sizes.model_global,
+        max_seq_len=sizes.model_seq,
+        window=window,
+    )
 
 
 class ModelStep:
     """One train step as `TrainingRun.train_step` does it: forward (bf16 autocast on CUDA),
     cross-entropy, backward, AdamW step, `loss.item()`, then `apply_knobs(next knobs)`."""
 
-    def __init__(self, sizes: Sizes, window: int, device: torch.device,
-                 knobs: Callable[[int], Knobs] | None = None) -> None:
+    def __init__(
+        self, sizes: Sizes, window: int, device: torch.device, knobs: Callable[[int], Knobs] | None = None
+    ) -> None:
         torch.manual_seed(0)
         self.model = build_model(model_config(sizes, window)).to(device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
@@ -358,8 +390,11 @@ def profile_kernels(sizes: Sizes, device: torch.device, dtype: torch.dtype, wind
             torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
         gpu_us = sum(e.self_device_time_total for e in events) / iters
-        print(f"  {kernel} w{window}: {start.elapsed_time(end) / iters:.3f} ms per fwd+bwd (events, profiled), "
-              f"GPU kernels {gpu_us / 1e3:.3f} ms", flush=True)
+        print(
+            f"  {kernel} w{window}: {start.elapsed_time(end) / iters:.3f} ms per fwd+bwd (events, profiled), "
+            f"GPU kernels {gpu_us / 1e3:.3f} ms",
+            flush=True,
+        )
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:6]:
             print(f"      {e.self_device_time_total / iters / 1e3:7.3f} ms  x{e.count // iters}  {e.key[:90]}")
 
@@ -406,8 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     timer = Timer(device, sizes.repeats, sizes.warmup)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (dry run: figures mean nothing)"
-    print(f"device: {name}; torch {torch.__version__}; dtype {dtype}; repeats {sizes.repeats} (median), "
-          f"warm-up {sizes.warmup}; sizes {sizes}", flush=True)
+    print(
+        f"device: {name}; torch {torch.__version__}; dtype {dtype}; repeats {sizes.repeats} (median), "
+        f"warm-up {sizes.warmup}; sizes {sizes}",
+        flush=True,
+    )
     only = set(filter(None, args.only.split(","))) or {"kernel", "module", "hybrid", "model", "knobs"}
     if args.sweep and device.type == "cuda":
         attn_mod.set_flex_config(run_sweep(sizes, timer, dtype))
@@ -437,15 +475,19 @@ def main(argv: list[str] | None = None) -> int:
     if "hybrid" in only:
         ms = bench_hybrid(sizes, timer, dtype)
         parts = ms["global_part"] + ms["local_part"]
-        print(f"\n== hybrid mix, {sizes.heads // 4} global + {sizes.heads - sizes.heads // 4} local heads, w=128 (ms) ==")
+        print(
+            f"\n== hybrid mix, {sizes.heads // 4} global + {sizes.heads - sizes.heads // 4} local heads, w=128 (ms) =="
+        )
         for k, v in ms.items():
             print(f"  {k:<14} {v:8.3f}")
         print(f"  parts apart    {parts:8.3f}")
         results.append(result("hybrid_vs_parts", ms["hybrid"] / parts))
     if "model" in only:
         ms = bench_model(sizes, timer)
-        print(f"\n== whole-model train step, T={sizes.model_seq} d={sizes.d_model} L={sizes.n_layers} "
-              f"H={sizes.model_heads} ({sizes.model_global} global) B={sizes.model_batch} (ms) ==")
+        print(
+            f"\n== whole-model train step, T={sizes.model_seq} d={sizes.d_model} L={sizes.n_layers} "
+            f"H={sizes.model_heads} ({sizes.model_global} global) B={sizes.model_batch} (ms) =="
+        )
         for k, v in ms.items():
             print(f"  {k:<14} {v:8.3f}   {v / ms['full']:.3f} x full")
         w = min(256, sizes.model_seq // 2)
@@ -463,9 +505,13 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result("window_crossing_tiles_vs_fixed", ms["window_crossing_tiles"] / ms["fixed"]))
         results.append(result("base_moving_vs_fixed", ms["base_moving"] / ms["fixed"]))
         results.append(result("both_moving_vs_fixed", ms["both_moving"] / ms["fixed"]))
-        print(f"  (informational) a cold block-mask build every step: {ms['window_cold_builds'] / ms['fixed']:.3f} x fixed")
-    print(f"\nbench_gpu: {time.perf_counter() - t_start:.0f} s; device {name}; torch {torch.__version__}; "
-          f"tiling {attn_mod.FLEX}; dynamo graphs compiled {dynamo_graphs()}")
+        print(
+            f"  (informational) a cold block-mask build every step: {ms['window_cold_builds'] / ms['fixed']:.3f} x fixed"
+        )
+    print(
+        f"\nbench_gpu: {time.perf_counter() - t_start:.0f} s; device {name}; torch {torch.__version__}; "
+        f"tiling {attn_mod.FLEX}; dynamo graphs compiled {dynamo_graphs()}"
+    )
     for line in results:
         print(line)
     return 0

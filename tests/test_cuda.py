@@ -38,6 +38,7 @@ def fresh_dynamo():
         _dynamo.reset()
     yield
 
+
 # A meta-path finder that makes `import ray` / `import mlflow` (and submodules) fail the way
 # a missing package does, installed before anything else in a fresh interpreter.
 BLOCKER = textwrap.dedent(
@@ -57,8 +58,14 @@ BLOCKER = textwrap.dedent(
 def run_blocked(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-c", BLOCKER + textwrap.dedent(code)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER + textwrap.dedent(code)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_torch_only_part_runs_without_ray_or_mlflow(tmp_path):
@@ -113,13 +120,23 @@ def test_recall_evaluate_runs_a_cuda_model():
 
 
 def run_config(device: str, steps: int = 12, **train) -> object:
-    return load_run_config({
-        "task": {"name": "recall", "n_pairs": 4, "distance": 16},
-        "controller": {"name": "ewma", "factor": 1.2, "threshold": 0.0, "min_window": 4, "max_window": 60},
-        "model": {"preset": "tiny", "d_model": 64, "window": 16},
-        "train": {"steps": steps, "batch_size": 8, "seq_len": 64, "eval_every": 4, "eval_batches": 1,
-                  "warmup_steps": 2, "device": device, **train},
-    })
+    return load_run_config(
+        {
+            "task": {"name": "recall", "n_pairs": 4, "distance": 16},
+            "controller": {"name": "ewma", "factor": 1.2, "threshold": 0.0, "min_window": 4, "max_window": 60},
+            "model": {"preset": "tiny", "d_model": 64, "window": 16},
+            "train": {
+                "steps": steps,
+                "batch_size": 8,
+                "seq_len": 64,
+                "eval_every": 4,
+                "eval_batches": 1,
+                "warmup_steps": 2,
+                "device": device,
+                **train,
+            },
+        }
+    )
 
 
 @needs_cuda
@@ -191,8 +208,9 @@ def test_window_and_base_moves_compile_nothing():
 
 @needs_cuda
 def test_speech_shapes_never_reach_the_recompile_limit():
-    limit_flag = next(f for f in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
-                      if hasattr(torch._dynamo.config, f))
+    limit_flag = next(
+        f for f in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit") if hasattr(torch._dynamo.config, f)
+    )
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = build_model(flex_model_config(arch="encoder_decoder", n_mels=16, max_source_frames=400)).cuda()

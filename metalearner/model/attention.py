@@ -353,7 +353,6 @@ class HybridAttention(nn.Module):
         self.masks = masks
 
 
-
 # ----------------------------------------------------------------------------------------
 # FlexAttention for the local heads: closed-form block masks, one cache per model
 # ----------------------------------------------------------------------------------------
@@ -361,6 +360,7 @@ class HybridAttention(nn.Module):
 # Devices whose local heads go through FlexAttention (tests add "cpu" for no-grad checks;
 # FlexAttention has no CPU backward).
 FLEX_DEVICES: tuple[str, ...] = ("cuda",)
+
 
 def local_kernel_for(q: torch.Tensor, use_flex: bool = True) -> str:
     """The local path for these inputs: "flex" (CUDA, head size a power of two >= 16) or
@@ -451,8 +451,9 @@ def band_block_mask(
     skip it. Returns a BlockMask on `device` with broadcast batch and head dimensions.
     """
     assert BlockMask is not None
-    lo, hi, flo, fhi = (torch.tensor(x, dtype=torch.int32) for x in band_block_bounds(
-        seq_len, window, causal, q_block, kv_block))
+    lo, hi, flo, fhi = (
+        torch.tensor(x, dtype=torch.int32) for x in band_block_bounds(seq_len, window, causal, q_block, kv_block)
+    )
     n_kv = -(-seq_len // kv_block)
     j = torch.arange(n_kv, dtype=torch.int32).view(1, -1)
     touched = (j >= lo[:, None]) & (j <= hi[:, None])
@@ -467,8 +468,13 @@ def band_block_mask(
     kv_num, kv_idx = ordered(partial)
     full_num, full_idx = ordered(full)
     return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(q_block, kv_block),
-        mask_mod=mask_mod, seq_lengths=(seq_len, seq_len),
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=(q_block, kv_block),
+        mask_mod=mask_mod,
+        seq_lengths=(seq_len, seq_len),
     )
 
 
@@ -610,6 +616,7 @@ def flex_local_attention(
 
 
 _DEFAULT_MASKS = LocalMaskCache()
+
 
 class CrossAttention(nn.Module):
     """Full (non-causal) attention from decoder queries to encoder memory, no rotary.
