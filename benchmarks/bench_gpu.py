@@ -62,15 +62,9 @@ GOALS = {
 # FlexAttention tilings tried by --sweep: (q_block, kv_block, kernel_options)
 SWEEP: list[tuple[int, int, tuple[tuple[str, Any], ...]]] = [
     (128, 128, ()),
-    (128, 128, (("ROWS_GUARANTEED_SAFE", True),)),
-    (128, 64, (("fwd_BLOCK_M", 128), ("fwd_BLOCK_N", 64), ("bwd_BLOCK_M1", 64), ("bwd_BLOCK_N1", 64),
-               ("bwd_BLOCK_M2", 64), ("bwd_BLOCK_N2", 64))),
-    (64, 64, (("fwd_BLOCK_M", 64), ("fwd_BLOCK_N", 64), ("bwd_BLOCK_M1", 64), ("bwd_BLOCK_N1", 64),
-              ("bwd_BLOCK_M2", 64), ("bwd_BLOCK_N2", 64))),
-    (128, 64, (("fwd_BLOCK_M", 128), ("fwd_BLOCK_N", 64), ("bwd_BLOCK_M1", 32), ("bwd_BLOCK_N1", 64),
-               ("bwd_BLOCK_M2", 64), ("bwd_BLOCK_N2", 32))),
-    (128, 128, (("fwd_num_warps", 8),)),
-]
+    (256, 128, ()),
+    (128, 128, (("PRESCALE_QK", True), ("ROWS_GUARANTEED_SAFE", True))),
+]  # (on torch 2.11 tiles narrower than 128 keys leave FlexAttention's backward no config)
 
 
 @dataclass
@@ -89,8 +83,20 @@ class Sizes:
     warmup: int = 3
 
 
-QUICK = Sizes(batch=1, heads=4, head_dim=16, seq=512, model_seq=256, model_batch=2, d_model=64,
-              n_layers=2, model_heads=4, model_global=1, repeats=10, warmup=2)
+QUICK = Sizes(
+    batch=1,
+    heads=4,
+    head_dim=16,
+    seq=512,
+    model_seq=256,
+    model_batch=2,
+    d_model=64,
+    n_layers=2,
+    model_heads=4,
+    model_global=1,
+    repeats=10,
+    warmup=2,
+)
 
 
 class Timer:
@@ -108,7 +114,7 @@ class Timer:
         times: dict[str, list[float]] = {k: [] for k in fns}
         names = list(fns)
         for r in range(self.repeats):
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 times[name].append(self.time_one(fns[name]))
         return {k: statistics.median(v) for k, v in times.items()}
@@ -145,27 +151,41 @@ def fwd_bwd(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> Callable[[]
     def step() -> None:
         out = fn(*args)
         out.backward(torch.ones_like(out))
+
     return step
 
 
-def local_kernel(device: torch.device) -> Callable[..., torch.Tensor]:
-    """The local path this device runs: FlexAttention band on CUDA, blocked band on CPU."""
-    if device.type == "cuda":
-        return lambda q, k, v, w: attn_mod.flex_local_attention(q, k, v, w, True)
-    return lambda q, k, v, w: attn_mod.blocked_local_attention(q, k, v, w, True)
+KERNELS: dict[str, Callable[..., torch.Tensor]] = {
+    "flex": lambda q, k, v, w: attn_mod.flex_local_attention(q, k, v, w, True),
+    "blocked": lambda q, k, v, w: attn_mod.blocked_local_attention(q, k, v, w, True),
+}
+
+
+def local_kernel(q: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """The causal local path HybridAttention picks for these inputs (`local_kernel_for`)."""
+    return KERNELS[attn_mod.local_kernel_for(q)]
 
 
 def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def bench_kernel(sizes: Sizes, timer: Timer, dtype: torch.dtype, windows: tuple[int, ...]) -> dict[str, float]:
-    fresh_compiles()
+def bench_kernel(
+    sizes: Sizes,
+    timer: Timer,
+    dtype: torch.dtype,
+    windows: tuple[int, ...],
+    reset: bool = True,
+    kernels: tuple[str, ...] = ("flex",),
+) -> dict[str, float]:
+    """fwd+bwd ms of SDPA causal and of each kernel's band at each window ("<kernel>_w<w>")."""
+    if reset:
+        fresh_compiles()
     q, k, v = qkv(sizes, timer.device, dtype)
-    local = local_kernel(timer.device)
     fns = {"sdpa_causal": fwd_bwd(sdpa_causal, q, k, v)}
-    for w in windows:
-        fns[f"band_w{w}"] = fwd_bwd(lambda a, b, c, w=w: local(a, b, c, w), q, k, v)
+    for kernel in kernels:
+        for w in windows:
+            fns[f"{kernel}_w{w}"] = fwd_bwd(lambda a, b, c, w=w, f=KERNELS[kernel]: f(a, b, c, w), q, k, v)
     return timer.medians(fns)
 
 
@@ -178,20 +198,24 @@ def run_sweep(sizes: Sizes, timer: Timer, dtype: torch.dtype) -> attn_mod.FlexCo
         attn_mod.set_flex_config(cfg)
         t0 = time.perf_counter()
         try:
-            err = band_error(sizes, timer.device, dtype)
-            ms = bench_kernel(sizes, timer, dtype, (128, 2048))
+            fresh_compiles()
+            err = band_error(sizes, timer.device, dtype)  # compiles the bench's shape
+            ms = bench_kernel(sizes, timer, dtype, (128, 2048), reset=False)
         except Exception as e:  # a tiling the installed torch rejects: report, try the next
             print(f"  {q_block}x{kv_block} {dict(options)}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
-        r128, r2048 = ms["band_w128"] / ms["sdpa_causal"], ms["band_w2048"] / ms["sdpa_causal"]
-        print(f"  {q_block}x{kv_block} {dict(options)}: sdpa {ms['sdpa_causal']:.3f}  w128 {ms['band_w128']:.3f} "
-              f"({r128:.3f})  w2048 {ms['band_w2048']:.3f} ({r2048:.3f})  rel.err out/grads {err:.1e}  "
-              f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+        r128, r2048 = ms["flex_w128"] / ms["sdpa_causal"], ms["flex_w2048"] / ms["sdpa_causal"]
+        print(
+            f"  {q_block}x{kv_block} {dict(options)}: sdpa {ms['sdpa_causal']:.3f}  w128 {ms['flex_w128']:.3f} "
+            f"({r128:.3f})  w2048 {ms['flex_w2048']:.3f} ({r2048:.3f})  rel.err out/grads {err:.1e}  "
+            f"[{time.perf_counter() - t0:.0f} s]",
+            flush=True,
+        )
         if err > 2e-2:
             print("    rejected: wrong result", flush=True)
             continue
-        if best is None or ms["band_w128"] < best[0]:
-            best = (ms["band_w128"], cfg)
+        if best is None or ms["flex_w128"] < best[0]:
+            best = (ms["flex_w128"], cfg)
     if best is None:
         raise SystemExit("sweep: every tiling failed")
     print(f"  chosen: {best[1]}", flush=True)
@@ -199,10 +223,9 @@ def run_sweep(sizes: Sizes, timer: Timer, dtype: torch.dtype) -> attn_mod.FlexCo
 
 
 def band_error(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> float:
-    """Worst relative error (output and q, k, v gradients) of the band at windows 128 and
-    333 against SDPA with a boolean band mask, on the benchmark's sizes."""
-    fresh_compiles()
-    q, k, v = qkv(sizes, device, dtype, heads=4)
+    """Worst relative error (output and q, k, v gradients) of the FlexAttention band at
+    windows 128 and 333 against SDPA with a boolean band mask, on the benchmark's sizes."""
+    q, k, v = qkv(sizes, device, dtype)
     t = torch.arange(sizes.seq, device=device)
     rel = t[:, None] - t[None, :]
     worst = 0.0
@@ -210,8 +233,10 @@ def band_error(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> float:
         mask = (rel >= 0) & (rel < w)
         grad = torch.randn_like(q)
         outs = []
-        for fn in (lambda w=w: attn_mod.flex_local_attention(q, k, v, w, True),
-                   lambda mask=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)):
+        for fn in (
+            lambda w=w: attn_mod.flex_local_attention(q, k, v, w, True),
+            lambda mask=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        ):
             out = fn()
             outs.append([out.float(), *(g.float() for g in torch.autograd.grad(out, (q, k, v), grad))])
         for got, want in zip(*outs, strict=True):
@@ -227,7 +252,7 @@ def make_module(sizes: Sizes, n_global: int, window: int, device: torch.device, 
 
 
 def bench_module(sizes: Sizes, timer: Timer, dtype: torch.dtype) -> dict[str, float]:
-    fresh_compiles()
+    # same q, k, v shape as the kernel section: its compiled kernel serves
     d_model = sizes.heads * sizes.head_dim
     g = torch.Generator(device=timer.device).manual_seed(1)
     x = torch.randn(sizes.batch, sizes.seq, d_model, device=timer.device, dtype=dtype, generator=g)
@@ -244,9 +269,9 @@ def bench_hybrid(sizes: Sizes, timer: Timer, dtype: torch.dtype) -> dict[str, fl
     n_global = sizes.heads // 4
     attn = make_module(sizes, n_global, 128, timer.device, dtype)
     q, k, v = qkv(sizes, timer.device, dtype)
-    local = local_kernel(timer.device)
     glob_q, glob_k, glob_v = (t[:, :n_global] for t in (q, k, v))  # the same views the module uses
     loc_q, loc_k, loc_v = (t[:, n_global:] for t in (q, k, v))
+    local = local_kernel(loc_q)
     fns = {
         "hybrid": fwd_bwd(attn._attend, q, k, v),
         "global_part": fwd_bwd(sdpa_causal, glob_q, glob_k, glob_v),
@@ -256,17 +281,25 @@ def bench_hybrid(sizes: Sizes, timer: Timer, dtype: torch.dtype) -> dict[str, fl
 
 
 def model_config(sizes: Sizes, window: int) -> ModelConfig:
-    return ModelConfig(arch="decoder", vocab_size=256, d_model=sizes.d_model, n_layers=sizes.n_layers,
-                       n_heads=sizes.model_heads, n_global_heads=sizes.model_global,
-                       max_seq_len=sizes.model_seq, window=window)
+    return ModelConfig(
+        arch="decoder",
+        vocab_size=256,
+        d_model=sizes.d_model,
+        n_layers=sizes.n_layers,
+        n_heads=sizes.model_heads,
+        n_global_heads=sizes.model_global,
+        max_seq_len=sizes.model_seq,
+        window=window,
+    )
 
 
 class ModelStep:
     """One train step as `TrainingRun.train_step` does it: forward (bf16 autocast on CUDA),
     cross-entropy, backward, AdamW step, `loss.item()`, then `apply_knobs(next knobs)`."""
 
-    def __init__(self, sizes: Sizes, window: int, device: torch.device,
-                 knobs: Callable[[int], Knobs] | None = None) -> None:
+    def __init__(
+        self, sizes: Sizes, window: int, device: torch.device, knobs: Callable[[int], Knobs] | None = None
+    ) -> None:
         torch.manual_seed(0)
         self.model = build_model(model_config(sizes, window)).to(device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
@@ -298,7 +331,7 @@ def bench_model(sizes: Sizes, timer: Timer) -> dict[str, float]:
 
 
 def bench_knobs(sizes: Sizes, timer: Timer) -> tuple[dict[str, float], dict[str, int]]:
-    fresh_compiles()
+    # same shapes as the model section: its compiled kernels serve (a recompile would show)
     w = min(256, sizes.model_seq // 2)
     base = 10_000.0
     movers: dict[str, Callable[[int], Knobs] | None] = {
@@ -322,9 +355,48 @@ def bench_knobs(sizes: Sizes, timer: Timer) -> tuple[dict[str, float], dict[str,
 
     fns: dict[str, Callable[[], None]] = {name: step for name, step in steps.items()}
     fns["window_cold_builds"] = cold_step
+    graphs = dynamo_graphs()
     ms = timer.medians(fns)
+    if dynamo_graphs() != graphs:
+        print(f"  note: {dynamo_graphs() - graphs} graph(s) compiled during the knob runs", flush=True)
     builds = {name: step.model.masks.builds for name, step in steps.items()}
     return ms, builds
+
+
+def dynamo_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def profile_kernels(sizes: Sizes, device: torch.device, dtype: torch.dtype, window: int = 128) -> None:
+    """Per fwd+bwd at `window`: CUDA-event time against the summed GPU kernel time (the gap
+    is launch and host overhead) and the largest kernels, for each kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = qkv(sizes, device, dtype)
+    for kernel in ("flex",):
+        step = fwd_bwd(lambda a, b, c, f=KERNELS[kernel]: f(a, b, c, window), q, k, v)
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        iters = 10
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            start.record()
+            for _ in range(iters):
+                step()
+            end.record()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+        gpu_us = sum(e.self_device_time_total for e in events) / iters
+        print(
+            f"  {kernel} w{window}: {start.elapsed_time(end) / iters:.3f} ms per fwd+bwd (events, profiled), "
+            f"GPU kernels {gpu_us / 1e3:.3f} ms",
+            flush=True,
+        )
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:6]:
+            print(f"      {e.self_device_time_total / iters / 1e3:7.3f} ms  x{e.count // iters}  {e.key[:90]}")
 
 
 def mask_build_ms(sizes: Sizes, device: torch.device, repeats: int = 20) -> float:
@@ -352,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes (on CPU: a dry run of the machinery)")
     p.add_argument("--sweep", action="store_true", help="time FlexAttention tilings first and use the fastest")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (>= 10)")
+    p.add_argument("--knob-repeats", type=int, default=30, help="timed repeats of the knob-move steps")
+    p.add_argument("--profile", action="store_true", help="profile the FlexAttention band at w=128 (CUDA)")
     p.add_argument("--only", default="", help="comma list of sections: kernel,module,hybrid,model,knobs")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -367,8 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     timer = Timer(device, sizes.repeats, sizes.warmup)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (dry run: figures mean nothing)"
-    print(f"device: {name}; torch {torch.__version__}; dtype {dtype}; repeats {sizes.repeats} (median), "
-          f"warm-up {sizes.warmup}; sizes {sizes}", flush=True)
+    print(
+        f"device: {name}; torch {torch.__version__}; dtype {dtype}; repeats {sizes.repeats} (median), "
+        f"warm-up {sizes.warmup}; sizes {sizes}",
+        flush=True,
+    )
     only = set(filter(None, args.only.split(","))) or {"kernel", "module", "hybrid", "model", "knobs"}
     if args.sweep and device.type == "cuda":
         attn_mod.set_flex_config(run_sweep(sizes, timer, dtype))
@@ -377,11 +454,17 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
 
     if "kernel" in only:
-        ms = bench_kernel(sizes, timer, dtype, (128, 512, 2048))
+        kernels = ("flex",) if device.type == "cuda" else ("blocked",)
+        ms = bench_kernel(sizes, timer, dtype, (16, 32, 128, 512, 2048), kernels=kernels)
         print(f"\n== kernel alone, T={sizes.seq} B={sizes.batch} H={sizes.heads} D={sizes.head_dim}, fwd+bwd (ms) ==")
         for k, v in ms.items():
             print(f"  {k:<14} {v:8.3f}   {v / ms['sdpa_causal']:.3f} x sdpa_causal")
-        results.append(result("kernel_w128_vs_sdpa", ms["band_w128"] / ms["sdpa_causal"]))
+        probe = torch.zeros(1, 1, 1, sizes.head_dim, device=device, dtype=dtype)
+        auto = attn_mod.local_kernel_for(probe)
+        results.append(result("kernel_w128_vs_sdpa", ms[f"{auto}_w128"] / ms["sdpa_causal"]))
+        if args.profile and device.type == "cuda":
+            print("\n== profile ==")
+            profile_kernels(sizes, device, dtype)
     if "module" in only:
         ms = bench_module(sizes, timer, dtype)
         print("\n== attention module, all heads local, fwd+bwd (ms) ==")
@@ -392,21 +475,25 @@ def main(argv: list[str] | None = None) -> int:
     if "hybrid" in only:
         ms = bench_hybrid(sizes, timer, dtype)
         parts = ms["global_part"] + ms["local_part"]
-        print(f"\n== hybrid mix, {sizes.heads // 4} global + {sizes.heads - sizes.heads // 4} local heads, w=128 (ms) ==")
+        print(
+            f"\n== hybrid mix, {sizes.heads // 4} global + {sizes.heads - sizes.heads // 4} local heads, w=128 (ms) =="
+        )
         for k, v in ms.items():
             print(f"  {k:<14} {v:8.3f}")
         print(f"  parts apart    {parts:8.3f}")
         results.append(result("hybrid_vs_parts", ms["hybrid"] / parts))
     if "model" in only:
         ms = bench_model(sizes, timer)
-        print(f"\n== whole-model train step, T={sizes.model_seq} d={sizes.d_model} L={sizes.n_layers} "
-              f"H={sizes.model_heads} ({sizes.model_global} global) B={sizes.model_batch} (ms) ==")
+        print(
+            f"\n== whole-model train step, T={sizes.model_seq} d={sizes.d_model} L={sizes.n_layers} "
+            f"H={sizes.model_heads} ({sizes.model_global} global) B={sizes.model_batch} (ms) =="
+        )
         for k, v in ms.items():
             print(f"  {k:<14} {v:8.3f}   {v / ms['full']:.3f} x full")
         w = min(256, sizes.model_seq // 2)
         results.append(result("model_w256_vs_full", ms[f"w{w}"] / ms["full"]))
     if "knobs" in only:
-        ms, builds = bench_knobs(sizes, timer)
+        ms, builds = bench_knobs(sizes, Timer(device, max(args.knob_repeats, sizes.repeats), sizes.warmup))
         print("\n== knob moves every step vs fixed, window 256 (ms per step; block masks built) ==")
         for k, v in ms.items():
             print(f"  {k:<22} {v:8.3f}   {v / ms['fixed']:.3f} x fixed   builds {builds.get(k, '-')}")
@@ -418,9 +505,13 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result("window_crossing_tiles_vs_fixed", ms["window_crossing_tiles"] / ms["fixed"]))
         results.append(result("base_moving_vs_fixed", ms["base_moving"] / ms["fixed"]))
         results.append(result("both_moving_vs_fixed", ms["both_moving"] / ms["fixed"]))
-        print(f"  (informational) every step a cold build: {ms['window_cold_builds'] / ms['fixed']:.3f} x fixed")
-    print(f"\nbench_gpu: {time.perf_counter() - t_start:.0f} s; device {name}; torch {torch.__version__}; "
-          f"tiling {attn_mod.FLEX}")
+        print(
+            f"  (informational) a cold block-mask build every step: {ms['window_cold_builds'] / ms['fixed']:.3f} x fixed"
+        )
+    print(
+        f"\nbench_gpu: {time.perf_counter() - t_start:.0f} s; device {name}; torch {torch.__version__}; "
+        f"tiling {attn_mod.FLEX}; dynamo graphs compiled {dynamo_graphs()}"
+    )
     for line in results:
         print(line)
     return 0

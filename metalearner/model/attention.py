@@ -11,7 +11,7 @@ queries into blocks of `c` positions and attends each block to its own band of k
 On CUDA the local heads go through FlexAttention with a band block mask built in closed
 form from tile indices (`band_block_mask`), one per window tiling for the whole model
 (`LocalMaskCache`); the window lives in a 0-d tensor the mask function reads, so moving it
-recompiles nothing, and the global heads stay on SDPA's flash kernel.
+recompiles nothing. The global heads stay on SDPA's flash kernel.
 
 Imports torch only; must not import ray, mlflow or anything above the model layer.
 """
@@ -45,6 +45,7 @@ __all__ = [
     "band_block_mask",
     "blocked_local_attention",
     "flex_local_attention",
+    "local_kernel_for",
     "local_block_size",
     "set_flex_config",
 ]
@@ -254,7 +255,7 @@ class HybridAttention(nn.Module):
     Heads 0 .. n_global_heads-1 are global, the others local with width `self.window`.
     When `window >= T` every head is global and all heads run in one
     `scaled_dot_product_attention` call. Otherwise the global heads run in SDPA (flash on
-    CUDA) and the local heads in `flex_local_attention` (CUDA) or `blocked_local_attention`.
+    CUDA) and the local heads in FlexAttention (CUDA, `local_kernel_for`) or the blocked band.
 
     Args:
         d_model: model width; `d_model / n_heads` is the head size (even when `rope` is set).
@@ -298,8 +299,8 @@ class HybridAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
-        # FlexAttention on CUDA when importable and the head size suits its kernels
-        # (a power of two >= 16); set False to force the blocked path everywhere.
+        # FlexAttention on CUDA where the head size suits its kernels (`local_kernel_for`);
+        # set False to force the blocked path everywhere.
         self.use_flex = self.head_dim >= 16 and self.head_dim & (self.head_dim - 1) == 0
         self.window = 1
         # Block masks of the band for FlexAttention; a model gives all its layers one cache
@@ -333,7 +334,7 @@ class HybridAttention(nn.Module):
         if n_global == self.n_heads or self.window >= t:  # every head is global
             return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal).transpose(1, 2)
         ql, kl, vl = q[:, n_global:], k[:, n_global:], v[:, n_global:]
-        if self._use_flex(q):  # CUDA: the band through FlexAttention, global heads on SDPA
+        if local_kernel_for(ql, self.use_flex) == "flex":  # CUDA: FlexAttention, band block mask
             local = flex_local_attention(ql, kl, vl, self.window, self.causal, self.masks)
         else:
             local = blocked_local_attention(ql, kl, vl, self.window, self.causal)
@@ -351,14 +352,6 @@ class HybridAttention(nn.Module):
         """Use `masks` (a model's one cache) instead of this layer's own block-mask cache."""
         self.masks = masks
 
-    def _use_flex(self, q: torch.Tensor) -> bool:
-        return (
-            self.use_flex
-            and flex_attention is not None
-            and q.device.type in FLEX_DEVICES
-            and (q.device.type == "cuda" or not torch.is_grad_enabled())
-        )
-
 
 # ----------------------------------------------------------------------------------------
 # FlexAttention for the local heads: closed-form block masks, one cache per model
@@ -367,6 +360,21 @@ class HybridAttention(nn.Module):
 # Devices whose local heads go through FlexAttention (tests add "cpu" for no-grad checks;
 # FlexAttention has no CPU backward).
 FLEX_DEVICES: tuple[str, ...] = ("cuda",)
+
+
+def local_kernel_for(q: torch.Tensor, use_flex: bool = True) -> str:
+    """The local path for these inputs: "flex" (CUDA, head size a power of two >= 16) or
+    "blocked"."""
+    d = q.shape[-1]
+    flex_ok = (
+        use_flex
+        and flex_attention is not None
+        and d >= 16
+        and d & (d - 1) == 0
+        and q.device.type in FLEX_DEVICES
+        and (q.device.type == "cuda" or not torch.is_grad_enabled())
+    )
+    return "flex" if flex_ok else "blocked"
 
 
 @dataclass(frozen=True)
@@ -443,8 +451,9 @@ def band_block_mask(
     skip it. Returns a BlockMask on `device` with broadcast batch and head dimensions.
     """
     assert BlockMask is not None
-    lo, hi, flo, fhi = (torch.tensor(x, dtype=torch.int32) for x in band_block_bounds(
-        seq_len, window, causal, q_block, kv_block))
+    lo, hi, flo, fhi = (
+        torch.tensor(x, dtype=torch.int32) for x in band_block_bounds(seq_len, window, causal, q_block, kv_block)
+    )
     n_kv = -(-seq_len // kv_block)
     j = torch.arange(n_kv, dtype=torch.int32).view(1, -1)
     touched = (j >= lo[:, None]) & (j <= hi[:, None])
@@ -459,8 +468,13 @@ def band_block_mask(
     kv_num, kv_idx = ordered(partial)
     full_num, full_idx = ordered(full)
     return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(q_block, kv_block),
-        mask_mod=mask_mod, seq_lengths=(seq_len, seq_len),
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=(q_block, kv_block),
+        mask_mod=mask_mod,
+        seq_lengths=(seq_len, seq_len),
     )
 
 
@@ -542,14 +556,31 @@ def _put(cache: OrderedDict[tuple[Any, ...], Any], key: tuple[Any, ...], value: 
 _KERNEL: list[Callable[..., torch.Tensor]] = []
 
 
+# Compiled entries FlexAttention may need in one process: causal / bidirectional x grad on /
+# off x dtype x (static sizes, then symbolic sizes, batch 1 specialised). Bounded, but above
+# dynamo's default of 8 for a speech model (encoder + decoder, train + eval); raised for this
+# one call only.
+FLEX_RECOMPILE_LIMIT = 32
+
+
 def _flex_kernel() -> Callable[..., torch.Tensor]:
     """The process's one compiled FlexAttention. Dynamo's automatic dynamic shapes: the
     first input shape compiles with static sizes, a second shape recompiles once with
-    symbolic sizes, which then serves every later shape (variable speech batches never
-    approach the recompile limit). Moving the window changes only tensor values."""
+    symbolic sizes, which then serves every later shape (variable speech batches compile a
+    bounded number of entries, not one per shape). Moving the window changes only tensor
+    values."""
     if not _KERNEL:
         _KERNEL.append(torch.compile(flex_attention, dynamic=None))
     return _KERNEL[0]
+
+
+def _recompile_limit_patch() -> Any:
+    """`torch._dynamo.config.patch` raising the recompile limit to FLEX_RECOMPILE_LIMIT."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(int(getattr(config, name)), FLEX_RECOMPILE_LIMIT)})
 
 
 def flex_local_attention(
@@ -578,12 +609,14 @@ def flex_local_attention(
     block_mask = masks.block_mask(t, min(int(window), t), causal, q.device)
     kernel = _flex_kernel()
     options = dict(FLEX.kernel_options) or None
-    out = kernel(q, k, v, block_mask=block_mask, kernel_options=options)
+    with _recompile_limit_patch():
+        out = kernel(q, k, v, block_mask=block_mask, kernel_options=options)
     assert isinstance(out, torch.Tensor)
     return out
 
 
 _DEFAULT_MASKS = LocalMaskCache()
+
 
 class CrossAttention(nn.Module):
     """Full (non-causal) attention from decoder queries to encoder memory, no rotary.
