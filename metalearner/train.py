@@ -239,9 +239,10 @@ class TrainingRun:
         self.optimizer.load_state_dict(state["optimizer"])
         self.controller.load_state_dict(state["controller"])
         self.model.apply_knobs(self.controller.knobs)
-        torch.set_rng_state(state["rng"]["torch"])
+        # RNG states are CPU byte tensors even when map_location sent the rest to a GPU
+        torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         random.setstate(state["rng"]["python"])
         self.step = int(state["step"])
         self.train_seconds = float(state.get("train_seconds", 0.0))

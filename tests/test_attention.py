@@ -6,12 +6,18 @@ import itertools
 
 import pytest
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
+from metalearner.model import attention as attention_mod
 from metalearner.model.attention import (
     CrossAttention,
+    FlexConfig,
     HybridAttention,
-    _hybrid_mask_mod,
+    LocalMaskCache,
+    _band_mask_mod,
+    band_block_bounds,
+    band_block_mask,
     blocked_local_attention,
     local_block_size,
 )
@@ -168,12 +174,10 @@ def test_local_heads_are_causal():
     assert not torch.allclose(y[:, 20:], y2[:, 20:])
 
 
-def test_set_window_updates_in_place_and_validates():
+def test_set_window_validates():
     attn = make_attn(True, 1, 8)
-    tensor = attn.window_tensor
     attn.set_window(12)
     assert attn.window == 12 and type(attn.window) is int
-    assert attn.window_tensor is tensor and int(tensor) == 12
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="window"):
             attn.set_window(bad)
@@ -198,21 +202,115 @@ def test_cross_attention_matches_reference():
     torch.testing.assert_close(cross(x, mem), ref)
 
 
-# -- CUDA: FlexAttention ------------------------------------------------------------------
+# -- FlexAttention: the band's block mask (built on CPU here), the path itself on CUDA ------
+
+
+def band(seq_len: int, window: int, causal: bool) -> torch.Tensor:
+    """(T, T) bool: the local band, True where query t may attend key s."""
+    return dense_mask(seq_len, window, causal, 1, 0)[0]
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_flex_mask_mod_matches_dense_mask_and_reads_the_window_tensor(causal):
-    window = torch.tensor(5, dtype=torch.int32)
-    mask_mod = _hybrid_mask_mod(window, 1, causal)
-    h = torch.arange(4).view(-1, 1, 1)
-    q_idx = torch.arange(SEQ).view(1, -1, 1)
-    kv_idx = torch.arange(SEQ).view(1, 1, -1)
-    b = torch.zeros((), dtype=torch.long)
+def test_band_mask_mod_matches_dense_band_and_reads_the_window_tensors(causal):
+    window, reach = torch.tensor(5, dtype=torch.int32), torch.tensor(1, dtype=torch.int32)
+    mask_mod = _band_mask_mod(window, reach)
+    q_idx = torch.arange(SEQ).view(-1, 1)
+    kv_idx = torch.arange(SEQ).view(1, -1)
+    zero = torch.zeros((), dtype=torch.long)
     for w in (5, 1, 12):
-        window.fill_(w)  # what set_window does: no new closure, no recompile
-        got = mask_mod(b, h, q_idx, kv_idx).expand(4, SEQ, SEQ)
-        assert torch.equal(got, dense_mask(SEQ, w, causal, 4, 1))
+        window.fill_(w)  # what a window move does: same function, new value, no recompile
+        reach.fill_(1 if causal else w)
+        assert torch.equal(mask_mod(zero, zero, q_idx, kv_idx), band(SEQ, w, causal))
+
+
+def visible_from_block_mask(bm, seq_len: int, window: int, causal: bool) -> torch.Tensor:
+    """What FlexAttention computes with `bm`: full tiles whole, partial tiles through mask_mod."""
+    q_block, kv_block = bm.BLOCK_SIZE
+    allowed = band(seq_len, window, causal)
+    out = torch.zeros(seq_len, seq_len, dtype=torch.bool)
+    n_q = bm.kv_num_blocks.shape[-1]
+    for n in range(n_q):
+        rows = slice(n * q_block, (n + 1) * q_block)
+        partial = bm.kv_indices[0, 0, n, : int(bm.kv_num_blocks[0, 0, n])].tolist()
+        full = bm.full_kv_indices[0, 0, n, : int(bm.full_kv_num_blocks[0, 0, n])].tolist()
+        assert not set(partial) & set(full), f"tile row {n}: a tile is both partial and full"
+        for j in full:
+            out[rows, j * kv_block : (j + 1) * kv_block] = True
+        for j in partial:
+            cols = slice(j * kv_block, (j + 1) * kv_block)
+            out[rows, cols] = allowed[rows, cols]
+    return out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("tiles", [(128, 64), (64, 64), (128, 128), (32, 16)])
+@pytest.mark.parametrize("seq_len", [37, 128, 300, 513])
+def test_band_block_mask_covers_exactly_the_band(causal, tiles, seq_len):
+    q_block, kv_block = tiles
+    windows = sorted({1, 5, 63, 64, 65, 128, 129, 200, seq_len - 1, seq_len})
+    for window in (w for w in windows if 1 <= w <= seq_len):
+        mod = _band_mask_mod(torch.tensor(window), torch.tensor(1 if causal else window))
+        bm = band_block_mask(seq_len, window, causal, mod, torch.device("cpu"), q_block, kv_block)
+        got = visible_from_block_mask(bm, seq_len, window, causal)
+        assert torch.equal(got, band(seq_len, window, causal)), (window, tiles)
+        assert bm.q_num_blocks is not None  # the transposed tiles the backward pass walks
+
+
+def test_band_block_mask_uses_full_tiles_and_skips_far_ones():
+    # T=1024, w=200, 64x64 tiles: a query tile touches 5 key tiles (200 keys + the diagonal),
+    # of which 2 lie wholly inside every query's band
+    lo, hi, flo, fhi = band_block_bounds(1024, 200, True, 64, 64)
+    assert (lo[10], hi[10], flo[10], fhi[10]) == (6, 10, 8, 9)
+    mod = _band_mask_mod(torch.tensor(200), torch.tensor(1))
+    bm = band_block_mask(1024, 200, True, mod, torch.device("cpu"), 64, 64)
+    assert int(bm.kv_num_blocks.max()) == 3 and int(bm.full_kv_num_blocks.max()) == 2
+    # the CPU part of a build is closed form: no T x T evaluation of the mask function
+    calls = []
+    counting = lambda b, h, q, kv: calls.append(1) or mod(b, h, q, kv)  # noqa: E731
+    band_block_mask(1024, 200, True, counting, torch.device("cpu"), 64, 64)
+    assert calls == []
+
+
+def test_mask_cache_rebuilds_only_across_tiles_and_moves_one_window_tensor():
+    cache = LocalMaskCache()
+    cpu = torch.device("cpu")
+    first = cache.block_mask(512, 100, True, cpu)
+    window_t = cache._tensors[(cpu, True)][0]
+    for w in range(66, 128):  # same key tiles for 128 x 64 tiling: no new mask
+        assert cache.block_mask(512, w, True, cpu) is first
+        assert int(window_t) == w  # the one tensor the mask function reads, moved in place
+    assert cache.builds == 1
+    other = cache.block_mask(512, 130, True, cpu)
+    assert other is not first and cache.builds == 2
+    assert cache._tensors[(cpu, True)][0] is window_t
+
+
+def test_model_layers_share_one_mask_cache():
+    from metalearner.model import build_model, tiny
+
+    model = build_model(tiny(arch="encoder_decoder", n_mels=8))
+    attns = [b.attn for b in [*model.enc_blocks, *model.dec_blocks]]
+    assert all(a.masks is model.masks for a in attns)
+    import copy
+    import pickle
+
+    clone = copy.deepcopy(model)
+    assert clone.masks is not model.masks and all(b.attn.masks is clone.masks for b in clone.enc_blocks)
+    assert pickle.loads(pickle.dumps(model.masks)).builds == 0
+
+
+def test_flex_config_validates():
+    with pytest.raises(ValueError, match="q_block"):
+        FlexConfig(q_block=96).validate()
+    with pytest.raises(ValueError, match="q_block"):
+        FlexConfig(q_block=64, kv_block=128).validate()
+    assert FlexConfig(q_block=128, kv_block=32).validate().kv_block == 32
+
+
+def test_local_kernel_choice():
+    x = torch.zeros(1, 2, 64, 16)
+    assert attention_mod.local_kernel_for(x) == "blocked"  # CPU: the blocked band
+    assert attention_mod.local_kernel_for(x.bfloat16()) == "blocked"
 
 
 def test_flex_only_for_head_sizes_it_supports():
@@ -222,28 +320,47 @@ def test_flex_only_for_head_sizes_it_supports():
 
 @needs_cuda
 @pytest.mark.parametrize("causal", [True, False])
-def test_flex_path_matches_blocked_path(causal):
-    attn = make_attn(causal, 1, 16, d_model=64).float().cuda()  # head_dim 16
+@pytest.mark.parametrize("n_global", [0, 1])
+def test_flex_path_matches_blocked_path(causal, n_global):
+    torch._dynamo.reset()  # this process's earlier compiles must not crowd the limit
+    attn = make_attn(causal, n_global, 16, d_model=64).float().cuda()  # head_dim 16
     assert attn.use_flex
-    x = torch.randn(2, 300, 64, device="cuda")
-    for window in (16, 64, 7):  # changing the window reuses the compiled kernel
+    x = torch.randn(2, 300, 64, device="cuda", requires_grad=True)
+    for window in (16, 64, 7, 65, 200, 299):  # inside a tile, across tiles, near T
         attn.set_window(window)
-        attn.use_flex = True
-        flex = attn(x)
-        attn.use_flex = False
-        blocked = attn(x)
-        torch.testing.assert_close(flex, blocked, rtol=1e-4, atol=1e-4)
+        outs, grads = [], []
+        for use_flex in (True, False):
+            attn.use_flex = use_flex
+            out = attn(x)
+            outs.append(out)
+            grads.append(torch.autograd.grad(out.square().sum(), [x, attn.qkv.weight]))
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+        for g_flex, g_blocked in zip(*grads, strict=True):
+            torch.testing.assert_close(g_flex, g_blocked, rtol=1e-3, atol=1e-3)
 
 
 @needs_cuda
-def test_flex_path_backward_matches():
-    attn = make_attn(True, 1, 16, d_model=64).float().cuda()
-    x = torch.randn(2, 256, 64, device="cuda", requires_grad=True)
-    grads = []
-    for use_flex in (True, False):
-        attn.use_flex = use_flex
-        grads.append(torch.autograd.grad(attn(x).square().sum(), x)[0])
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-3)
+def test_hybrid_module_under_bf16_autocast_matches_float32():
+    torch._dynamo.reset()
+    attn = make_attn(True, 1, 100, d_model=256).float().cuda()  # 4 heads of 64, 1 global
+    x = torch.randn(2, 450, 256, device="cuda")
+    ref = attn(x)  # float32
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = attn(x)  # bf16 q, k, v: FlexAttention band + SDPA flash global head
+    err = float((out.float() - ref).norm() / ref.norm())
+    assert err < 2e-2, err
+
+
+@needs_cuda
+def test_flex_bf16_matches_float64_dense():
+    torch._dynamo.reset()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 1000, 64, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(3))
+    for causal, window in ((True, 128), (True, 333), (False, 100)):
+        out = attention_mod.flex_local_attention(q, k, v, window, causal)
+        ref = dense_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), window, causal)
+        err = (out.double().cpu() - ref).norm() / ref.norm()
+        assert err < 1e-2, (causal, window, float(err))
 
 
 def test_sdpa_reference_agrees_with_dense_helper():

@@ -8,9 +8,10 @@ the rest attend within a sliding window whose width is a runtime knob (`set_wind
 
 The local path costs O(T * w), forward and backward: `blocked_local_attention` splits the
 queries into blocks of `c` positions and attends each block to its own band of keys only.
-On CUDA, when FlexAttention is available, one `flex_attention` call with a block mask covers
-global and local heads together; the window lives in a 0-d tensor so that changing it does
-not recompile the kernel.
+On CUDA the local heads go through FlexAttention with a band block mask built in closed
+form from tile indices (`band_block_mask`), one per window tiling for the whole model
+(`LocalMaskCache`); the window lives in a 0-d tensor the mask function reads, so moving it
+recompiles nothing. The global heads stay on SDPA's flash kernel.
 
 Imports torch only; must not import ray, mlflow or anything above the model layer.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,16 +30,24 @@ from torch import nn
 from metalearner.model.rope import RotaryEmbedding
 
 try:  # FlexAttention is optional: used only on CUDA.
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # pragma: no cover - depends on the torch build
-    create_block_mask = None
+    BlockMask = None
     flex_attention = None
 
 __all__ = [
+    "FLEX_DEVICES",
     "CrossAttention",
+    "FlexConfig",
     "HybridAttention",
+    "LocalMaskCache",
+    "band_block_bounds",
+    "band_block_mask",
     "blocked_local_attention",
+    "flex_local_attention",
+    "local_kernel_for",
     "local_block_size",
+    "set_flex_config",
 ]
 
 
@@ -244,7 +254,8 @@ class HybridAttention(nn.Module):
 
     Heads 0 .. n_global_heads-1 are global, the others local with width `self.window`.
     When `window >= T` every head is global and all heads run in one
-    `scaled_dot_product_attention` call.
+    `scaled_dot_product_attention` call. Otherwise the global heads run in SDPA (flash on
+    CUDA) and the local heads in FlexAttention (CUDA, `local_kernel_for`) or the blocked band.
 
     Args:
         d_model: model width; `d_model / n_heads` is the head size (even when `rope` is set).
@@ -263,8 +274,6 @@ class HybridAttention(nn.Module):
         torch.Size([2, 100, 64])
         >>> attn.set_window(8)
     """
-
-    window_tensor: torch.Tensor
 
     def __init__(
         self,
@@ -290,21 +299,22 @@ class HybridAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
-        # FlexAttention on CUDA when importable and the head size suits its kernels
-        # (a power of two >= 16); set False to force the blocked path everywhere.
+        # FlexAttention on CUDA where the head size suits its kernels (`local_kernel_for`);
+        # set False to force the blocked path everywhere.
         self.use_flex = self.head_dim >= 16 and self.head_dim & (self.head_dim - 1) == 0
         self.window = 1
-        # The window as a 0-d tensor for FlexAttention's mask (read, not baked into the kernel).
-        self.register_buffer("window_tensor", torch.tensor(1, dtype=torch.int32), persistent=False)
-        self._flex_state: dict[str, Any] = {}
+        # Block masks of the band for FlexAttention; a model gives all its layers one cache
+        # (`share_masks`), so a window move builds at most one mask for the whole model.
+        self.masks = LocalMaskCache()
         self.set_window(window)
 
     def set_window(self, window: int) -> None:
-        """Set the local width (an int >= 1); the window tensor is updated in place."""
+        """Set the local width (an int >= 1). Nothing is rebuilt here: the next forward
+        fills the mask cache's window tensor in place (and builds a block mask only when
+        the window crosses a key tile)."""
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window: got {window!r}, expected an int >= 1")
         self.window = window
-        self.window_tensor.fill_(window)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, d_model) -> (B, T, d_model)."""
@@ -323,11 +333,12 @@ class HybridAttention(nn.Module):
         n_global = self.n_global_heads
         if n_global == self.n_heads or self.window >= t:  # every head is global
             return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal).transpose(1, 2)
-        if q.is_cuda and self.use_flex and flex_attention is not None:
-            return self._flex(q, k, v).transpose(1, 2)
-        local = blocked_local_attention(
-            q[:, n_global:], k[:, n_global:], v[:, n_global:], self.window, self.causal
-        ).transpose(1, 2)
+        ql, kl, vl = q[:, n_global:], k[:, n_global:], v[:, n_global:]
+        if local_kernel_for(ql, self.use_flex) == "flex":  # CUDA: FlexAttention, band block mask
+            local = flex_local_attention(ql, kl, vl, self.window, self.causal, self.masks)
+        else:
+            local = blocked_local_attention(ql, kl, vl, self.window, self.causal)
+        local = local.transpose(1, 2)
         if n_global == 0:
             return local
         glob = F.scaled_dot_product_attention(
@@ -335,39 +346,270 @@ class HybridAttention(nn.Module):
         ).transpose(1, 2)
         return torch.cat((glob, local), dim=2)
 
-    # -- CUDA: FlexAttention ----------------------------------------------------------------
+    # -- FlexAttention (CUDA) ------------------------------------------------------------
 
-    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """All heads in one FlexAttention call; block mask rebuilt only when T/window change."""
-        assert create_block_mask is not None and flex_attention is not None
-        state = self._flex_state
-        t = q.shape[2]
-        if state.get("window_tensor") is not self.window_tensor:  # first call, or moved
-            state.clear()
-            state["window_tensor"] = self.window_tensor
-            state["mask_mod"] = _hybrid_mask_mod(self.window_tensor, self.n_global_heads, self.causal)
-            state["kernel"] = torch.compile(flex_attention, dynamic=False)
-        key = (t, self.window, q.device)
-        if state.get("mask_key") != key:
-            state["block_mask"] = create_block_mask(
-                state["mask_mod"], B=None, H=self.n_heads, Q_LEN=t, KV_LEN=t, device=q.device
-            )
-            state["mask_key"] = key
-        kernel: Callable[..., torch.Tensor] = state["kernel"]
-        return kernel(q, k, v, block_mask=state["block_mask"])
+    def share_masks(self, masks: LocalMaskCache) -> None:
+        """Use `masks` (a model's one cache) instead of this layer's own block-mask cache."""
+        self.masks = masks
 
 
-def _hybrid_mask_mod(window: torch.Tensor, n_global_heads: int, causal: bool) -> Callable[..., Any]:
-    """FlexAttention mask_mod: global heads see all (earlier) keys, local heads their band."""
 
-    def mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+# ----------------------------------------------------------------------------------------
+# FlexAttention for the local heads: closed-form block masks, one cache per model
+# ----------------------------------------------------------------------------------------
+
+# Devices whose local heads go through FlexAttention (tests add "cpu" for no-grad checks;
+# FlexAttention has no CPU backward).
+FLEX_DEVICES: tuple[str, ...] = ("cuda",)
+
+def local_kernel_for(q: torch.Tensor, use_flex: bool = True) -> str:
+    """The local path for these inputs: "flex" (CUDA, head size a power of two >= 16) or
+    "blocked"."""
+    d = q.shape[-1]
+    flex_ok = (
+        use_flex
+        and flex_attention is not None
+        and d >= 16
+        and d & (d - 1) == 0
+        and q.device.type in FLEX_DEVICES
+        and (q.device.type == "cuda" or not torch.is_grad_enabled())
+    )
+    return "flex" if flex_ok else "blocked"
+
+
+@dataclass(frozen=True)
+class FlexConfig:
+    """Tiling of the local band for FlexAttention.
+
+    Args:
+        q_block: query rows per block-mask tile (a multiple of `kv_block`).
+        kv_block: key columns per block-mask tile. A causal window w touches about
+            ceil(w / kv_block) + q_block / kv_block tiles per query tile; the tiles wholly
+            inside the band are "full" and skip the mask function.
+        kernel_options: FlexAttention `kernel_options` as sorted (name, value) pairs, e.g.
+            (("BLOCK_M", 64), ("BLOCK_N", 64)); empty = its defaults.
+    """
+
+    q_block: int = 128
+    kv_block: int = 128
+    kernel_options: tuple[tuple[str, Any], ...] = ()
+
+    def validate(self) -> FlexConfig:
+        for name in ("q_block", "kv_block"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 16 or value & (value - 1):
+                raise ValueError(f"{name}: got {value!r}, expected a power of two >= 16")
+        if self.q_block % self.kv_block:
+            raise ValueError(f"q_block: got {self.q_block}, expected a multiple of kv_block={self.kv_block}")
+        return self
+
+
+FLEX = FlexConfig()
+
+
+def set_flex_config(config: FlexConfig) -> None:
+    """Choose the band's tiling and kernel options for every later FlexAttention call."""
+    global FLEX
+    FLEX = config.validate()
+
+
+def band_block_bounds(
+    seq_len: int, window: int, causal: bool, q_block: int, kv_block: int
+) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Per query tile n, the key tiles the band touches, [lo, hi], and those wholly inside
+    it for every query of the tile, [full_lo, full_hi] (empty when full_lo > full_hi).
+
+    Closed form, no T x T mask: query tile n holds t in [t0, t1], the band of t is
+    [t - w + 1, t] (causal) or [t - w + 1, t + w - 1]. Tiles reaching past T are partial.
+    """
+    n_q = -(-seq_len // q_block)
+    last_full_tile = seq_len // kv_block - 1  # key tiles inside T
+    reach = 0 if causal else window - 1  # how far right of t the band goes
+    lo, hi, flo, fhi = [], [], [], []
+    for n in range(n_q):
+        t0, t1 = n * q_block, min(seq_len, (n + 1) * q_block) - 1
+        lo.append(max(0, t0 - window + 1) // kv_block)
+        hi.append(min(seq_len - 1, t1 + reach) // kv_block)
+        # tile j is full iff j*kv >= t1 - w + 1 and (j+1)*kv - 1 <= t0 + reach
+        flo.append(max(0, -(-(t1 - window + 1) // kv_block)))
+        fhi.append(min((t0 + reach + 1) // kv_block - 1, last_full_tile))
+    return lo, hi, flo, fhi
+
+
+def band_block_mask(
+    seq_len: int,
+    window: int,
+    causal: bool,
+    mask_mod: Callable[..., Any],
+    device: torch.device,
+    q_block: int,
+    kv_block: int,
+) -> Any:
+    """The band's BlockMask, built from tile indices (`BlockMask.from_kv_blocks`).
+
+    Partial tiles (band edges, the diagonal, tiles past T) run `mask_mod`; full tiles
+    skip it. Returns a BlockMask on `device` with broadcast batch and head dimensions.
+    """
+    assert BlockMask is not None
+    lo, hi, flo, fhi = (torch.tensor(x, dtype=torch.int32) for x in band_block_bounds(
+        seq_len, window, causal, q_block, kv_block))
+    n_kv = -(-seq_len // kv_block)
+    j = torch.arange(n_kv, dtype=torch.int32).view(1, -1)
+    touched = (j >= lo[:, None]) & (j <= hi[:, None])
+    full = (j >= flo[:, None]) & (j <= fhi[:, None])
+    partial = touched & ~full
+
+    def ordered(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # selected tiles first, in ascending order; the rest of each row is ignored
+        order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True).to(torch.int32)
+        return sel.sum(1, dtype=torch.int32)[None, None].to(device), order[None, None].to(device)
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(q_block, kv_block),
+        mask_mod=mask_mod, seq_lengths=(seq_len, seq_len),
+    )
+
+
+def _band_mask_mod(window: torch.Tensor, reach: torch.Tensor) -> Callable[..., Any]:
+    """FlexAttention mask_mod of the band: key s is seen by query t iff t - s < window and
+    s - t < reach (reach 1: causal; reach = window: bidirectional). Both are 0-d tensors
+    read by the kernel, so moving the window changes no code and compiles nothing."""
+
+    def band(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
         rel = q_idx - kv_idx
-        if causal:
-            return (rel >= 0) & ((h < n_global_heads) | (rel < window))
-        return (h < n_global_heads) | (rel.abs() < window)
+        return (rel < window) & (-rel < reach)
 
-    return mask_mod
+    return band
 
+
+class LocalMaskCache:
+    """Block masks of the local band, shared by every HybridAttention layer of a model.
+
+    One block mask per (length, window tiling): a window move that stays inside the same
+    key tiles only rewrites the window tensor the mask function reads (one in-place fill
+    for the whole model); crossing a tile boundary builds one new mask in closed form.
+    All layers sharing a cache use one window at a time (`apply_knobs` moves them
+    together). Copies and pickles start empty (the tensors are per process and device).
+    """
+
+    def __init__(self, max_masks: int = 32) -> None:
+        self.max_masks = max_masks
+        self.builds = 0  # block masks built so far (tests and benchmarks read it)
+        self._tensors: dict[tuple[torch.device, bool], tuple[torch.Tensor, torch.Tensor, Any]] = {}
+        self._values: dict[tuple[torch.device, bool], int] = {}
+        self._by_window: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._by_tiles: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"max_masks": self.max_masks}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["max_masks"])  # type: ignore[misc]
+
+    def block_mask(self, seq_len: int, window: int, causal: bool, device: torch.device) -> Any:
+        """The band's BlockMask for these sizes; its mask function sees `window` now."""
+        window_t, reach_t, mask_mod = self._mask_tensors(device, causal)
+        if self._values.get((device, causal)) != window:  # host-side shadow: no device sync
+            window_t.fill_(window)
+            if not causal:
+                reach_t.fill_(window)
+            self._values[(device, causal)] = window
+        cfg = FLEX
+        key = (device, seq_len, window, causal, cfg.q_block, cfg.kv_block)
+        mask = self._by_window.get(key)
+        if mask is None:
+            bounds = band_block_bounds(seq_len, window, causal, cfg.q_block, cfg.kv_block)
+            tiles = (device, seq_len, causal, cfg.q_block, cfg.kv_block, str(bounds))
+            mask = self._by_tiles.get(tiles)
+            if mask is None:
+                mask = band_block_mask(seq_len, window, causal, mask_mod, device, cfg.q_block, cfg.kv_block)
+                self.builds += 1
+                _put(self._by_tiles, tiles, mask, self.max_masks)
+            _put(self._by_window, key, mask, 4 * self.max_masks)
+        return mask
+
+    def _mask_tensors(self, device: torch.device, causal: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        entry = self._tensors.get((device, causal))
+        if entry is None:
+            window_t = torch.ones((), dtype=torch.int32, device=device)
+            reach_t = torch.ones((), dtype=torch.int32, device=device)
+            self._values[(device, causal)] = 1
+            entry = (window_t, reach_t, _band_mask_mod(window_t, reach_t))
+            self._tensors[(device, causal)] = entry
+        return entry
+
+
+def _put(cache: OrderedDict[tuple[Any, ...], Any], key: tuple[Any, ...], value: Any, limit: int) -> None:
+    cache[key] = value
+    if len(cache) > limit:
+        cache.popitem(last=False)
+
+
+_KERNEL: list[Callable[..., torch.Tensor]] = []
+
+
+# Compiled entries FlexAttention may need in one process: causal / bidirectional x grad on /
+# off x dtype x (static sizes, then symbolic sizes, batch 1 specialised). Bounded, but above
+# dynamo's default of 8 for a speech model (encoder + decoder, train + eval); raised for this
+# one call only.
+FLEX_RECOMPILE_LIMIT = 32
+
+
+def _flex_kernel() -> Callable[..., torch.Tensor]:
+    """The process's one compiled FlexAttention. Dynamo's automatic dynamic shapes: the
+    first input shape compiles with static sizes, a second shape recompiles once with
+    symbolic sizes, which then serves every later shape (variable speech batches compile a
+    bounded number of entries, not one per shape). Moving the window changes only tensor
+    values."""
+    if not _KERNEL:
+        _KERNEL.append(torch.compile(flex_attention, dynamic=None))
+    return _KERNEL[0]
+
+
+def _recompile_limit_patch() -> Any:
+    """`torch._dynamo.config.patch` raising the recompile limit to FLEX_RECOMPILE_LIMIT."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(int(getattr(config, name)), FLEX_RECOMPILE_LIMIT)})
+
+
+def flex_local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    causal: bool,
+    masks: LocalMaskCache | None = None,
+) -> torch.Tensor:
+    """Sliding-window attention through FlexAttention with a closed-form band block mask.
+
+    Args:
+        q, k, v: (B, H, T, D), last dimension contiguous; every head is local.
+        window: local width w >= 1.
+        causal: causal band t-w < s <= t if True, else |t - s| < w.
+        masks: the block-mask cache to use (a model shares one); default a process-wide one.
+
+    Returns:
+        (B, H, T, D).
+    """
+    if window < 1:
+        raise ValueError(f"window: got {window!r}, expected an int >= 1")
+    masks = masks if masks is not None else _DEFAULT_MASKS
+    t = q.shape[2]
+    block_mask = masks.block_mask(t, min(int(window), t), causal, q.device)
+    kernel = _flex_kernel()
+    options = dict(FLEX.kernel_options) or None
+    with _recompile_limit_patch():
+        out = kernel(q, k, v, block_mask=block_mask, kernel_options=options)
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+_DEFAULT_MASKS = LocalMaskCache()
 
 class CrossAttention(nn.Module):
     """Full (non-causal) attention from decoder queries to encoder memory, no rotary.

@@ -18,21 +18,27 @@ import torch
 from torch import nn
 
 
-def rope_tables(head_dim: int, max_seq_len: int, base: float) -> tuple[torch.Tensor, ...]:
+def rope_tables(
+    head_dim: int, max_seq_len: int, base: float, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, ...]:
     """The rotary tables for one base, computed in float64 and rounded once to float32.
 
     Args:
         head_dim: even size of one attention head.
         max_seq_len: number of positions in the tables.
         base: the RoPE base frequency (theta), > 1.
+        device: where to compute the (T, D/2) tables (default CPU). The frequencies always
+            come from the CPU (one pow per pair), so a GPU's tables differ from the CPU's
+            only where float64 cos/sin differ by an ulp and that flips a float32 rounding.
 
     Returns:
         `(inv_freq, cos, sin)`: float32 tensors of shapes (head_dim/2,), (max_seq_len,
         head_dim/2) and (max_seq_len, head_dim/2); `cos[t, i] = cos(t * base**(-2i/head_dim))`.
     """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
-    inv_freq = float(base) ** (-exponents)  # (D/2,)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (T, D/2)
+    inv_freq = (float(base) ** (-exponents)).to(device)  # (D/2,)
+    positions = torch.arange(max_seq_len, dtype=torch.float64, device=inv_freq.device)
+    angles = torch.outer(positions, inv_freq)  # (T, D/2)
     return (
         inv_freq.to(torch.float32),
         torch.cos(angles).to(torch.float32),
@@ -89,9 +95,11 @@ class RotaryEmbedding(nn.Module):
         base = _check_base(base)
         if base == self._base:
             return
+        # computed where the tables live: on a GPU a few kernels instead of ~T*D host
+        # transcendentals and a host-to-device copy on every knob move
         for buf, table in zip(
             (self.inv_freq, self.cos, self.sin),
-            rope_tables(self.head_dim, self.max_seq_len, base),
+            rope_tables(self.head_dim, self.max_seq_len, base, self.cos.device),
             strict=True,
         ):
             buf.copy_(table)  # casts to the buffer's dtype/device, as `.to()` would

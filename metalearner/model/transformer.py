@@ -7,6 +7,8 @@ Runtime knobs enter through exactly one method, `model.apply_knobs(knobs)`, whic
 every rotary table in place (`RotaryEmbedding.set_base`) and sets every hybrid attention
 window (`HybridAttention.set_window`). The modules it touches are collected once, at
 construction; it adds no parameters and replaces no tensors, so optimizers keep working.
+All hybrid attention layers share one `LocalMaskCache`: on CUDA a window move fills one
+window tensor and builds at most one block mask for the whole model.
 
 Imports torch and `metalearner.knobs` only; must not import ray, mlflow, the train loop or
 the tasks.
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalearner.knobs import Knobs
-from metalearner.model.attention import CrossAttention, HybridAttention
+from metalearner.model.attention import CrossAttention, HybridAttention, LocalMaskCache
 from metalearner.model.rope import RotaryEmbedding
 
 ARCHS = ("decoder", "encoder_decoder")
@@ -245,6 +247,9 @@ class _KnobbedModel(nn.Module):
                 attns.append(sub)
         self._ropes = ropes  # plain lists: not registered twice, not in the state dict
         self._attns = attns
+        self.masks = LocalMaskCache()  # one block-mask cache (and window tensor) for all layers
+        for attn in attns:
+            attn.share_masks(self.masks)
         self._knobs = Knobs(rope_base=cfg.rope_base, window=cfg.window)
 
     @property

@@ -84,10 +84,12 @@ class RecallTask:
         was_training = model.training
         model.eval()
         hits = total = 0
+        device = next(model.parameters()).device
         for b in self._eval:
-            pred = model(b["tokens"]).argmax(-1)
-            mask = b["targets"] != IGNORE_INDEX
-            hits += int((pred[mask] == b["targets"][mask]).sum())
+            tokens, targets = b["tokens"].to(device), b["targets"].to(device)
+            pred = model(tokens).argmax(-1)
+            mask = targets != IGNORE_INDEX
+            hits += int((pred[mask] == targets[mask]).sum())
             total += int(mask.sum())
         model.train(was_training)
         return {"recall_acc": hits / max(total, 1)}
