@@ -15,6 +15,7 @@ import yaml
 
 from metalearner.config import ConfigError, apply_overrides, load_run_config
 
+EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 RUN_ID_FILE = "mlflow_run_id"  # in --checkpoint-dir: the MLflow run that --resume continues
 
@@ -70,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         return train_hf(cfg, args)
 
-    from metalearner.train import CHECKPOINT_FILE, TrainingRun, train
+    from metalearner.train import CHECKPOINT_FILE, CheckpointError, TrainingRun, train
 
     try:
         run = TrainingRun(cfg)
@@ -83,7 +84,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if not (ckpt_dir / CHECKPOINT_FILE).is_file():
             fail(f"--checkpoint-dir: got {str(ckpt_dir)!r}, expected a folder with {CHECKPOINT_FILE}")
-        run.load(ckpt_dir)
+        try:
+            run.load(ckpt_dir, same_config=True)
+        except (ConfigError, CheckpointError) as e:
+            fail(str(e))
         id_file = ckpt_dir / RUN_ID_FILE
         resume_id = id_file.read_text().strip() if id_file.is_file() else None
 
@@ -120,10 +124,14 @@ def run_traced(args: argparse.Namespace, cfg: Any, sink: Any, mlflow_sink: Any, 
                body: Any) -> int:
     """Run ``body()`` (returns a Summary), close the sinks with the run's status, print
     the one-screen summary."""
+    from metalearner.train import DIVERGED_TAG
+
     status = "FAILED"
     try:
         summary = body()
-        status = "FINISHED"
+        status = "FAILED" if summary.diverged else "FINISHED"
+        if summary.diverged and mlflow_sink:
+            mlflow_sink.writer.set_tags(mlflow_sink.run_id, {DIVERGED_TAG: f"at step {summary.steps} of {cfg.train.steps}"})
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -131,6 +139,11 @@ def run_traced(args: argparse.Namespace, cfg: Any, sink: Any, mlflow_sink: Any, 
         sink.close(status)
     print_summary(summary, cfg, uri if mlflow_sink else None, mlflow_sink.run_id if mlflow_sink else None,
                   args.experiment, args.trace_csv)
+    if summary.diverged:
+        print(f"metalearner: error: the run diverged: {cfg.train.max_nonfinite} non-finite steps in a row "
+              f"(train.max_nonfinite) ended it at step {summary.steps} of {cfg.train.steps}; "
+              f"{summary.nonfinite_steps} step(s) skipped in all", file=sys.stderr)
+        return EXIT_FAILURE
     return 0
 
 

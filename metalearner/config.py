@@ -49,9 +49,11 @@ class TrainConfig:
     engine: Literal["torch", "hf"] = "torch"
     report_every: int = 25
     checkpoint_every: int = 0
+    max_nonfinite: int = 10  # consecutive non-finite steps (skipped) that end the run as diverged
 
     def validate(self) -> None:
-        _positive(self, "steps", "batch_size", "seq_len", "eval_every", "eval_batches", "report_every")
+        _positive(self, "steps", "batch_size", "seq_len", "eval_every", "eval_batches", "report_every",
+                  "max_nonfinite")
         _nonneg(self, "warmup_steps", "weight_decay", "grad_clip", "threads", "checkpoint_every", "seed")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr: got {self.lr!r}, expected a float > 0")
@@ -310,6 +312,23 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The dotted keys whose values differ between two nested config dicts.
+
+    A key present in only one of them counts as differing. Used to refuse a resume whose
+    config is not the one the run (or sweep) started with.
+
+    Args:
+        old: the config that was saved (e.g. in a checkpoint).
+        new: the config of the current invocation.
+
+    Returns:
+        The differing keys, in the order of ``old`` (then keys only ``new`` has).
+    """
+    a, b = flatten(old), flatten(new)
+    return [k for k in a if k not in b or a[k] != b[k]] + [k for k in b if k not in a]
 
 
 def unflatten(flat: dict[str, Any]) -> dict[str, Any]:

@@ -273,7 +273,7 @@ class SweepRunner:
                 grid = tuner.fit()
                 progress.stop()
                 result.trials.update(cb.trial_info)
-                result.errors += [str(e).splitlines()[0] for e in grid.errors]
+                result.errors += [str(e).splitlines()[0] for e in grid.errors] + cb.diverged
                 try:
                     best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="last")
                 except RuntimeError:
@@ -300,7 +300,7 @@ class SweepRunner:
                 grid = tuner.fit()
                 progress.stop()
                 result.trials.update(cb.trial_info)
-                result.errors += [str(e).splitlines()[0] for e in grid.errors]
+                result.errors += [str(e).splitlines()[0] for e in grid.errors] + cb.diverged
             status = "FINISHED" if not result.errors else "FAILED"
         except KeyboardInterrupt:
             status = "KILLED"

@@ -8,6 +8,11 @@ or with every ``train.checkpoint_every`` steps when that is a multiple of it. On
 from ``tune.get_checkpoint()`` — model, optimizer, controller *state*, RNG and step —
 while the controller's *settings* always come from the trial config, so a PBT/PB2
 perturbation takes effect from the next step on.
+
+A run that diverges (``train.max_nonfinite`` non-finite steps in a row) stops at once:
+its last report carries ``diverged: True`` and a checkpoint, and the trial returns (no
+exception, so Ray neither logs a traceback nor retries it); the driver's callback tags
+the child run ``metalearner.diverged`` and the sweep counts the trial as failed.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from metalearner.train import TrainingRun
 
 TRACE_KEY = "trace"
 SETTINGS_KEY = "settings"
+DIVERGED_KEY = "diverged"
 
 
 def cell_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -74,7 +80,7 @@ def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tupl
         if records and "val_loss" not in records[-1]:
             records[-1].update(run.evaluate())
         metrics = report_metrics(run.step, cfg, records, run.last_val, run.train_seconds, meta,
-                                 params if first else None)
+                                 params if first else None, diverged=run.diverged)
         first = False
         if run.step % ckpt_every == 0 or run.done:
             with tempfile.TemporaryDirectory() as d:
@@ -100,11 +106,13 @@ def cadence(cfg: Any, meta: dict[str, Any], restored: bool) -> tuple[int, int, i
 
 
 def report_metrics(step: int, cfg: Any, records: list[dict[str, float]], last_val: dict[str, float],
-                   train_seconds: float, meta: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
+                   train_seconds: float, meta: dict[str, Any], params: dict[str, Any] | None = None,
+                   diverged: bool = False) -> dict[str, Any]:
     """What a trial reports: the latest values, the trace chunk of ``records`` (dict of
-    lists, read by the driver's MLflow writer), the controller settings this process ran
-    the chunk with (``settings``: PBT may have changed the trial's config since) and, in
-    the first report, the params."""
+    lists, read by the driver's MLflow writer; ``nonfinite_steps`` rides in it), the
+    controller settings this process ran the chunk with (``settings``: PBT may have
+    changed the trial's config since), ``diverged`` (the run ended by
+    ``train.max_nonfinite``) and, in the first report, the params."""
     last = records[-1]
     total_steps = cfg.train.steps
     metrics: dict[str, Any] = {
@@ -114,6 +122,7 @@ def report_metrics(step: int, cfg: Any, records: list[dict[str, float]], last_va
         "rope_base": last["rope_base"],
         "window": last["window"],
         "train_seconds": train_seconds,
+        DIVERGED_KEY: bool(diverged),
         TRACE_KEY: {k: [r.get(k) for r in records] for k in _trace_keys(records)},
         "arm": meta.get("arm", ""),
         "phase": meta.get("phase", ""),
