@@ -39,6 +39,7 @@ import math
 import os
 import pickle
 import random
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -361,9 +362,11 @@ class TrainingRun:
                                   "expected a checkpoint of the same model and controller") from None
 
 
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    """The first sentence of an error's message (its type when it has none), for one-line errors."""
+    text = (str(e).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return text or type(e).__name__
 
 
 def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -388,15 +391,18 @@ def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
         raise CheckpointError(f"{path}: missing; expected a checkpoint written by metalearner")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" not in str(e).lower():
-            raise CheckpointError(f"{path}: unreadable ({_first_line(e)}); expected a checkpoint "
-                                  "written by metalearner") from None
-        unsupported = [ln.strip() for ln in str(e).splitlines() if "unsupported" in ln.lower()]
-        raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain values "
-                              f"({unsupported[0] if unsupported else _first_line(e)}); nothing in it was run") from None
+    except pickle.UnpicklingError as e:  # weights_only's unpickler stopped before running anything
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain values "
+                                  f"({found.group(1)}); nothing in it was run") from None
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
+        reason = detail.group(1).split(". ")[0] if detail else _first_line(e)
+        raise CheckpointError(f"{path}: not a plain-data checkpoint ({reason}); nothing in it was run; "
+                              "expected a checkpoint written by metalearner") from None
     except Exception as e:  # noqa: BLE001 - any failure to read means the file is not a checkpoint
-        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {_first_line(e)}); expected a "
+        reason = f"{type(e).__name__}: {_first_line(e)}" if str(e).strip() else f"{type(e).__name__}, empty or cut short"
+        raise CheckpointError(f"{path}: unreadable ({reason}); expected a "
                               "checkpoint written by metalearner") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
