@@ -59,6 +59,9 @@ from metalearner.trace import TraceSink
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_STATE_FILE = "run_state.json"  # in an hf engine checkpoint: config + non-finite counters
 CHECKPOINT_KEYS = ("step", "model", "optimizer", "controller", "rng", "config")
+# `train --resume` continues a run to a new ``train.steps`` (its LR schedule follows the
+# new length from there on); every other field must be the checkpoint's
+RESUME_MAY_CHANGE = ("train.steps",)
 DIVERGED_TAG = "metalearner.diverged"  # MLflow tag of a run ended by train.max_nonfinite
 NONFINITE_KEY = "nonfinite_steps"  # trace key: non-finite steps so far, where it changes
 
@@ -420,10 +423,10 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], where: str
 
     Raises:
         ConfigError: one line naming the first differing field, this invocation's value
-            and the saved one.
+            and the saved one (``RESUME_MAY_CHANGE`` fields may differ).
     """
     saved, current = _plain(saved), _plain(current)
-    diff = config_diff(saved, current)
+    diff = [k for k in config_diff(saved, current) if k not in RESUME_MAY_CHANGE]
     if not diff:
         return
     key = diff[0]
