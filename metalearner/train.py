@@ -28,8 +28,9 @@ one decision, shared with the Hugging Face engine.
 Loading. A checkpoint holds only tensors and plain Python values and is read with
 ``torch.load(weights_only=True)``: a file that holds anything else is refused without
 being unpickled. A file that cannot be read raises `CheckpointError`; a resume that must
-continue the same run (``metalearner train --resume``) refuses a checkpoint whose config
-differs from the current one (`ConfigError` naming the first differing field).
+continue the same run (``metalearner train --resume``, either engine) refuses a
+checkpoint whose config differs from the current one in any field but ``train.steps``
+(`ConfigError` naming the first differing field; `check_same_config`).
 """
 
 from __future__ import annotations

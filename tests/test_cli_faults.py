@@ -76,6 +76,17 @@ def test_resume_refuses_a_changed_config_and_bad_checkpoints(cli, tmp_path):
     assert res.returncode == 0, res.stderr
 
 
+def test_hf_engine_resume_refuses_a_changed_config(cli, tmp_path):
+    common = ["train", *TINY, "--engine", "hf", "--no-mlflow", "--trace-csv", tmp_path / "t.csv",
+              "--checkpoint-dir", tmp_path / "ck"]
+    res = cli(*common, "--steps", 2, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    res = cli(*common, "--steps", 4, "--resume", "--set", "controller.factor=1.5", cwd=tmp_path)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("metalearner: error: controller.factor: got 1.5, expected"), lines
+
+
 class ArmedPickle:
     """Unpickling this creates ``marker``."""
 
