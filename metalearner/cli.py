@@ -131,7 +131,8 @@ def run_traced(args: argparse.Namespace, cfg: Any, sink: Any, mlflow_sink: Any, 
         summary = body()
         status = "FAILED" if summary.diverged else "FINISHED"
         if summary.diverged and mlflow_sink:
-            mlflow_sink.writer.set_tags(mlflow_sink.run_id, {DIVERGED_TAG: f"at step {summary.steps} of {cfg.train.steps}"})
+            where = f"at step {summary.steps} of {cfg.train.steps}"
+            mlflow_sink.writer.set_tags(mlflow_sink.run_id, {DIVERGED_TAG: where})
     except KeyboardInterrupt:
         status = "KILLED"
         raise
