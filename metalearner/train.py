@@ -402,7 +402,7 @@ def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
                                   f"({found.group(1)}); nothing in it was run") from None
         detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
         reason = detail.group(1).split(". ")[0] if detail else _first_line(e)
-        raise CheckpointError(f"{path}: not a plain-data checkpoint ({reason}); nothing in it was run; "
+        raise CheckpointError(f"{path}: refused, not a plain-data checkpoint ({reason}); nothing in it was run; "
                               "expected a checkpoint written by metalearner") from None
     except Exception as e:  # noqa: BLE001 - any failure to read means the file is not a checkpoint
         reason = f"{type(e).__name__}: {_first_line(e)}" if str(e).strip() else f"{type(e).__name__}, empty or cut short"
