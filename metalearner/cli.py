@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from metalearner.config import ConfigError
 from metalearner.inputs import OneLineParser, compare_inputs, data_inputs, sweep_inputs, train_inputs
 
+EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 RUN_ID_FILE = "mlflow_run_id"  # in --checkpoint-dir: the MLflow run that --resume continues
 
@@ -38,14 +39,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.train.engine == "hf":
         return train_hf(cfg, args, ckpt_dir)
 
-    from metalearner.train import CHECKPOINT_FILE, train
+    from metalearner.train import CHECKPOINT_FILE, CheckpointError, train
 
     run = build_run(cfg)
     resume_id = None
     if args.resume:
         if not (ckpt_dir / CHECKPOINT_FILE).is_file():
             fail(f"--checkpoint-dir: got {str(ckpt_dir)!r}, expected a folder with {CHECKPOINT_FILE}")
-        run.load(ckpt_dir)
+        try:
+            run.load(ckpt_dir, same_config=True)
+        except (ConfigError, CheckpointError) as e:
+            fail(str(e))
         resume_id = read_run_id(ckpt_dir)
 
     sink, mlflow_sink, uri = open_sinks(args, cfg, run.task, ckpt_dir, resume_id)
@@ -63,7 +67,9 @@ def train_hf(cfg: Any, args: argparse.Namespace, ckpt_dir: Path | None) -> int:
     ``--resume`` continues from the latest ``checkpoint-<step>`` there, in the same MLflow run.
     """
     try:
+
         from metalearner.hf import PREFIX_CHECKPOINT_DIR, checkpoints, run_hf
+        from metalearner.train import CheckpointError, read_run_state
     except RuntimeError as e:  # the hf extra is missing
         fail(f"train.engine: got 'hf', {e}")
 
@@ -72,6 +78,10 @@ def train_hf(cfg: Any, args: argparse.Namespace, ckpt_dir: Path | None) -> int:
         if not ckpt_dir.is_dir() or not checkpoints(ckpt_dir):
             fail(f"--checkpoint-dir: got {str(ckpt_dir)!r}, expected a folder with {PREFIX_CHECKPOINT_DIR}-<step> folders")
         resume_id = read_run_id(ckpt_dir)
+        try:  # the same refusal as the torch engine's: a differing config, an unreadable state
+            read_run_state(checkpoints(ckpt_dir)[-1], cfg)
+        except (ConfigError, CheckpointError) as e:
+            fail(str(e))
     task = build_run(cfg).task  # task and model built once up front: bad input exits 2 before MLflow starts
     sink, mlflow_sink, uri = open_sinks(args, cfg, task, ckpt_dir, resume_id)
 
@@ -127,10 +137,15 @@ def run_traced(args: argparse.Namespace, cfg: Any, sink: Any, mlflow_sink: Any, 
                body: Any) -> int:
     """Run ``body()`` (returns a Summary), close the sinks with the run's status, print
     the one-screen summary."""
+    from metalearner.train import DIVERGED_TAG
+
     status = "FAILED"
     try:
         summary = body()
-        status = "FINISHED"
+        status = "FAILED" if summary.diverged else "FINISHED"
+        if summary.diverged and mlflow_sink:
+            where = f"at step {summary.steps} of {cfg.train.steps}"
+            mlflow_sink.writer.set_tags(mlflow_sink.run_id, {DIVERGED_TAG: where})
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -138,6 +153,11 @@ def run_traced(args: argparse.Namespace, cfg: Any, sink: Any, mlflow_sink: Any, 
         sink.close(status)
     print_summary(summary, cfg, uri if mlflow_sink else None, mlflow_sink.run_id if mlflow_sink else None,
                   args.experiment, args.trace_csv)
+    if summary.diverged:
+        print(f"metalearner: error: the run diverged: {cfg.train.max_nonfinite} non-finite steps in a row "
+              f"(train.max_nonfinite) ended it at step {summary.steps} of {cfg.train.steps}; "
+              f"{summary.nonfinite_steps} step(s) skipped in all", file=sys.stderr)
+        return EXIT_FAILURE
     return 0
 
 

@@ -102,6 +102,7 @@ class TrainConfig:
     engine: Literal["torch", "hf"] = "torch"
     report_every: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 25
     checkpoint_every: Annotated[int, Field(ge=0, le=MAX_STEPS)] = 0
+    max_nonfinite: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 10  # consecutive non-finite (skipped) steps that end the run as diverged
 
     def validate(self) -> None:
         tokens = self.batch_size * self.seq_len
@@ -397,3 +398,21 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The dotted keys whose values differ between two nested config dicts.
+
+    A key present in only one of them counts as differing. Used to refuse a resume whose
+    config is not the one the run (or sweep) started with.
+
+    Args:
+        old: the config that was saved (e.g. in a checkpoint).
+        new: the config of the current invocation.
+
+    Returns:
+        The differing keys, in the order of ``old`` (then keys only ``new`` has).
+    """
+    a, b = flatten(old), flatten(new)
+    return [k for k in a if k not in b or a[k] != b[k]] + [k for k in b if k not in a]
+

@@ -44,7 +44,13 @@ import torch
 from metalearner.config import RunConfig
 from metalearner.tasks import Batch, Task, batch_loss
 from metalearner.trace import TraceSink
-from metalearner.train import Summary, TrainingRun, lr_at
+from metalearner.train import (
+    Summary,
+    TrainingRun,
+    load_run_state,
+    lr_at,
+    save_run_state,
+)
 
 HF_MISSING = "the hf engine needs the 'hf' extra: pip install 'metalearner[hf]'"
 try:
@@ -113,6 +119,7 @@ class StepReport:
         last_val: the latest evaluation (``val_loss`` + task metrics).
         train_seconds: wall time of the training steps in this process.
         params: the flattened run config (`TrainingRun.params`).
+        diverged: the run was ended by ``train.max_nonfinite`` non-finite steps in a row.
     """
 
     step: int
@@ -121,6 +128,8 @@ class StepReport:
     last_val: dict[str, float]
     train_seconds: float
     params: dict[str, Any] = field(default_factory=dict)
+    diverged: bool = False
+    diverged: bool = False  # the run ended by train.max_nonfinite (this is its last report)
 
 
 class KnobTrainer(Trainer):
@@ -138,6 +147,7 @@ class KnobTrainer(Trainer):
         self.step_loss: torch.Tensor | None = None
         self.step_knobs = run.model.knobs
         self.step_lr = float("nan")
+        self.step_grad_norm: Any = float("nan")
         super().__init__(model=run.model, train_dataset=StepBatches(run.task, run.cfg.train.steps), **kwargs)
         self.loss_is_scaled_for_ga = False  # a per-batch mean (gradient_accumulation_steps is 1)
 
@@ -153,6 +163,11 @@ class KnobTrainer(Trainer):
             self.step_knobs = self.run.model.knobs
             self.step_lr = float(self.optimizer.param_groups[0]["lr"])
         return (loss, None) if return_outputs else loss
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        # keep the pre-clip norm of the step in flight for `TrainingRun.skip_nonfinite`
+        self.step_grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        return self.step_grad_norm
 
     # The model is a plain nn.Module with tied embeddings: save and load its weights with
     # safetensors' save_model/load_model, which store a tied tensor once.
@@ -193,6 +208,7 @@ def load_controller(run: TrainingRun, checkpoint: str | os.PathLike) -> None:
         raise FileNotFoundError(f"{path}: missing; expected a checkpoint written by the hf engine")
     run.controller.load_state_dict(json.loads(path.read_text()))
     run.model.apply_knobs(run.controller.knobs)
+    load_run_state(run, checkpoint)
 
 
 def save_controller(run: TrainingRun, checkpoint: str | os.PathLike) -> None:
@@ -200,6 +216,7 @@ def save_controller(run: TrainingRun, checkpoint: str | os.PathLike) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(run.controller.state_dict()))
     os.replace(tmp, path)
+    save_run_state(run, checkpoint)
 
 
 class KnobCallback(TrainerCallback):
@@ -228,6 +245,7 @@ class KnobCallback(TrainerCallback):
         self.records: list[dict[str, float]] = []  # every step of this process
         self._unreported: list[dict[str, float]] = []
         self._report_due = False
+        self._skipped = False
         self._bar: Any = None
         self._t_step = 0.0
 
@@ -244,16 +262,21 @@ class KnobCallback(TrainerCallback):
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._t_step = time.perf_counter()
 
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # a non-finite loss or gradient norm: the Trainer's optimizer step finds no
+        # gradients and changes nothing (as `TrainingRun.train_step` skips it)
+        self._skipped = self.run.skip_nonfinite(self.trainer.step_loss, self.trainer.step_grad_norm)
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        run, step, last = self.run, state.global_step, state.global_step >= state.max_steps
+        run, step = self.run, state.global_step
         loss = float(self.trainer.step_loss.item())
         knobs = self.trainer.step_knobs
         run.model.apply_knobs(run.controller.observe(step, loss))
         run.step = step
         run.train_seconds += time.perf_counter() - self._t_step
-        rec = {"loss": loss, "rope_base": knobs.rope_base, "window": float(knobs.window), "lr": self.trainer.step_lr}
-        if run.controller.loss_ewma is not None:
-            rec["loss_ewma"] = run.controller.loss_ewma
+        rec = run.trace_record(loss, knobs, self.trainer.step_lr, self._skipped)
+        last = step >= state.max_steps or run.diverged
+        control.should_training_stop = control.should_training_stop or run.diverged
         report = self.on_report is not None and (step % self.report_every == 0 or last)
         if run.is_eval_step(step) or report:
             rec.update(run.evaluate())
@@ -294,7 +317,7 @@ class KnobCallback(TrainerCallback):
     def _report(self, step: int, checkpoint: Path | None) -> None:
         records, self._unreported, self._report_due = self._unreported, [], False
         self.on_report(StepReport(step, records, checkpoint, dict(self.run.last_val), self.run.train_seconds,
-                              self.params))
+                                  self.params, diverged=self.run.diverged))
 
 
 # ---------------------------------------------------------------- the run
@@ -395,4 +418,6 @@ def summarize(records: list[dict[str, float]], run: TrainingRun, seconds: float)
         window_range=(min(windows), max(windows)) if windows else (0, 0),
         seconds=seconds,
         eval_metrics={k: v for k, v in run.last_val.items() if k != "val_loss"},
+        diverged=run.diverged,
+        nonfinite_steps=run.nonfinite_steps,
     )

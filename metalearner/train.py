@@ -12,13 +12,35 @@ Nothing moves during evaluation. `TrainingRun.advance` is the one loop; the CLI
 optimizer, controller state, RNG states and the step — the data position and the LR
 schedule are pure functions of the step — so a resumed run repeats an uninterrupted one
 exactly. Must not import ray or mlflow (traces go to a `TraceSink`).
+
+Divergence. A step whose loss or whose gradients' total norm (before clipping) is not
+finite is not applied: no optimizer step (weights, AdamW moments and step count stay as
+they are), gradients dropped. Its learning rate and batch are still those of its step
+number, its trace point is still written (``loss`` as computed, NaN or inf; the knobs
+it used), and it is counted in ``nonfinite_steps`` (a trace key written at each step
+where the count changes). The controller sees the loss as always: it ignores a
+non-finite one, and observes a finite loss whose gradients were not finite. After
+``train.max_nonfinite`` consecutive such steps the run is `TrainingRun.diverged` and
+stops; `Summary.diverged` tells the caller (the CLI exits 1, a Ray trial ends as a
+failure, both tag the MLflow run `DIVERGED_TAG`). `TrainingRun.skip_nonfinite` is the
+one decision, shared with the Hugging Face engine.
+
+Loading. A checkpoint holds only tensors and plain Python values and is read with
+``torch.load(weights_only=True)``: a file that holds anything else is refused without
+being unpickled. A file that cannot be read raises `CheckpointError`; a resume that must
+continue the same run (``metalearner train --resume``, either engine) refuses a
+checkpoint whose config differs from the current one in any field but ``train.steps``
+(`ConfigError` naming the first differing field; `check_same_config`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import pickle
 import random
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +50,7 @@ from typing import Any
 
 import torch
 
-from metalearner.config import ConfigError, RunConfig, flatten
+from metalearner.config import ConfigError, RunConfig, config_diff, flatten
 from metalearner.controllers import BOUND_PARAMS, Controller, build_controller
 from metalearner.knobs import Knobs
 from metalearner.model import ModelConfig, build_model, preset
@@ -36,6 +58,18 @@ from metalearner.tasks import Task, batch_loss, build_task
 from metalearner.trace import TraceSink
 
 CHECKPOINT_FILE = "checkpoint.pt"
+RUN_STATE_FILE = "run_state.json"  # in an hf engine checkpoint: config + non-finite counters
+CHECKPOINT_KEYS = ("step", "model", "optimizer", "controller", "rng", "config")
+# `train --resume` continues a run to a new ``train.steps`` (its LR schedule follows the
+# new length from there on); every other field must be the checkpoint's
+RESUME_MAY_CHANGE = ("train.steps",)
+DIVERGED_TAG = "metalearner.diverged"  # MLflow tag of a run ended by train.max_nonfinite
+NONFINITE_KEY = "nonfinite_steps"  # trace key: non-finite steps so far, where it changes
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, unreadable, holding more than tensors
+    and plain values, or not written by `TrainingRun.save`. The message is one line."""
 
 
 def lr_at(step: int, cfg: Any) -> float:
@@ -106,6 +140,8 @@ class Summary:
     window_range: tuple[int, int]
     seconds: float
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    diverged: bool = False  # ended by train.max_nonfinite consecutive non-finite steps
+    nonfinite_steps: int = 0  # steps not applied (non-finite loss or gradients), resume included
 
 
 class TrainingRun:
@@ -140,6 +176,8 @@ class TrainingRun:
         self.step = 0
         self.last_val: dict[str, float] = {}
         self.train_seconds = 0.0
+        self.nonfinite_steps = 0  # steps not applied, in all
+        self.nonfinite_streak = 0  # of those, how many in a row up to the last step
 
     # ------------------------------------------------------------ params
     def params(self) -> dict[str, Any]:
@@ -163,16 +201,56 @@ class TrainingRun:
         loss = batch_loss(self.model, batch)
         loss.backward()
         if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.optimizer.step()
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        skipped = self.skip_nonfinite(loss, norm)
+        if not skipped:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = float(loss.item())
         self.model.apply_knobs(self.controller.observe(step, loss_value))
         self.step = step
-        record = {"loss": loss_value, "rope_base": knobs.rope_base, "window": float(knobs.window), "lr": lr}
+        return self.trace_record(loss_value, knobs, lr, skipped)
+
+    def skip_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor | float) -> bool:
+        """Decide, between backward (and clipping) and the optimizer step, whether this
+        step is applied; both engines call it.
+
+        Args:
+            loss: the step's loss (a scalar tensor).
+            grad_norm: the total norm of the gradients before clipping.
+
+        Returns:
+            True when the step must not be applied (loss or norm not finite): its
+            gradients are dropped (set to None, so AdamW leaves weights, moments and step
+            count alone) and it is counted. A finite step resets the streak.
+        """
+        norm = torch.as_tensor(grad_norm, device=loss.device)
+        if bool(torch.isfinite(loss.detach()).all() & torch.isfinite(norm).all()):
+            self.nonfinite_streak = 0
+            return False
+        for p in self.model.parameters():
+            p.grad = None
+        self.nonfinite_steps += 1
+        self.nonfinite_streak += 1
+        return True
+
+    def trace_record(self, loss: float, knobs: Knobs, lr: float, skipped: bool) -> dict[str, float]:
+        """The trace record of the step just done (both engines): the loss, the knobs and
+        learning rate it used, the controller's running loss, and ``nonfinite_steps`` when
+        the step was skipped (the count changes only then)."""
+        record = {"loss": loss, "rope_base": knobs.rope_base, "window": float(knobs.window), "lr": lr}
         if self.controller.loss_ewma is not None:
             record["loss_ewma"] = self.controller.loss_ewma
+        if skipped:
+            record[NONFINITE_KEY] = float(self.nonfinite_steps)
         return record
+
+    @property
+    def diverged(self) -> bool:
+        """True once ``train.max_nonfinite`` steps in a row were not finite."""
+        return self.nonfinite_streak >= self.cfg.train.max_nonfinite
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -196,18 +274,22 @@ class TrainingRun:
 
     @property
     def done(self) -> bool:
-        return self.step >= self.cfg.train.steps
+        """All ``train.steps`` done, or the run diverged."""
+        return self.step >= self.cfg.train.steps or self.diverged
 
     def advance(self, n: int, sink: TraceSink | None = None,
                 on_step: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-        """Run up to ``n`` more steps (not past ``train.steps``), evaluating on schedule.
+        """Run up to ``n`` more steps (not past ``train.steps``, none once diverged),
+        evaluating on schedule.
 
         Each step's record (with ``step`` and, at evaluation steps, ``val_loss``) goes to
         ``sink`` and is returned.
         """
-        records = []
+        records: list[dict[str, float]] = []
         t0 = time.perf_counter()
         for _ in range(min(n, self.cfg.train.steps - self.step)):
+            if self.diverged:
+                break
             rec = self.train_step()
             if self.is_eval_step(self.step):
                 rec.update(self.evaluate())
@@ -233,6 +315,7 @@ class TrainingRun:
             },
             "train_seconds": self.train_seconds,
             "config": self.cfg.to_dict(),
+            "nonfinite": {"steps": self.nonfinite_steps, "streak": self.nonfinite_streak},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -249,6 +332,9 @@ class TrainingRun:
         random.setstate(state["rng"]["python"])
         self.step = int(state["step"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        nonfinite = state.get("nonfinite") or {}
+        self.nonfinite_steps = int(nonfinite.get("steps", 0))
+        self.nonfinite_streak = int(nonfinite.get("streak", 0))
 
     def save(self, directory: str | Path) -> Path:
         """Write ``checkpoint.pt`` into ``directory`` atomically; returns its path."""
@@ -260,9 +346,98 @@ class TrainingRun:
         os.replace(tmp, path)
         return path
 
-    def load(self, directory: str | Path) -> None:
-        state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=self.device, weights_only=True)
-        self.load_state_dict(state)
+    def load(self, directory: str | Path, *, same_config: bool = False) -> None:
+        """Restore ``directory/checkpoint.pt`` (see `read_checkpoint`).
+
+        Args:
+            directory: the folder `save` wrote.
+            same_config: refuse a checkpoint whose config differs from this run's
+                (``train --resume``); a Ray trial restoring after a PBT perturbation
+                passes False, as its controller settings differ on purpose.
+
+        Raises:
+            CheckpointError: unreadable, unsafe or malformed checkpoint.
+            ConfigError: ``same_config`` and a differing config (names the first field).
+        """
+        path = Path(directory) / CHECKPOINT_FILE
+        state = read_checkpoint(path, self.device)
+        if same_config:
+            check_same_config(state["config"], self.cfg.to_dict(), f"{path}")
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: does not fit this run ({_first_line(e)}); "
+                                  "expected a checkpoint of the same model and controller") from None
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    """The first sentence of an error's message (its type when it has none), for one-line errors."""
+    text = (str(e).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return text or type(e).__name__
+
+
+def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by `TrainingRun.save`, safely.
+
+    ``torch.load(weights_only=True)``: only tensors and plain Python values are rebuilt, so
+    a file from shared storage can never run code while it is read.
+
+    Args:
+        path: the ``checkpoint.pt`` file.
+        device: where the tensors go.
+
+    Returns:
+        The state dict (`TrainingRun.state_dict`).
+
+    Raises:
+        CheckpointError: the file is missing, unreadable (truncated, not a torch file),
+            holds other objects than tensors and plain values, or lacks a section.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; expected a checkpoint written by metalearner")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only's unpickler stopped before running anything
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain values "
+                                  f"({found.group(1)}); nothing in it was run") from None
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
+        reason = detail.group(1).split(". ")[0] if detail else _first_line(e)
+        raise CheckpointError(f"{path}: refused, not a plain-data checkpoint ({reason}); nothing in it was run; "
+                              "expected a checkpoint written by metalearner") from None
+    except Exception as e:  # noqa: BLE001 - any failure to read means the file is not a checkpoint
+        reason = f"{type(e).__name__}: {_first_line(e)}" if str(e).strip() else f"{type(e).__name__}, empty or cut short"
+        raise CheckpointError(f"{path}: unreadable ({reason}); expected a "
+                              "checkpoint written by metalearner") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: lacks {', '.join(missing)}; expected a checkpoint written by metalearner")
+    return state
+
+
+def check_same_config(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    """Refuse to continue a run with a config other than the one it started with.
+
+    Args:
+        saved: the config stored with the run (``RunConfig.to_dict()`` form).
+        current: the config of this invocation, same form.
+        where: the checkpoint's path or name, for the message.
+
+    Raises:
+        ConfigError: one line naming the first differing field, this invocation's value
+            and the saved one (``RESUME_MAY_CHANGE`` fields may differ).
+    """
+    saved, current = _plain(saved), _plain(current)
+    diff = [k for k in config_diff(saved, current) if k not in RESUME_MAY_CHANGE]
+    if not diff:
+        return
+    key = diff[0]
+    old, new = flatten(saved).get(key, "<absent>"), flatten(current).get(key, "<absent>")
+    more = f" (and {len(diff) - 1} more field(s))" if len(diff) > 1 else ""
+    raise ConfigError(f"{key}: got {new!r}, expected {old!r} as in the checkpoint being resumed ({where}){more}")
 
 
 def train(
@@ -320,4 +495,62 @@ def train(
         window_range=(min(windows), max(windows)) if windows else (0, 0),
         seconds=time.perf_counter() - t0,
         eval_metrics={k: v for k, v in run.last_val.items() if k != "val_loss"},
+        diverged=run.diverged,
+        nonfinite_steps=run.nonfinite_steps,
     )
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists (JSON's view), so that a config read back compares equal."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------- the hf engine's share
+
+
+def save_run_state(run: TrainingRun, folder: str | Path) -> Path:
+    """Write ``folder/run_state.json`` (config + non-finite counters) atomically: what a
+    Hugging Face engine checkpoint holds beside the Trainer's own files."""
+    path = Path(folder) / RUN_STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"config": run.cfg.to_dict(),
+                               "nonfinite": {"steps": run.nonfinite_steps, "streak": run.nonfinite_streak}}))
+    os.replace(tmp, path)
+    return path
+
+
+def read_run_state(folder: str | Path, same_as: RunConfig | None = None) -> dict[str, Any]:
+    """Read ``folder/run_state.json`` ({} for a checkpoint written before it existed).
+
+    Args:
+        folder: an hf engine ``checkpoint-<step>`` folder.
+        same_as: if given, refuse a saved config that differs from this one.
+
+    Raises:
+        CheckpointError: the file is not valid JSON of the expected shape.
+        ConfigError: ``same_as`` differs from the saved config (names the first field).
+    """
+    path = Path(folder) / RUN_STATE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({_first_line(e)}); expected the JSON written by "
+                              "metalearner") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: got {type(state).__name__}, expected a JSON object")
+    if same_as is not None and "config" in state:
+        check_same_config(state["config"], same_as.to_dict(), str(path))
+    return state
+
+
+def load_run_state(run: TrainingRun, folder: str | Path) -> None:
+    """Restore the non-finite counters saved by `save_run_state` (zero if absent)."""
+    nonfinite = read_run_state(folder).get("nonfinite") or {}
+    run.nonfinite_steps = int(nonfinite.get("steps", 0))
+    run.nonfinite_streak = int(nonfinite.get("streak", 0))

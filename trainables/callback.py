@@ -15,8 +15,9 @@ from typing import Any
 from ray.tune import Callback
 
 from metalearner.tracking import ARM_TAG, KIND_TAG, PHASE_TAG, SEED_TAG, MlflowWriter
+from metalearner.train import DIVERGED_TAG
 from trainables.progress import ProgressTable
-from trainables.reporting import LATEST_KEYS, SETTINGS_KEY, TRACE_KEY, cell_config
+from trainables.reporting import DIVERGED_KEY, LATEST_KEYS, SETTINGS_KEY, TRACE_KEY, cell_config
 
 
 class MlflowTraceCallback(Callback):
@@ -44,6 +45,7 @@ class MlflowTraceCallback(Callback):
         self.trial_info: dict[str, dict[str, Any]] = {}
         self._params_logged: set[str] = set()
         self._mutable_seen: dict[str, dict[str, Any]] = {}
+        self.diverged: list[str] = []  # one line per diverged trial: failures of the sweep
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its run config (callbacks included) into the experiment folder;
@@ -97,6 +99,13 @@ class MlflowTraceCallback(Callback):
             if current != self._mutable_seen.get(tid):
                 self.writer.log_extra_metrics(run_id, current, first_new)
                 self._mutable_seen[tid] = current
+        if result.get(DIVERGED_KEY) and not self.trial_info[tid].get("diverged"):
+            where = f"at step {result.get('step')} of {result.get('total_steps')}"
+            self.writer.set_tags(run_id, {DIVERGED_TAG: where})
+            self.trial_info[tid]["diverged"] = True
+            info = self.trial_info[tid]
+            self.diverged.append(f"trial {tid} (arm {info['arm']}, seed {info['seed']}) diverged {where}: "
+                                 "train.max_nonfinite non-finite steps in a row")
         self.writer.flush(run_id)
         self.trial_info[tid]["last"] = {k: result.get(k) for k in LATEST_KEYS}
         if self.progress:
@@ -109,9 +118,10 @@ class MlflowTraceCallback(Callback):
             last_result = trial.last_result or {}
             last, total = last_result.get("step") or 0, last_result.get("total_steps")
             cut = total is not None and last < total
-            if cut:
+            diverged = bool(last_result.get(DIVERGED_KEY))  # ended by train.max_nonfinite: a failure
+            if cut and not diverged:
                 self.writer.set_tags(rid, {"metalearner.stopped_early": f"at step {last} of {total}"})
-            self.writer.terminate(rid, "KILLED" if cut else "FINISHED")
+            self.writer.terminate(rid, "FAILED" if diverged else "KILLED" if cut else "FINISHED")
         if self.progress:
             self.progress.update(trial, "TERMINATED", None)
 

@@ -40,7 +40,7 @@ def train_trial_hf(config: dict[str, Any], task: Task | None = None, task_key: t
     def on_report(rep: StepReport) -> None:
         nonlocal first
         metrics = report_metrics(rep.step, cfg, rep.records, rep.last_val, rep.train_seconds, meta,
-                                 rep.params if first else None)
+                                 rep.params if first else None, diverged=rep.diverged)
         first = False
         if rep.checkpoint is not None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(rep.checkpoint)))

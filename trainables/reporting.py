@@ -16,6 +16,7 @@ from metalearner.tasks import Task
 
 TRACE_KEY = "trace"  # the trace chunk in a report
 SETTINGS_KEY = "settings"  # the controller settings a chunk ran with
+DIVERGED_KEY = "diverged"  # True in the last report of a run ended by train.max_nonfinite
 LATEST_KEYS = ("step", "loss", "rope_base", "window", "val_loss")  # what the driver shows per trial
 
 
@@ -58,11 +59,13 @@ def cadence(cfg: Any, meta: dict[str, Any], restored: bool) -> tuple[int, int, i
 
 
 def report_metrics(step: int, cfg: Any, records: list[dict[str, float]], last_val: dict[str, float],
-                   train_seconds: float, meta: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
+                   train_seconds: float, meta: dict[str, Any], params: dict[str, Any] | None = None,
+                   diverged: bool = False) -> dict[str, Any]:
     """What a trial reports: the latest values, the trace chunk of ``records`` (dict of
-    lists, read by the driver's MLflow writer), the controller settings this process ran
-    the chunk with (``settings``: PBT may have changed the trial's config since) and, in
-    the first report, the params."""
+    lists, read by the driver's MLflow writer; ``nonfinite_steps`` rides in it), the
+    controller settings this process ran the chunk with (``settings``: PBT may have
+    changed the trial's config since), ``diverged`` (the run ended by
+    ``train.max_nonfinite``) and, in the first report, the params."""
     last = records[-1]
     metrics: dict[str, Any] = {
         "step": step,
@@ -71,6 +74,7 @@ def report_metrics(step: int, cfg: Any, records: list[dict[str, float]], last_va
         "rope_base": last["rope_base"],
         "window": last["window"],
         "train_seconds": train_seconds,
+        DIVERGED_KEY: bool(diverged),
         TRACE_KEY: {k: [r.get(k) for r in records] for k in _trace_keys(records)},
         "arm": meta.get("arm", ""),
         "phase": meta.get("phase", ""),

@@ -289,7 +289,7 @@ class SweepRunner:
                 if progress is not None:
                     progress.stop()
                 result.trials.update(cb.trial_info)
-                result.errors += _log_errors(grid, error_log)
+                result.errors += _log_errors(grid, error_log) + cb.diverged
                 try:
                     best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="last")
                 except RuntimeError:
@@ -317,7 +317,7 @@ class SweepRunner:
                 if progress is not None:
                     progress.stop()
                 result.trials.update(cb.trial_info)
-                result.errors += _log_errors(grid, error_log)
+                result.errors += _log_errors(grid, error_log) + cb.diverged
             if result.errors:
                 result.error_log = error_log
             status = "FINISHED" if not result.errors else "FAILED"

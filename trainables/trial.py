@@ -8,6 +8,11 @@ or with every ``train.checkpoint_every`` steps when that is a multiple of it. On
 from ``tune.get_checkpoint()`` — model, optimizer, controller *state*, RNG and step —
 while the controller's *settings* always come from the trial config, so a PBT/PB2
 perturbation takes effect from the next step on.
+
+A run that diverges (``train.max_nonfinite`` non-finite steps in a row) stops at once:
+its last report carries ``diverged: True`` and a checkpoint, and the trial returns (no
+exception, so Ray neither logs a traceback nor retries it); the driver's callback tags
+the child run ``metalearner.diverged`` and the sweep counts the trial as failed.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tupl
         if records and "val_loss" not in records[-1]:
             records[-1].update(run.evaluate())
         metrics = report_metrics(run.step, cfg, records, run.last_val, run.train_seconds, meta,
-                                 params if first else None)
+                                 params if first else None, diverged=run.diverged)
         first = False
         if run.step % ckpt_every == 0 or run.done:
             with tempfile.TemporaryDirectory() as d:

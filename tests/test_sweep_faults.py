@@ -1,0 +1,63 @@
+"""A real (tiny) Ray sweep in which one trial diverges: it ends early as a failure of that
+trial, tagged in MLflow, with a contiguous trace, and the other trial is untouched.
+
+The fault comes from the spec, as a user would write it: a search over ``train.lr`` whose
+second value makes the real run diverge (NaN loss from step 2).
+"""
+
+import math
+
+import mlflow
+import pytest
+import ray
+
+from metalearner.experiment import parse_experiment
+from trainables.sweep import SweepRunner
+
+TRACE_KEYS = ["loss", "loss_ewma", "rope_base", "window", "lr"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_a_diverging_trial_is_a_tagged_failure_not_a_crash(tmp_path, capfd):
+    spec = parse_experiment({
+        "name": "diverge-test", "task": {"name": "recall", "n_pairs": 4, "distance": 16},
+        "model": {"preset": "tiny", "window": 8},
+        "train": {"steps": 12, "batch_size": 8, "seq_len": 32, "report_every": 6, "eval_every": 6,
+                  "eval_batches": 1, "warmup_steps": 1, "max_nonfinite": 3},
+        "controller": {"name": "ewma", "factor": 1.2, "beta": 0.5, "threshold": 0.0},
+        "search": {"searcher": "random", "num_samples": 1, "confirm": False,
+                   "space": {"train.lr": {"grid": [0.003, 10000000000.0]}}},
+    })
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False).run()
+    assert "Traceback" not in capfd.readouterr().err
+    (error,) = result.errors
+    assert "diverged at step 4 of 12" in error and "train.max_nonfinite" in error
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FAILED"
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    by_lr = {float(r.data.params["train.lr"]): r for r in runs}
+    assert sorted(by_lr) == [0.003, 1e10]
+
+    def history(run, key):
+        return [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key),
+                                                   key=lambda m: m.step)]
+
+    bad, good = by_lr[1e10], by_lr[0.003]
+    assert bad.info.status == "FAILED" and bad.data.tags["metalearner.diverged"] == "at step 4 of 12"
+    for key in TRACE_KEYS:
+        assert [s for s, _ in history(bad, key)] == [1, 2, 3, 4], key
+    assert all(math.isnan(v) for _, v in history(bad, "loss")[1:])
+    assert history(bad, "nonfinite_steps") == [(2, 1.0), (3, 2.0), (4, 3.0)]
+
+    assert good.info.status == "FINISHED" and "metalearner.diverged" not in good.data.tags
+    assert [s for s, _ in history(good, "loss")] == list(range(1, 13))
+    assert history(good, "nonfinite_steps") == []
