@@ -89,7 +89,7 @@ class TrainConfig:
     steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 300
     batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)] = 16
     seq_len: Annotated[int, Field(ge=1, le=MAX_SEQ_LEN)] = 128
-    lr: Annotated[float, Field(gt=0, le=10)] = 3e-3
+    lr: Annotated[float, Field(gt=0)] = 3e-3  # no upper bound: a diverging lr is handled by train.max_nonfinite
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
     warmup_steps: Annotated[int, Field(ge=0, le=MAX_STEPS)] = 20
     weight_decay: Annotated[float, Field(ge=0, le=10)] = 0.1

@@ -33,7 +33,6 @@ from metalearner.config import (
 )
 from metalearner.schema import check_name, short
 
-CHECKPOINT_KEYS = ("step", "model", "optimizer", "controller", "rng", "config")
 URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 MAX_CPUS = 4096
 MAX_UTTERANCES = 1_000_000
@@ -203,46 +202,22 @@ def train_inputs(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-def read_checkpoint(path: Path, field: str = "--checkpoint-dir") -> dict[str, Any]:
-    """Load a `TrainingRun` checkpoint with ``torch.load(weights_only=True)`` (tensors
-    and plain containers only, never arbitrary pickled objects); a missing, corrupt or
-    foreign file is a `ConfigError`."""
-    import torch
-
-    if not path.is_file():
-        raise ConfigError(f"{field}: got {str(path.parent)!r}, expected a folder with {path.name}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ConfigError(f"{field}: got {str(path)!r}, expected a checkpoint torch can read ({first})") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise ConfigError(f"{field}: got {str(path)!r} without {missing}, expected a metalearner checkpoint")
-    if not isinstance(state["step"], int) or state["step"] < 0:
-        raise ConfigError(f"{field}: got {str(path)!r} with step {short(state['step'])}, expected an int >= 0")
-    return state
-
-
 def check_checkpoint(directory: Path, cfg: RunConfig) -> dict[str, Any]:
-    """The checkpoint in ``directory`` must belong to a run of ``cfg``'s task, model and
-    controller, and stop before ``train.steps``. Returns the loaded state."""
-    from metalearner.train import CHECKPOINT_FILE
+    """The checkpoint in ``directory`` must be readable as plain data (`train.read_checkpoint`,
+    ``weights_only``), belong to a run of this config (`train.check_same_config`: only
+    ``train.steps`` may differ) and stop before ``train.steps``. Returns the loaded state."""
+    from metalearner.train import CHECKPOINT_FILE, CheckpointError, check_same_config, read_checkpoint
 
-    state = read_checkpoint(directory / CHECKPOINT_FILE)
-    saved = state["config"] if isinstance(state["config"], dict) else {}
-    now = cfg.to_dict()
-    for section in ("task", "model"):
-        old, new = saved.get(section), now[section]
-        if old != new:
-            keys = sorted(k for k in {*(old or {}), *new} if (old or {}).get(k) != new.get(k))
-            key = keys[0] if keys else ""
-            raise ConfigError(f"{section}.{key}: got {short(new.get(key))}, expected {short((old or {}).get(key))} "
-                              f"as in the checkpoint in {str(directory)!r} (resume the same run)")
-    old_ctrl = (saved.get("controller") or {}).get("name")
-    if old_ctrl != cfg.controller["name"]:
-        raise ConfigError(f"controller.name: got {cfg.controller['name']!r}, expected {old_ctrl!r} as in the "
-                          f"checkpoint in {str(directory)!r}")
+    path = directory / CHECKPOINT_FILE
+    if not path.is_file():
+        raise ConfigError(f"--checkpoint-dir: got {str(directory)!r}, expected a folder with {CHECKPOINT_FILE}")
+    try:
+        state = read_checkpoint(path)
+    except CheckpointError as e:
+        raise ConfigError(f"--checkpoint-dir: {e}") from None
+    check_same_config(state["config"], cfg.to_dict(), str(path))
+    if not isinstance(state["step"], int) or state["step"] < 0:
+        raise ConfigError(f"--checkpoint-dir: got {str(path)!r} with step {short(state['step'])}, expected an int >= 0")
     if state["step"] >= cfg.train.steps:
         raise ConfigError(f"train.steps: got {cfg.train.steps}, expected more than the checkpoint's step "
                           f"{state['step']} (nothing would be left to train)")
