@@ -88,7 +88,8 @@ def make_searcher(arm: Arm, spec: ExperimentSpec) -> Any:
         return HyperOptSearch(random_state_seed=spec.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=spec.seed)
+    # a search algorithm of our own makes Tune ignore max_concurrent_trials: pass it here
+    return BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.resources.max_concurrent)
 
 
 def make_scheduler(arm: Arm, steps: int, report_every: int) -> Any:
