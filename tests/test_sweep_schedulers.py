@@ -125,7 +125,7 @@ def test_pb2_scheduler_gets_the_bounds_of_the_space():
     sched = make_scheduler(spec.arms[0], 20, 5)
     assert type(sched).__name__ == "PB2"
     assert sched._hyperparam_bounds == {"controller": {"factor": [1.001, 1.1], "beta": [0.5, 0.99]},
-                                        "train": {"warmup_steps": [2.0, 10.0]}}
+                                        "train": {"warmup_steps": [2.0, 9.0]}}  # randint: high exclusive
     assert sched._perturbation_interval == 10 and sched._quantile_fraction == 0.5
     assert _nested_space(spec.arms[0].search.space).keys() == {"controller", "train"}
 
@@ -184,7 +184,7 @@ def test_pb2_sweep_explores_the_controller_within_its_bounds(tmp_path, local_ray
     the RoPE base moves by exactly that factor."""
     pytest.importorskip("GPy", reason="PB2 needs the 'pb2' extra (GPy)")
     pytest.importorskip("sklearn", reason="PB2 needs the 'pb2' extra (scikit-learn)")
-    steps, every, interval = 40, 10, 20
+    steps, every, interval = 20, 5, 10
     lo, hi = 1.01, 1.5
     spec = spec_with({"scheduler": {"name": "pb2", "perturbation_interval": interval, "quantile_fraction": 0.5},
                       "num_samples": 2, "space": {"controller.factor": {"uniform": [lo, hi]}}},

@@ -112,8 +112,9 @@ def make_scheduler(arm: Arm, steps: int, report_every: int) -> Any:
     if sc.name == "pb2":
         bounds: dict[str, Any] = {}
         for key, dom in s.space.items():
-            (_, args), = dom.items()
-            set_dotted(bounds, key, [float(args[0]), float(args[1])])
+            (kind, args), = dom.items()
+            high = float(args[1]) - (1 if kind == "randint" else 0)  # randint's high is exclusive
+            set_dotted(bounds, key, [float(args[0]), high])
         return PB2(time_attr="step", perturbation_interval=interval, hyperparam_bounds=bounds,
                    quantile_fraction=sc.quantile_fraction, synch=sc.synch)
     return FIFOScheduler()
