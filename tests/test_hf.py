@@ -64,11 +64,11 @@ def test_hf_moves_the_knobs_like_the_torch_loop(hf_straight):
     fresh = TrainingRun(make_cfg())
     assert hf_knobs == replay(make_controller(make_cfg(), fresh.model_config), hf_rows)
     assert hf_knobs == replay(fresh.controller, hf_rows)
-    if [r["loss"] for r in hf_rows] == [r["loss"] for r in torch_rows]:
-        # same init, batches, optimizer and learning rates: the engines agree bit for bit
-        assert hf_rows == torch_rows
-    else:  # pragma: no cover - only if the engines' numerics ever diverge
-        assert [r["lr"] for r in hf_rows] == [r["lr"] for r in torch_rows]
+    # same init, batches, optimizer, clip and learning rates: the engines agree bit for bit,
+    # every key of every step (loss, knobs, lr, loss_ewma, val_loss, the task's metrics)
+    for hf_row, torch_row in zip(hf_rows, torch_rows):
+        assert hf_row == torch_row, f"step {torch_row['step']}: HF engine {hf_row} != torch loop {torch_row}"
+    assert len(hf_rows) == len(torch_rows) == STEPS
 
 
 def test_resume_from_an_hf_checkpoint_continues_the_controller_exactly(tmp_path, hf_straight):

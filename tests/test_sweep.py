@@ -1,6 +1,7 @@
 """Sweeps end to end on a real local Ray (2 CPUs) and a real MLflow store."""
 
 import math
+import re
 import socket
 import subprocess
 import sys
@@ -38,24 +39,44 @@ def history(client, run_id, key):
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
+def expected_val_steps(params, last):
+    """Evaluation steps of a trial that ran to ``last``: every ``eval_every`` and every
+    report (a trial evaluates when it reports), and the final step."""
+    n, ev, rep = (int(params[f"train.{k}"]) for k in ("steps", "eval_every", "report_every"))
+    return [s for s in range(1, last + 1) if s % ev == 0 or s % rep == 0 or s == n]
+
+
 def audit(uri, parent_id, expect_children):
-    """Parent + children, one point per step per key, params present."""
+    """Parent + children as the trace contract says: each child FINISHED with steps 1..N,
+    or KILLED by its scheduler (tagged ``stopped_early``) with steps 1..k; exactly one
+    point per step per key, val_loss at its evaluation steps; params and tags present."""
     client, parent, runs = children(uri, parent_id)
     assert parent.data.tags["metalearner.kind"] == "sweep" and parent.info.status == "FINISHED"
     assert len(runs) == expect_children
+    experiment = client.get_experiment(parent.info.experiment_id).name
     for r in runs:
-        n = int(r.data.params["train.steps"])
+        name, params, tags = r.info.run_name, r.data.params, r.data.tags
+        n = int(params["train.steps"])
         steps = [s for s, _ in history(client, r.info.run_id, "loss")]
-        assert steps == list(range(1, len(steps) + 1)), r.info.run_name
         if r.info.status == "FINISHED":
-            assert len(steps) == n
+            assert "metalearner.stopped_early" not in tags, name
+            last = n
+        else:
+            assert r.info.status == "KILLED", (name, r.info.status)
+            last = int(re.fullmatch(rf"at step (\d+) of {n}", tags["metalearner.stopped_early"]).group(1))
+            assert 0 < last < n, (name, tags["metalearner.stopped_early"])
+        assert steps == list(range(1, last + 1)), name
         for key in TRACE_KEYS:
-            if key == "loss_ewma" and r.data.params["controller.name"] in ("static", "schedule"):
+            if key == "loss_ewma" and params["controller.name"] in ("static", "schedule"):
+                assert history(client, r.info.run_id, key) == [], name
                 continue
-            assert [s for s, _ in history(client, r.info.run_id, key)] == steps, (r.info.run_name, key)
+            assert [s for s, _ in history(client, r.info.run_id, key)] == steps, (name, key)
+        assert [s for s, _ in history(client, r.info.run_id, "val_loss")] == expected_val_steps(params, last), name
         for p in ("controller.name", "controller.max_window", "model.d_model", "task.name", "train.seed"):
-            assert p in r.data.params
-        assert r.data.tags["metalearner.arm"]
+            assert p in params, (name, p)
+        assert tags["metalearner.kind"] == "trial" and tags["metalearner.sweep"] == experiment, name
+        assert tags["metalearner.phase"] in ("search", "compare") and tags["metalearner.trial_id"], name
+        assert tags["metalearner.arm"] and tags["metalearner.seed"] == params["train.seed"], name
     return client, runs
 
 
@@ -176,9 +197,43 @@ def test_sweep_against_a_real_tracking_server(tmp_path):
 
 @pytest.mark.parametrize("name", ["tune_ewma_asha", "pbt_ewma"])
 def test_shipped_experiment_smoke_runs(tmp_path, name):
+    """Each shipped search study, in smoke mode: its searcher and scheduler, every search
+    trial and (with ``confirm``) the best configuration re-trained on every seed, each a
+    complete child run whose sampled settings lie inside the search space."""
     spec = load_experiment(ROOT / f"experiments/{name}.yaml", smoke=True)
+    (arm,) = spec.arms
+    search = arm.search
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False).run()
     assert not result.errors
-    _, _, runs = children(uri, result.parent_run_id)
-    assert len(runs) >= spec.arms[0].search.num_samples
+    n_compare = len(spec.seeds) if search.confirm else 0
+    client, runs = audit(uri, result.parent_run_id, search.num_samples + n_compare)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["metalearner.searcher"] == search.searcher
+    assert parent.data.tags["metalearner.scheduler"] == search.scheduler.name
+
+    def inside(key, value):
+        (kind, (lo, hi)), = search.space[key].items()
+        return lo <= value <= hi
+
+    searched = [r for r in runs if r.data.tags["metalearner.phase"] == "search"]
+    compared = [r for r in runs if r.data.tags["metalearner.phase"] == "compare"]
+    assert len(searched) == search.num_samples and len(compared) == n_compare
+    for r in searched:  # tuned on the tuning seed, with settings drawn from the space
+        assert r.data.params["train.seed"] == str(search.seed)
+        for key in search.space:
+            assert inside(key, float(r.data.params[key])), (key, r.data.params[key])
+            if search.population_based:  # the settings in force, from step 1 on
+                values = history(client, r.info.run_id, key)
+                assert values[0][0] == 1 and all(inside(key, v) for _, v in values), (key, values)
+    assert len({tuple(r.data.params[k] for k in search.space) for r in searched}) == search.num_samples
+
+    best = result.best[arm.name]
+    assert best["name"] == "ewma" and all(inside(k, best[k.split(".", 1)[1]]) for k in search.space)
+    assert yaml.safe_load(result.spec_files[arm.name].read_text()) == {"controller": best}
+    # the best configuration, re-trained on every comparison seed
+    assert sorted(int(r.data.params["train.seed"]) for r in compared) == sorted(spec.seeds)[:n_compare]
+    for r in compared:
+        assert r.info.status == "FINISHED"
+        for key in search.space:
+            assert float(r.data.params[key]) == pytest.approx(best[key.split(".", 1)[1]])

@@ -1,5 +1,7 @@
 """The train loop: one point per step, knobs move only in training, exact resume."""
 
+import math
+
 import pytest
 
 from metalearner.config import load_run_config
@@ -71,17 +73,33 @@ def test_resume_from_checkpoint_is_exact(tmp_path, controller):
 
 
 def test_settings_come_from_the_config_not_the_checkpoint(tmp_path):
-    run = TrainingRun(make_cfg(controller={"name": "ewma", "factor": 1.01, "beta": 0.5, "threshold": 0.0}))
+    """A checkpoint restores the controller's state (its knobs, running loss) but its
+    settings stay those of the config that loads it: here factor 1.5 instead of 1.01."""
+    beta = 0.5
+    run = TrainingRun(make_cfg(controller={"name": "ewma", "factor": 1.01, "beta": beta, "threshold": 0.0}))
     run.advance(6)
     run.save(tmp_path)
-    other = TrainingRun(make_cfg(controller={"name": "ewma", "factor": 1.5, "beta": 0.5, "threshold": 0.0}))
+    saved = run.controller.state_dict()
+    other = TrainingRun(make_cfg(controller={"name": "ewma", "factor": 1.5, "beta": beta, "threshold": 0.0}))
     other.load(tmp_path)
     assert other.controller.settings()["factor"] == 1.5
-    before = other.model.knobs.rope_base
-    rec = other.advance(1)
-    after = other.model.knobs.rope_base
-    assert rec[0]["rope_base"] == before
-    assert after / before == pytest.approx(1.5) or after / before == pytest.approx(1 / 1.5) or after == before
+    assert other.controller.state_dict() == saved  # the state is the checkpoint's
+    assert other.model.knobs == run.model.knobs != TrainingRun(make_cfg()).model.knobs
+
+    # with threshold 0 every step moves both knobs by the factor, up when the loss is
+    # below its running average: derive each expected move from the loss alone
+    running, base, window_f = saved["running"], saved["base_f"], saved["window_f"]
+    moves = set()
+    for rec in other.advance(24):
+        assert rec["rope_base"] == pytest.approx(base)  # the knobs chosen after the step before
+        assert rec["window"] == float(math.floor(window_f + 0.5))
+        running = beta * running + (1 - beta) * rec["loss"]
+        assert rec["loss_ewma"] == pytest.approx(running)
+        m = 1.5 if rec["loss"] < running else 1 / 1.5
+        base, window_f = base * m, min(max(window_f * m, 1.0), 32.0)
+        moves.add(m)
+    assert moves == {1.5, 1 / 1.5}  # both directions were exercised
+    assert other.model.knobs.rope_base == pytest.approx(base)
 
 
 def test_lr_schedule_warmup_then_cosine():

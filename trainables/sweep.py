@@ -91,7 +91,8 @@ def make_searcher(arm: Arm, spec: ExperimentSpec) -> Any:
         return HyperOptSearch(random_state_seed=spec.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=spec.seed)
+    # a search algorithm of our own makes Tune ignore max_concurrent_trials: pass it here
+    return BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.resources.max_concurrent)
 
 
 def make_scheduler(arm: Arm, steps: int, report_every: int) -> Any:
@@ -114,8 +115,9 @@ def make_scheduler(arm: Arm, steps: int, report_every: int) -> Any:
     if sc.name == "pb2":
         bounds: dict[str, Any] = {}
         for key, dom in s.space.items():
-            (_, args), = dom.items()
-            set_dotted(bounds, key, [float(args[0]), float(args[1])])
+            (kind, args), = dom.items()
+            high = float(args[1]) - (1 if kind == "randint" else 0)  # randint's high is exclusive
+            set_dotted(bounds, key, [float(args[0]), high])
         return PB2(time_attr="step", perturbation_interval=interval, hyperparam_bounds=bounds,
                    quantile_fraction=sc.quantile_fraction, synch=sc.synch)
     return FIFOScheduler()
