@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from trainables.callback import ProgressTable
+from trainables.progress import ProgressTable
 
 TOTAL = 40
 
