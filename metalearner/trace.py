@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 STEP_KEYS = ("loss", "loss_ewma", "rope_base", "window", "lr")
 EVAL_KEYS = ("val_loss",)
 TRACE_KEYS = (*STEP_KEYS, *EVAL_KEYS)
+NONFINITE_KEY = "nonfinite_steps"  # non-finite (skipped) steps so far, logged where the count changes
 
 
 @runtime_checkable
@@ -53,7 +54,7 @@ class CsvSink:
     def __init__(self, path: str | Path, extra_columns: tuple[str, ...] = ()) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._columns = ["step", *TRACE_KEYS, *extra_columns]
+        self._columns = ["step", *TRACE_KEYS, NONFINITE_KEY, *extra_columns]
         self._fh = self.path.open("w", newline="")
         self._writer = csv.DictWriter(self._fh, fieldnames=self._columns, extrasaction="ignore")
         self._writer.writeheader()

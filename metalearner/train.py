@@ -55,7 +55,7 @@ from metalearner.controllers import BOUND_PARAMS, Controller, build_controller
 from metalearner.knobs import Knobs
 from metalearner.model import ModelConfig, build_model, preset
 from metalearner.tasks import Task, batch_loss, build_task
-from metalearner.trace import TraceSink
+from metalearner.trace import NONFINITE_KEY, TraceSink
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_STATE_FILE = "run_state.json"  # in an hf engine checkpoint: config + non-finite counters
@@ -64,7 +64,6 @@ CHECKPOINT_KEYS = ("step", "model", "optimizer", "controller", "rng", "config")
 # new length from there on); every other field must be the checkpoint's
 RESUME_MAY_CHANGE = ("train.steps",)
 DIVERGED_TAG = "metalearner.diverged"  # MLflow tag of a run ended by train.max_nonfinite
-NONFINITE_KEY = "nonfinite_steps"  # trace key: non-finite steps so far, where it changes
 
 
 class CheckpointError(ValueError):

@@ -35,7 +35,7 @@ def test_csv_holds_every_step_of_a_real_run_exactly(tmp_path):
     csv_sink.close()
 
     header, rows = read_csv(path)
-    assert header == ["step", *TRACE_KEYS, "val_loss", "recall_acc"]
+    assert header == ["step", *TRACE_KEYS, "nonfinite_steps", "recall_acc"]
     assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
     assert len({r["window"] for r in rows}) > 1  # the knobs moved: the columns carry the trace
     for row, rec in zip(rows, mem.rows, strict=True):
@@ -61,7 +61,7 @@ def test_csv_leaves_blank_what_a_controller_does_not_have(tmp_path):
     sink.close()  # closing twice is harmless (the CLI closes on every exit path)
 
     header, rows = read_csv(tmp_path / "static.csv")
-    assert header == ["step", *TRACE_KEYS, "val_loss"]
+    assert header == ["step", *TRACE_KEYS, "nonfinite_steps"]
     assert len(rows) == STEPS
     assert all(r["loss_ewma"] == "" for r in rows)
     assert {(float(r["rope_base"]), float(r["window"])) for r in rows} == {(10_000.0, 4.0)}
@@ -75,9 +75,9 @@ def test_csv_sink_starts_a_fresh_file(tmp_path):
     sink.log_metrics({"loss": 2.5, "rope_base": 10_000.0, "window": 4.0, "lr": 0.001}, 1)
     sink.close()
     header, rows = read_csv(path)
-    assert header == ["step", *TRACE_KEYS, "val_loss"]
+    assert header == ["step", *TRACE_KEYS, "nonfinite_steps"]
     assert rows == [{"step": "1", "loss": "2.5", "loss_ewma": "", "rope_base": "10000.0", "window": "4.0",
-                     "lr": "0.001", "val_loss": ""}]
+                     "lr": "0.001", "val_loss": "", "nonfinite_steps": ""}]
 
 
 def test_multisink_sends_every_call_to_each_sink_and_skips_none():
