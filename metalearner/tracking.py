@@ -212,7 +212,7 @@ class MlflowWriter:
         self._closing = False
         self._outage_since: float | None = None
         self.points_written = 0
-        self.errors: list[str] = list(self.state.errors)  # permanent failures (and a give-up at close)
+        self.errors: list[str] = []  # this session's permanent failures (and a give-up at close)
         self.last_error: BaseException | None = None
         self.delivery: Pending | None = None
         self._thread = threading.Thread(target=self._loop, name="mlflow-writer", daemon=True)
