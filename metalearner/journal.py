@@ -68,17 +68,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_lines(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """Complete records of ``path`` from byte ``offset``; returns (records, offset after
-    the last complete line). A last line without its newline is not complete (torn, or
-    being written) and is left for later.
+def read_lines(path: Path, offset: int = 0, max_bytes: int = -1) -> tuple[list[dict[str, Any]], int]:
+    """Complete records of ``path`` from byte ``offset`` (reading at most ``max_bytes``,
+    -1: to the end); returns (records, offset after the last complete line). A last line
+    without its newline is not complete (torn, or being written) and is left for later.
 
     Raises:
         JournalError: a complete line that is not a JSON object (naming file and offset).
     """
     with open(path, "rb") as fh:
         fh.seek(offset)
-        data = fh.read()
+        data = fh.read(max_bytes)
+        if max_bytes > 0 and b"\n" not in data:  # one record longer than the chunk
+            data += fh.readline()
     end = data.rfind(b"\n")
     if end < 0:
         return [], offset

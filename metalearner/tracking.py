@@ -60,6 +60,7 @@ MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_CHARS = 6000
 WRITER_NICE = 10
+READ_CHUNK = 4 << 20  # bytes of journal the delivery thread reads at a time
 
 
 def _mlflow() -> Any:
@@ -404,7 +405,7 @@ class MlflowWriter:
     def _read_journal(self) -> None:
         """Move journaled records past each run's watermark into memory (bounded)."""
         while self._in_memory < self.max_queue and not self._all_read():
-            recs, offset = read_lines(self.journal.path, self._offset)
+            recs, offset = read_lines(self.journal.path, self._offset, READ_CHUNK)
             if offset == self._offset:
                 return
             self._offset = offset

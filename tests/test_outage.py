@@ -21,7 +21,6 @@ from types import SimpleNamespace
 import mlflow
 import pytest
 import yaml
-
 from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +105,6 @@ def audit(uri: str, experiment: str, journal: Path) -> tuple[int, int]:
     kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(kids) == len(SPEC["seeds"]) * len(SPEC["arms"])
     journaled: Counter = Counter()
-    by_key = {}
     for line in (journal / "journal.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if rec["op"] in ("m", "x"):
