@@ -114,16 +114,23 @@ def open_sinks(args: argparse.Namespace, cfg: Any, task: Any, ckpt_dir: Path | N
                resume_id: str | None) -> tuple[Any, Any, str]:
     """The trace sinks of ``metalearner train`` (both engines): MLflow unless --no-mlflow
     (a new run, or the resumed one), plus --trace-csv. Returns (sink, mlflow sink, uri)."""
+    from metalearner.journal import JOURNAL_DIR
     from metalearner.trace import CsvSink, MultiSink
-    from metalearner.tracking import KIND_TAG, MlflowSink, resolve_tracking_uri
+    from metalearner.tracking import KIND_TAG, MlflowSink, TrackingIncomplete, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     sinks: list[Any] = []
     mlflow_sink = None
     if not args.no_mlflow:
         name = args.run_name or f"{cfg.task.name}-{cfg.controller['name']}-seed{cfg.train.seed}"
-        mlflow_sink = MlflowSink.start(uri, args.experiment, name,
-                                       tags={KIND_TAG: "train"}, resume_run_id=resume_id)
+        # the journal lives beside the checkpoints (so --resume continues it), else in a
+        # temporary folder that is removed once everything is delivered
+        try:
+            mlflow_sink = MlflowSink.start(uri, args.experiment, name, tags={KIND_TAG: "train"},
+                                           resume_run_id=resume_id,
+                                           journal_dir=ckpt_dir / JOURNAL_DIR if ckpt_dir else None)
+        except TrackingIncomplete as e:
+            raise SystemExit(tracking_failed(e.pending, e.journal_dir, "the run could not be created")) from None
         sinks.append(mlflow_sink)
         if ckpt_dir:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -137,28 +144,49 @@ def run_traced(args: argparse.Namespace, cfg: Any, sink: Any, mlflow_sink: Any, 
                body: Any) -> int:
     """Run ``body()`` (returns a Summary), close the sinks with the run's status, print
     the one-screen summary."""
+    from metalearner.tracking import TrackingIncomplete
     from metalearner.train import DIVERGED_TAG
 
     status = "FAILED"
+    left = None
     try:
         summary = body()
         status = "FAILED" if summary.diverged else "FINISHED"
         if summary.diverged and mlflow_sink:
             where = f"at step {summary.steps} of {cfg.train.steps}"
-            mlflow_sink.writer.set_tags(mlflow_sink.run_id, {DIVERGED_TAG: where})
+            mlflow_sink.writer.set_tags(mlflow_sink.key, {DIVERGED_TAG: where})
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        sink.close(status)
+        try:
+            sink.close(status)
+        except TrackingIncomplete as e:
+            left = e
     print_summary(summary, cfg, uri if mlflow_sink else None, mlflow_sink.run_id if mlflow_sink else None,
                   args.experiment, args.trace_csv)
     if summary.diverged:
         print(f"metalearner: error: the run diverged: {cfg.train.max_nonfinite} non-finite steps in a row "
               f"(train.max_nonfinite) ended it at step {summary.steps} of {cfg.train.steps}; "
               f"{summary.nonfinite_steps} step(s) skipped in all", file=sys.stderr)
+    if left is not None:
+        return tracking_failed(left.pending, left.journal_dir, "the run's trace is incomplete in the store")
+    if summary.diverged:
         return EXIT_FAILURE
     return 0
+
+
+def tracking_failed(left: Any, journal_dir: Path, what: str) -> int:
+    """Say what the journal still holds and how to deliver it; returns exit code 1."""
+    from metalearner.journal import sync_target
+
+    print(f"\nmetalearner: tracking incomplete: {what}: {left.points} trace point(s) pending "
+          f"({left.records} record(s) in {left.runs} run(s))", file=sys.stderr)
+    for err in left.errors:
+        print(f"  tracking error: {err}", file=sys.stderr)
+    print(f"  deliver them when the store is back: metalearner sync {sync_target(Path(journal_dir))}",
+          file=sys.stderr)
+    return EXIT_FAILURE
 
 
 def print_summary(summary: Any, cfg: Any, uri: str | None, run_id: str | None,
@@ -206,11 +234,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"metalearner sweep '{spec.name}'{' (smoke test)' if args.smoke_test else ''}: "
           f"{len(spec.arms)} arm(s) x {len(spec.seeds)} seed(s); MLflow: {uri}", flush=True)
     result = runner.run()
-    print(f"\nsweep finished in {result.seconds:.0f} s; parent run {result.parent_run_id}")
+    print(f"\nsweep finished in {result.seconds:.0f} s; parent run {result.parent_run_id or '(not in the store yet)'}")
     for msg in result.errors:
         print(f"  trial error: {msg}")
     if result.error_log is not None:
         print(f"  full errors (traceback and trial folder of each failed trial): {result.error_log}")
+    from metalearner.journal import JOURNAL_DIR, pending
+
+    journal = Path(runner.storage) / f"{spec.name}-{runner.stamp}" / JOURNAL_DIR
+    left = pending(journal)  # the writer is closed: what it could not deliver is in the journal
+    if not left.complete:  # no report from a partial store; compare works after the sync
+        tracking_failed(left, journal, f"sweep '{spec.name}'")
+        print(f"  then the report: metalearner compare {spec.name} --tracking-uri {uri}", file=sys.stderr)
+        return EXIT_FAILURE
     for arm, ctrl in result.best.items():
         settings = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in ctrl.items())
         print(f"  best '{arm}' controller: {settings}")
@@ -248,6 +284,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
             fail(str(e))
         print(f"best controller {spec} -> {args.export_best}")
     print(f"view it: {ui_command(uri)}")
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """``metalearner sync EXPERIMENT_DIR``: deliver the journaled writes an outage left."""
+    from metalearner.journal import JournalError, find_journal
+    from metalearner.tracking import sync_journal
+
+    if not args.outage_s >= 0:
+        fail(f"--outage-s: got {args.outage_s}, expected a number of seconds >= 0")
+    journal = find_journal(args.experiment_dir)
+    if journal is None:
+        fail(f"EXPERIMENT_DIR: got {args.experiment_dir!r}, expected a sweep's experiment folder "
+             "(or a --checkpoint-dir) holding tracking/journal.jsonl")
+    try:
+        left, written = sync_journal(journal, args.tracking_uri, outage_s=args.outage_s)
+    except JournalError as e:
+        fail(str(e))
+    if not left.complete:
+        return tracking_failed(left, journal, "sync")
+    print(f"metalearner sync: {written} trace point(s) delivered; the journal in {journal} is fully in the store")
     return 0
 
 
@@ -324,6 +381,17 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
     cp.set_defaults(func=cmd_compare)
 
+    sy = sub.add_parser("sync", help="deliver the trace points an MLflow outage left in a sweep's journal",
+                        description="Deliver what a sweep (or a train --checkpoint-dir) journaled but could not "
+                                    "write to MLflow: creates missing runs, sends params, tags and every missing "
+                                    "point exactly once, terminates runs with their status.")
+    sy.add_argument("experiment_dir", metavar="EXPERIMENT_DIR",
+                    help="the experiment folder the sweep printed (holds tracking/journal.jsonl)")
+    sy.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the journal was written for)")
+    sy.add_argument("--outage-s", type=float, default=60.0,
+                    help="how long to retry an unreachable store before giving up (default: 60)")
+    sy.set_defaults(func=cmd_sync)
+
     da = sub.add_parser("data", help="make local data sets", description="Make local data sets.")
     dsub = da.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     sd = dsub.add_parser("speech-digits", help="synthesize a spoken-digits corpus with espeak-ng (audiofolder layout)")
@@ -335,9 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from metalearner.environment import HF_OFFLINE, set_defaults
+    from metalearner.environment import HF_OFFLINE, MLFLOW_HTTP, set_defaults
 
-    set_defaults(HF_OFFLINE)
+    set_defaults(HF_OFFLINE, MLFLOW_HTTP)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

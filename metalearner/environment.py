@@ -22,3 +22,10 @@ def set_defaults(*envs: dict[str, str]) -> None:
     for env in envs:
         for key, value in env.items():
             os.environ.setdefault(key, value)
+# the MLflow writer retries through outages itself (tracking.outage_s, with backoff), so
+# each request fails fast instead of MLflow's own minutes-long retry loop inside one call
+MLFLOW_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}

@@ -2,7 +2,7 @@
 
 A spec names a base run config (``task``, ``model``, ``train``, ``controller``), the
 ``arms`` to compare (each a controller, optionally tuned by a ``search``), the ``seeds``,
-``resources`` and a ``smoke`` block of dotted overrides that ``--smoke-test`` applies.
+``resources``, ``tracking`` (``outage_s``) and a ``smoke`` block of dotted overrides that ``--smoke-test`` applies.
 Without ``arms``, the top-level ``controller`` (+ ``search``) is the single arm.
 
 Search-space domains map one to one onto Ray Tune's (``grid``, ``choice``, ``uniform``,
@@ -62,6 +62,13 @@ class Resources:
 
 
 @dataclass
+class Tracking:
+    # how long the MLflow writer retries an unreachable store before the points it holds
+    # are left in the journal for `metalearner sync` (the sweep then exits 1)
+    outage_s: Annotated[float, Field(ge=0, le=7 * 86400)] = 300.0
+
+
+@dataclass
 class Scheduler:
     name: Literal["fifo", "asha", "pbt", "pb2"] = "fifo"
     grace_period: Annotated[int, Field(ge=0)] = 0  # asha: steps before the first cut (0 = two reports)
@@ -107,6 +114,7 @@ class ExperimentSpec:
     seed: int = 0
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
+    tracking: Tracking = field(default_factory=Tracking)
 
     def run_config(self, arm: Arm, seed: int, controller: dict[str, Any] | None = None) -> dict[str, Any]:
         """The nested run config of one cell (arm x seed) without search domains."""
@@ -160,14 +168,15 @@ class SpecFile(BaseModel):
     arms: Annotated[list[Any], Field(min_length=1, max_length=100)] | None = None
     seeds: Annotated[list[Seed], BeforeValidator(_count_to_seeds), Field(min_length=1, max_length=MAX_SEEDS)] = [0]
     resources: Mapping | None = None
+    tracking: Mapping | None = None
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"
     stop: Stop | None = None
     smoke: Mapping | None = None
     seed: Seed = 0
 
-    @field_validator("task", "model", "train", "controller", "search", "arms", "resources", "stop", "smoke",
-                     mode="before")
+    @field_validator("task", "model", "train", "controller", "search", "arms", "resources", "tracking", "stop",
+                     "smoke", mode="before")
     @classmethod
     def _not_null(cls, value: Any) -> Any:
         if value is None:
@@ -335,6 +344,7 @@ def parse_experiment(data: Any, source: str = "<spec>") -> ExperimentSpec:
             raise ConfigError(f"train.seed: got {short(top.train['seed'])}, expected it unset: each cell trains "
                               "on one of 'seeds' (and a search on search.seed), which would replace it")
     resources = load_dataclass(Resources, top.resources, "resources.")
+    tracking = load_dataclass(Tracking, top.tracking, "tracking.")
     seeds = list(top.seeds)
     budget = top.stop.time_budget_s if top.stop else 0.0
 
@@ -370,7 +380,7 @@ def parse_experiment(data: Any, source: str = "<spec>") -> ExperimentSpec:
         arms.append(Arm(name=arm_name, controller=ctrl, search=search))
     return ExperimentSpec(name=name, description=top.description, base=base, arms=arms, seeds=seeds,
                           resources=resources, metric=top.metric, mode=top.mode, time_budget_s=float(budget),
-                          seed=top.seed, source=source, raw=copy.deepcopy(data))
+                          seed=top.seed, source=source, raw=copy.deepcopy(data), tracking=tracking)
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None, smoke: bool = False) -> ExperimentSpec:

@@ -1,29 +1,48 @@
 """MLflow: the one module that talks to MLflow (writes, and the queries of the report).
 
-Write path. Every write of a process goes through one `MlflowWriter`: a single writer
-thread fed by a queue. Metrics are buffered and sent with ``log_batch`` (at most 1000
-per call), never one request per metric per step, and the training thread never waits
-on the store. With a single writer per store, the embedded SQLite default cannot
-raise "database is locked": in a sweep, Ray trials do not touch MLflow at all — they send
-their trace chunks with ``tune.report`` and the driver's writer stores them.
+Write path. Every write of a process goes through one `MlflowWriter`: producers append
+records to a durable journal (`metalearner.journal`, fsync'd per batch) and never wait on
+the store, run creation included; one writer thread delivers the journal with batched
+``log_batch`` calls (at most 1000 points per call), retrying through outages, and records
+its progress durably, so a restart neither rewrites nor skips a point; ``metalearner
+sync`` delivers what an outage left. With a single writer per store, the embedded SQLite
+default cannot raise "database is locked": in a sweep, Ray trials do not touch MLflow at
+all — they send their trace chunks with ``tune.report`` and the driver's writer stores them.
 
-Exactly one point per step per key: a `MlflowWriter` remembers the last step it stored
-for each run and drops records at or below it (a trial restored from a checkpoint
-repeats those steps exactly; a PBT exploit continues from the donor's step).
+Exactly one point per step per key: a `MlflowWriter` remembers the last step journaled
+for each run (also across restarts: it is read back from the journal) and drops records
+at or below it (a trial restored from a checkpoint repeats those steps exactly; a PBT
+exploit continues from the donor's step).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import re
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from metalearner.journal import (
+    JOURNAL_FILE,
+    METRIC_OPS,
+    Journal,
+    Pending,
+    RunProgress,
+    load_state,
+    pending,
+    read_lines,
+    save_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +52,15 @@ ARM_TAG = "metalearner.arm"
 PHASE_TAG = "metalearner.phase"  # "search" | "compare"
 SEED_TAG = "metalearner.seed"
 PARENT_TAG = "mlflow.parentRunId"
+RUN_KEY_TAG = "metalearner.run_key"  # JOURNAL_ID/KEY: finds a run again after a crash or a lost response
+DEFAULT_OUTAGE_S = 300.0  # tracking.outage_s
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_CHARS = 6000
 WRITER_NICE = 10
+READ_CHUNK = 4 << 20  # bytes of journal the delivery thread reads at a time
 
 
 def _mlflow() -> Any:
@@ -84,193 +106,522 @@ def params_to_strings(params: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+class TrackingIncomplete(RuntimeError):
+    """Raised by `MlflowSink.close` when journaled writes did not all reach the store.
+
+    Attributes:
+        pending: what is left (`metalearner.journal.Pending`).
+        journal_dir: the journal that ``metalearner sync`` delivers later.
+    """
+
+    def __init__(self, pending: Pending, journal_dir: Path) -> None:
+        self.pending, self.journal_dir = pending, journal_dir
+        super().__init__(f"{pending.points} trace point(s) ({pending.records} record(s)) not in the tracking store")
+
+
+def _permanent(e: BaseException) -> bool:
+    """A failure that retrying cannot fix: the store rejected the request (HTTP 4xx other
+    than 429), or a file to upload is gone. Everything else (refused connections, 5xx,
+    a locked database, timeouts) is an outage and is retried."""
+    if isinstance(e, FileNotFoundError):
+        return True
+    code = getattr(e, "get_http_status_code", None)
+    if code is None:
+        return False
+    try:
+        status = int(code())
+    except Exception:  # noqa: BLE001 - an odd exception: treat as transient
+        return False
+    return 400 <= status < 500 and status != 429
+
+
+@dataclass
+class _Run:
+    """The writer thread's view of one run key."""
+
+    key: str
+    run_id: str | None = None
+    seq: int = 0  # delivered watermark
+    todo: deque = field(default_factory=deque)  # records read from the journal, not delivered
+    verify: bool = True  # ask the store what it holds before sending metrics (after a restart/failure)
+    failed: str | None = None  # a permanent error: delivery of this run stopped
+
+
 class MlflowWriter:
-    """The single writer of a process: all MLflow calls run on one background thread.
+    """The single writer of a process: producers journal, one thread delivers.
+
+    Producers (the Tune callback on the driver, the training thread of ``metalearner
+    train``) never wait on the store: each write is a record appended to the journal
+    (fsync'd once per `flush`), and that is all they do. Run creation too: `create_run`
+    returns a local *run key* at once; the writer thread creates the MLflow run, maps the
+    key to its run id (``delivered.json``) and then sends the run's records with batched
+    ``log_batch`` calls, in journal order. The thread reads the journal file itself (at
+    most ``max_queue`` undelivered points in memory; the rest wait in the file), so a
+    producer is never blocked and nothing is dropped when the store is down.
+
+    A failed delivery is retried with exponential backoff (0.5 s doubling, at most
+    ``backoff_cap`` s). `close` waits for everything to be delivered, or until the
+    current outage has lasted ``outage_s``; what is left stays in the journal for
+    ``metalearner sync``. Redelivery is exact: a run is found again by its
+    ``metalearner.run_key`` tag before it is created, and after a restart or a failure the
+    store's last step of each key is read before metrics are sent, so that nothing is
+    written twice or skipped.
 
     Args:
         tracking_uri: MLflow tracking URI (SQLite file, tracking server, ...).
-        flush_every: send buffered metrics once this many points are waiting.
-        flush_seconds: ...or once the oldest waiting point is this old.
+        journal_dir: the journal folder (``EXPERIMENT_DIR/tracking``); an existing journal
+            is continued. None: a temporary folder, removed when everything is delivered.
+        outage_s: how long `close` keeps retrying through an outage.
+        flush_every: producer side: journal buffered records once this many points wait.
+        flush_seconds: ...or once the oldest waiting record is this old.
+        max_queue: undelivered points the delivery thread holds in memory.
     """
 
-    def __init__(self, tracking_uri: str, flush_every: int = MAX_METRICS_PER_BATCH,
-                 flush_seconds: float = 2.0) -> None:
+    def __init__(self, tracking_uri: str, journal_dir: str | Path | None = None, outage_s: float = DEFAULT_OUTAGE_S,
+                 flush_every: int = MAX_METRICS_PER_BATCH, flush_seconds: float = 2.0,
+                 max_queue: int = 100_000, backoff_cap: float = 10.0) -> None:
         mlflow = _mlflow()
         self.tracking_uri = tracking_uri
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        self.outage_s = float(outage_s)
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds
-        self._Metric = mlflow.entities.Metric
-        self._queue: queue.Queue[tuple[Callable[[], Any], Future] | None] = queue.Queue()
-        self._pending: dict[str, list[Any]] = {}
-        self._n_pending = 0
+        self.max_queue = max_queue
+        self.backoff_cap = backoff_cap
+        self._temp = journal_dir is None
+        self.journal_dir = Path(tempfile.mkdtemp(prefix="metalearner-journal-") if journal_dir is None else journal_dir)
+        self.journal = Journal(self.journal_dir, tracking_uri)
+        self._lock = threading.Lock()  # producer side: buffer, journal appends, step watermarks
+        self._buffer: list[dict[str, Any]] = []
+        self._n_buffered = 0
         self._oldest = 0.0
-        self._last_step: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._last_step: dict[str, int] = {}  # run key -> last trace step journaled
+        self._last_key_step: dict[tuple[str, str], int] = {}  # (run key, metric) -> last step journaled
+        self._keys: dict[str, dict[str, Any]] = {}  # run key -> its create record
+        for rec in self.journal.records_at_open:
+            self._note(rec)
+        # delivery side (the thread)
+        self.state = load_state(self.journal_dir)
+        self.state.tracking_uri = tracking_uri
+        self._runs: dict[str, _Run] = {k: _Run(k, p.run_id, p.seq) for k, p in self.state.runs.items()}
+        self._offset = 0
+        self._in_memory = 0
+        self._delivered = 0
+        self._dirty = False
+        self._exp_ids: dict[str, str] = {}
+        self._wake = threading.Condition()
+        self._closing = False
+        self._outage_since: float | None = None
         self.points_written = 0
-        self.errors: list[BaseException] = []
+        self.errors: list[str] = []  # this session's permanent failures (and a give-up at close)
+        self.last_error: BaseException | None = None
+        self.delivery: Pending | None = None
         self._thread = threading.Thread(target=self._loop, name="mlflow-writer", daemon=True)
         self._thread.start()
 
-    # ------------------------------------------------------------ the thread
+    # ------------------------------------------------------------ producer side
+    def _note(self, rec: dict[str, Any]) -> None:
+        """Keep the producer's watermarks in step with a journaled record."""
+        op, key = rec["op"], rec["run"]
+        if op == "run":
+            self._keys[key] = rec
+        elif op in METRIC_OPS:
+            step = int(rec["step"])
+            if op == "m":
+                self._last_step[key] = max(self._last_step.get(key, 0), step)
+            for k in rec["v"]:
+                self._last_key_step[(key, k)] = step
+
+    def _add(self, rec: dict[str, Any], points: int = 0) -> None:
+        with self._lock:
+            if not self._buffer:
+                self._oldest = time.monotonic()
+            self._buffer.append(rec)
+            self._note(rec)
+            self._n_buffered += points
+            due = self._n_buffered >= self.flush_every or time.monotonic() - self._oldest > self.flush_seconds
+        if due:
+            self.flush()
+
+    def has_run(self, key: str) -> bool:
+        """Whether ``key`` names a run of this journal."""
+        with self._lock:
+            return key in self._keys
+
+    def create_run(self, experiment: str, run_name: str, tags: dict[str, str] | None = None,
+                   parent: str | None = None, key: str | None = None) -> str:
+        """Journal a new run; returns its run key at once (the run is created in MLflow by
+        the writer thread). A ``key`` that the journal already holds reopens that run.
+
+        Args:
+            experiment: MLflow experiment name (created if missing).
+            run_name: MLflow run name.
+            tags: run tags.
+            parent: run key of the parent run (its id becomes ``mlflow.parentRunId``).
+            key: the run key; default a fresh one.
+        """
+        key = key or uuid.uuid4().hex[:16]
+        if self.has_run(key):
+            self._add({"op": "reopen", "run": key})
+            return key
+        tags = {**(tags or {}), RUN_KEY_TAG: f"{self.journal.id}/{key}"}
+        self._add({"op": "run", "run": key, "experiment": experiment, "name": run_name, "tags": tags,
+                   "parent": parent})
+        return key
+
+    def resume_run(self, run_id: str, key: str | None = None, metric: str = "loss") -> str:
+        """Adopt an MLflow run made elsewhere (e.g. by an earlier ``metalearner train``
+        without this journal) and reopen it; blocks to read its last stored step of
+        ``metric``, from which `log_metrics` continues. Returns the run key."""
+        key = key or self.key_of(run_id) or run_id
+        if not self.has_run(key):
+            hist = self.client.get_metric_history(run_id, metric)
+            with self._lock:
+                self._last_step[key] = max((m.step for m in hist), default=0)
+            self._add({"op": "run", "run": key, "run_id": run_id})
+        self._add({"op": "reopen", "run": key})
+        return key
+
+    def key_of(self, run_id: str) -> str | None:
+        """The run key of this journal that was delivered as MLflow run ``run_id``."""
+        return next((k for k, p in list(self.state.runs.items()) if p.run_id == run_id), None)
+
+    def last_step(self, key: str) -> int:
+        """The last trace step journaled for run ``key`` (0 if none)."""
+        with self._lock:
+            return self._last_step.get(key, 0)
+
+    def run_id(self, key: str, timeout: float = 0.0) -> str | None:
+        """The MLflow run id of ``key``, once the writer thread has created the run;
+        waits up to ``timeout`` seconds for it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self._runs.get(key)
+            if run is not None and run.run_id:
+                return run.run_id
+            if time.monotonic() >= deadline or not self._thread.is_alive():
+                return None
+            with self._wake:
+                self._wake.notify_all()
+            time.sleep(0.05)
+
+    def log_params(self, key: str, params: dict[str, Any]) -> None:
+        self._add({"op": "params", "run": key, "params": params_to_strings(params)})
+
+    def set_tags(self, key: str, tags: dict[str, Any]) -> None:
+        self._add({"op": "tags", "run": key, "tags": {k: str(v) for k, v in tags.items()}})
+
+    def log_artifact(self, key: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self._add({"op": "artifact", "run": key, "path": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    def terminate(self, key: str, status: str = "FINISHED") -> None:
+        self._add({"op": "end", "run": key, "status": status})
+        self.flush()
+
+    def log_metrics(self, key: str, metrics: dict[str, float], step: int,
+                    timestamp_ms: int | None = None) -> bool:
+        """Journal one step's trace metrics; False (and nothing journaled) if ``step`` is
+        not past the last step journaled for run ``key`` (a restored trial repeats steps)."""
+        with self._lock:
+            if step <= self._last_step.get(key, 0):
+                return False
+            self._last_step[key] = step  # claimed now: concurrent producers cannot both pass
+        ts = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
+        self._add({"op": "m", "run": key, "step": int(step), "ts": ts, "v": {k: float(v) for k, v in metrics.items()}},
+                  len(metrics))
+        return True
+
+    def log_extra_metrics(self, key: str, metrics: dict[str, float], step: int) -> None:
+        """Metrics outside the per-step trace (e.g. PBT's changed settings); a key's point
+        at or below its last journaled step is dropped (each key's steps increase)."""
+        with self._lock:
+            keep = {k: float(v) for k, v in metrics.items() if step > self._last_key_step.get((key, k), 0)}
+        if keep:
+            self._add({"op": "x", "run": key, "step": int(step), "ts": int(time.time() * 1000), "v": keep}, len(keep))
+
+    def flush(self, key: str | None = None) -> None:
+        """Journal (append + fsync) every buffered record and wake the writer thread.
+        ``key`` is accepted for the callers that flush one run: the journal is one file."""
+        with self._lock:
+            batch, self._buffer, self._n_buffered = self._buffer, [], 0
+            if batch:
+                self.journal.append(batch)
+        if batch:
+            with self._wake:
+                self._wake.notify_all()
+
+    # ------------------------------------------------------------ delivery thread
     def _loop(self) -> None:
-        # Linux schedules threads individually: let the training threads win the cores;
-        # the store's CPU cost (~0.2 ms per point in SQLite) then fills the gaps
+        # Linux schedules threads individually: let the training threads win the cores
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
         except (AttributeError, OSError):  # not Linux, or not allowed
             pass
+        backoff = 0.0
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            fn, fut = item
+            self._read_journal()
+            progress = False
             try:
-                fut.set_result(fn())
-            except BaseException as e:  # noqa: BLE001 - reported through the future
-                log.warning("MLflow write failed: %s", e)
-                self.errors.append(e)
-                fut.set_exception(e)
+                progress = self._deliver_all()
+                self._outage_since, backoff = None, 0.0
+            except Exception as e:  # noqa: BLE001 - an outage: retried below, counted at close
+                self.last_error = e
+                now = time.monotonic()
+                if self._outage_since is None:
+                    self._outage_since = now
+                    log.warning("MLflow store unreachable, retrying for up to %.0f s: %s", self.outage_s, e)
+                if self._closing and now - self._outage_since >= self.outage_s:
+                    self._give_up(e)
+                    self._save_state()
+                    return
+                backoff = min(self.backoff_cap, backoff * 2 if backoff else 0.5)
+            if self._dirty:
+                self._save_state()
+            idle = self._all_read() and (not progress or not self._todo())
+            if self._closing and not backoff and idle:
+                return
+            with self._wake:
+                if backoff:
+                    self._wake.wait(backoff)
+                elif idle and not self._closing:
+                    self._wake.wait(1.0)
 
-    def submit(self, fn: Callable[[], Any]) -> Future:
-        """Run ``fn`` on the writer thread (in order with every other write)."""
-        fut: Future = Future()
-        self._queue.put((fn, fut))
-        return fut
+    def _give_up(self, e: BaseException) -> None:
+        msg = (f"tracking store {self.tracking_uri} unreachable for {self.outage_s:.0f} s "
+               f"(tracking.outage_s); last error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        self.errors.append(msg)
+        self._dirty = True
+        log.error(msg)
 
-    def call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the writer thread and wait for its result."""
-        return self.submit(fn).result()
+    def _all_read(self) -> bool:
+        try:
+            return self._offset >= self.journal.path.stat().st_size
+        except OSError:
+            return True
 
-    # ------------------------------------------------------------ runs
-    def experiment_id(self, name: str) -> str:
-        def get_or_create() -> str:
+    def _todo(self) -> bool:
+        return any(r.todo and not r.failed for r in self._runs.values())
+
+    def _read_journal(self) -> None:
+        """Move journaled records past each run's watermark into memory (bounded)."""
+        while self._in_memory < self.max_queue and not self._all_read():
+            recs, offset = read_lines(self.journal.path, self._offset, READ_CHUNK)
+            if offset == self._offset:
+                return
+            self._offset = offset
+            for rec in recs:
+                if rec.get("op") == "journal":
+                    continue
+                run = self._runs.setdefault(rec["run"], _Run(rec["run"]))
+                if rec["n"] <= run.seq:
+                    continue  # delivered before a restart
+                run.todo.append(rec)
+                self._in_memory += len(rec.get("v", ())) or 1
+            # records read past the bound stay in memory; the next read waits for room
+
+    def _deliver_all(self) -> bool:
+        """One pass over the runs; True if anything was delivered."""
+        before = self._delivered
+        for run in list(self._runs.values()):
+            if run.failed or not run.todo:
+                continue
+            try:
+                self._deliver(run)
+            except Exception as e:
+                run.verify = True  # the last request may or may not have landed
+                if not _permanent(e):
+                    raise
+                run.failed = f"run {run.key}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                self.errors.append(run.failed)
+                self._dirty = True
+                log.error("MLflow rejected a write, delivery of run %s stopped: %s", run.key, e)
+        return self._delivered != before
+
+    def _done(self, run: _Run, n: int, cost: int) -> None:
+        run.seq = n
+        self._delivered += 1
+        self._dirty = True
+        self.state.runs[run.key] = RunProgress(run.run_id, n)
+        self._in_memory -= cost
+
+    def _deliver(self, run: _Run) -> None:
+        while run.todo:
+            rec = run.todo[0]
+            op = rec["op"]
+            if op == "run":
+                if run.run_id is None:
+                    run.run_id = rec.get("run_id") or self._create(run, rec)
+                    if run.run_id is None:
+                        return  # its parent does not exist yet
+                run.todo.popleft()
+                self._done(run, rec["n"], 1)
+            elif run.run_id is None:
+                raise RuntimeError(f"journal: run {run.key} has records before its creation")
+            elif op == "reopen":
+                self.client.update_run(run.run_id, status="RUNNING")
+                run.todo.popleft()
+                self._done(run, rec["n"], 1)
+            elif op == "end":
+                self.client.set_terminated(run.run_id, status=rec["status"])
+                run.todo.popleft()
+                self._done(run, rec["n"], 1)
+            elif op == "artifact":
+                self.client.log_artifact(run.run_id, rec["path"], rec.get("artifact_path"))
+                run.todo.popleft()
+                self._done(run, rec["n"], 1)
+            else:
+                self._send_batch(run)
+
+    def _create(self, run: _Run, rec: dict[str, Any]) -> str | None:
+        tags = dict(rec.get("tags") or {})
+        if rec.get("parent"):
+            parent = self._runs.get(rec["parent"])
+            pid = parent.run_id if parent else rec["parent"]  # a key of this journal, or a run id
+            if parent is not None and pid is None:
+                return None
+            tags[PARENT_TAG] = pid
+        exp_id = self._experiment_id(rec["experiment"])
+        found = self.client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{tags[RUN_KEY_TAG]}'",
+                                        max_results=1)
+        if found:  # created before a crash or a lost response
+            return found[0].info.run_id
+        created = self.client.create_run(exp_id, tags=tags, run_name=rec.get("name")).info.run_id
+        run.verify = False  # a run made just now holds nothing
+        return created
+
+    def _experiment_id(self, name: str) -> str:
+        if name not in self._exp_ids:
             exp = self.client.get_experiment_by_name(name)
-            if exp:
-                return exp.experiment_id
-            return self.client.create_experiment(name, artifact_location=artifact_location(self.tracking_uri, name))
+            self._exp_ids[name] = exp.experiment_id if exp else self.client.create_experiment(
+                name, artifact_location=artifact_location(self.tracking_uri, name))
+        return self._exp_ids[name]
 
-        return self.call(get_or_create)
-
-    def create_run(self, experiment: str, run_name: str, tags: dict[str, str] | None = None,
-                   parent_run_id: str | None = None) -> str:
-        tags = dict(tags or {})
-        if parent_run_id:
-            tags[PARENT_TAG] = parent_run_id
-        exp_id = self.experiment_id(experiment)
-        run = self.call(lambda: self.client.create_run(exp_id, tags=tags, run_name=run_name))
-        self._last_step[run.info.run_id] = 0
-        return run.info.run_id
-
-    def resume_run(self, run_id: str, key: str = "loss") -> int:
-        """Reopen ``run_id``; returns the last step already stored for ``key``."""
-        def last() -> int:
-            self.client.update_run(run_id, status="RUNNING")
-            hist = self.client.get_metric_history(run_id, key)
-            return max((m.step for m in hist), default=0)
-
-        step = self.call(last)
-        self._last_step[run_id] = step
-        return step
-
-    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        Param = _mlflow().entities.Param
-        items = [Param(k, v) for k, v in params_to_strings(params).items()]
-        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            chunk = items[i: i + MAX_PARAMS_PER_BATCH]
-            self.submit(lambda c=chunk: self.client.log_batch(run_id, params=c))
-
-    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        RunTag = _mlflow().entities.RunTag
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
-        self.submit(lambda: self.client.log_batch(run_id, tags=items))
-
-    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        self.submit(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
-
-    def terminate(self, run_id: str, status: str = "FINISHED") -> None:
-        self.flush(run_id)
-        self.submit(lambda: self.client.set_terminated(run_id, status=status))
-
-    # ------------------------------------------------------------ metrics
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int,
-                    timestamp_ms: int | None = None) -> bool:
-        """Buffer one step's metrics; False (and nothing stored) if ``step`` is not past
-        the last step stored for ``run_id``."""
-        with self._lock:
-            if step <= self._last_step.get(run_id, 0):
-                return False
-            self._last_step[run_id] = step
-            ts = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
-            buf = self._pending.setdefault(run_id, [])
-            if not self._n_pending:
-                self._oldest = time.monotonic()
-            for k, v in metrics.items():
-                buf.append(self._Metric(k, float(v), ts, step))
-            self._n_pending += len(metrics)
-            due = self._n_pending >= self.flush_every or time.monotonic() - self._oldest > self.flush_seconds
-        if due:
-            self.flush()
-        return True
-
-    def log_extra_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
-        """Metrics outside the per-step trace (e.g. PBT's changed settings): no dedupe."""
-        ts = int(time.time() * 1000)
-        with self._lock:
-            buf = self._pending.setdefault(run_id, [])
-            for k, v in metrics.items():
-                buf.append(self._Metric(k, float(v), ts, step))
-            self._n_pending += len(metrics)
-
-    def flush(self, run_id: str | None = None) -> None:
-        """Send the buffered metrics (of one run, or all) to the writer thread."""
-        with self._lock:
-            ids = [run_id] if run_id is not None else list(self._pending)
-            batches = [(rid, self._pending.pop(rid)) for rid in ids if self._pending.get(rid)]
-            self._n_pending = sum(len(v) for v in self._pending.values())
-        for rid, metrics in batches:
-            for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-                chunk = metrics[i: i + MAX_METRICS_PER_BATCH]
-                self.submit(lambda r=rid, c=chunk: self._send(r, c))
-
-    def _send(self, run_id: str, metrics: list[Any]) -> None:
-        self.client.log_batch(run_id, metrics=metrics)
+    def _send_batch(self, run: _Run) -> None:
+        """One ``log_batch`` of the run's leading params/tags/metrics records."""
+        entities = _mlflow().entities
+        metrics: list[Any] = []
+        params: list[Any] = []
+        tags: list[Any] = []
+        taken: list[dict[str, Any]] = []
+        for rec in run.todo:
+            op = rec["op"]
+            if op not in ("params", "tags", *METRIC_OPS):
+                break
+            size = len(rec.get("v") or rec.get("params") or rec.get("tags") or ())
+            if taken and (len(metrics) + len(params) + len(tags) + size > MAX_METRICS_PER_BATCH
+                          or (op == "params" and len(params) + size > MAX_PARAMS_PER_BATCH)
+                          or (op == "tags" and len(tags) + size > MAX_PARAMS_PER_BATCH)
+                          or (op == "params" and any(p.key in rec["params"] for p in params))):
+                break
+            if op == "params":
+                params += [entities.Param(k, v) for k, v in rec["params"].items()]
+            elif op == "tags":
+                tags += [entities.RunTag(k, v) for k, v in rec["tags"].items()]
+            else:
+                metrics += [entities.Metric(k, v, rec["ts"], rec["step"]) for k, v in rec["v"].items()]
+            taken.append(rec)
+        if run.verify and metrics:
+            stored = {k: max((m.step for m in self.client.get_metric_history(run.run_id, k)), default=0)
+                      for k in {m.key for m in metrics}}
+            metrics = [m for m in metrics if m.step > stored[m.key]]
+        run.verify = False
+        for i in range(0, max(len(params), 1), MAX_PARAMS_PER_BATCH):  # params alone may exceed one batch
+            chunk = params[i: i + MAX_PARAMS_PER_BATCH]
+            self.client.log_batch(run.run_id, metrics=metrics if i == 0 else [], params=chunk,
+                                  tags=tags if i == 0 else [])
         self.points_written += len(metrics)
+        for _ in taken:
+            run.todo.popleft()
+        self._done(run, taken[-1]["n"], sum(len(r.get("v", ())) or 1 for r in taken))
 
-    def close(self) -> None:
-        """Flush everything, wait for the writes, stop the thread."""
+    def _save_state(self) -> None:
+        self._dirty = False
+        self.state.errors = list(self.errors)
+        try:
+            save_state(self.journal_dir, self.state)
+        except OSError as e:  # the disk is the source of truth: this is not a warning
+            self.errors.append(f"cannot save delivery state in {self.journal_dir}: {e}")
+
+    # ------------------------------------------------------------ the end
+    def close(self) -> Pending:
+        """Journal what is buffered, wait for delivery (through an outage of up to
+        ``outage_s``), stop the thread. Returns what is still pending (nothing when all
+        went well; a temporary journal is then removed)."""
+        if self.delivery is not None:
+            return self.delivery
         self.flush()
-        self.call(lambda: None)
-        self._queue.put(None)
-        self._thread.join(timeout=60)
+        self._closing = True
+        with self._wake:
+            self._wake.notify_all()
+        self._thread.join()
+        self.journal.close()
+        self.delivery = pending(self.journal_dir)
+        if self._temp and self.delivery.complete:
+            shutil.rmtree(self.journal_dir, ignore_errors=True)
+        return self.delivery
 
 
 class MlflowSink:
-    """A `TraceSink` into one MLflow run (``metalearner train``)."""
+    """A `TraceSink` into one MLflow run (``metalearner train``), through a journaled
+    `MlflowWriter`. The run is created before training starts (`start` waits for its id,
+    up to the outage allowance), since ``--checkpoint-dir`` records it."""
 
-    def __init__(self, writer: MlflowWriter, run_id: str) -> None:
-        self.writer, self.run_id = writer, run_id
+    def __init__(self, writer: MlflowWriter, key: str) -> None:
+        self.writer, self.key = writer, key
+
+    @property
+    def run_id(self) -> str | None:
+        return self.writer.run_id(self.key)
 
     @classmethod
     def start(cls, tracking_uri: str, experiment: str, run_name: str,
-              tags: dict[str, str] | None = None, resume_run_id: str | None = None) -> MlflowSink:
-        writer = MlflowWriter(tracking_uri)
+              tags: dict[str, str] | None = None, resume_run_id: str | None = None,
+              journal_dir: str | Path | None = None) -> MlflowSink:
+        writer = MlflowWriter(tracking_uri, journal_dir=journal_dir)
         if resume_run_id:
-            writer.resume_run(resume_run_id)
-            return cls(writer, resume_run_id)
-        return cls(writer, writer.create_run(experiment, run_name, tags))
+            key = writer.resume_run(resume_run_id)
+        else:
+            key = writer.create_run(experiment, run_name, tags)
+        writer.flush()
+        if writer.run_id(key, timeout=writer.outage_s) is None:
+            left = writer.close()
+            raise TrackingIncomplete(left, writer.journal_dir)
+        return cls(writer, key)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self.writer.log_params(self.run_id, params)
+        self.writer.log_params(self.key, params)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.writer.log_metrics(self.run_id, metrics, step)
+        self.writer.log_metrics(self.key, metrics, step)
 
     def close(self, status: str = "FINISHED") -> None:
-        self.writer.terminate(self.run_id, status)
-        self.writer.close()
-        if self.writer.errors:
-            raise RuntimeError(f"MLflow writes failed: {self.writer.errors[0]}")
+        """Terminate the run and deliver everything.
+
+        Raises:
+            TrackingIncomplete: writes are left in the journal (``metalearner sync`` delivers them).
+        """
+        self.writer.terminate(self.key, status)
+        left = self.writer.close()
+        if not left.complete:
+            raise TrackingIncomplete(left, self.writer.journal_dir)
+
+
+def sync_journal(journal_dir: str | Path, tracking_uri: str | None = None,
+                 outage_s: float = DEFAULT_OUTAGE_S) -> tuple[Pending, int]:
+    """Deliver what a journal holds (``metalearner sync``): creates missing runs, sends
+    params, tags and metrics past each run's watermark, terminates runs with their
+    journaled status. Returns (what is still pending, points written).
+
+    Args:
+        journal_dir: the journal folder.
+        tracking_uri: the store; default the one the journal was written for.
+        outage_s: how long to retry an unreachable store.
+    """
+    header, _ = read_lines(Path(journal_dir) / JOURNAL_FILE)
+    uri = tracking_uri or (header[0].get("tracking_uri") if header else None) or resolve_tracking_uri(None)
+    writer = MlflowWriter(uri, journal_dir=journal_dir, outage_s=outage_s)
+    left = writer.close()
+    return left, writer.points_written
 
 
 # ------------------------------------------------------------ reading back

@@ -159,6 +159,16 @@ CASES = [
     ("train-trace-csv-unwritable", {"afile": "x"}, [*TRAIN, "--trace-csv", "afile/t.csv"], "--trace-csv"),
     ("train-no-mlflow-no-trace", {}, [*TRAIN, "--no-mlflow"], "--no-mlflow"),
     ("train-experiment-name", {}, [*TRAIN, "--experiment", "../x"], "--experiment"),
+    ("spec-outage-negative", {"spec.yaml": spec_with(tracking={"outage_s": -5})}, sweep(), "tracking.outage_s"),
+    ("spec-outage-text", {"spec.yaml": spec_with(tracking={"outage_s": "5m"})}, sweep(), "tracking.outage_s"),
+    ("spec-tracking-unknown-key", {"spec.yaml": spec_with(tracking={"retries": 3})}, sweep(), "tracking.retries"),
+    ("set-outage-nan", {"spec.yaml": SPEC}, sweep("spec.yaml", "--set", "tracking.outage_s=.nan"),
+     "tracking.outage_s"),
+    # ---- sync
+    ("sync-no-journal", {"exp/keep": "x"}, ["sync", "exp"], "EXPERIMENT_DIR"),
+    ("sync-missing-dir", {}, ["sync", "nowhere"], "EXPERIMENT_DIR"),
+    ("sync-outage-negative", {"exp/tracking/journal.jsonl": "{}\n"}, ["sync", "exp", "--outage-s", "-1"],
+     "--outage-s"),
     # ---- data and compare
     ("data-n-zero", {}, ["data", "speech-digits", "--out", "d", "--n", "0"], "--n"),
     ("compare-arm-without-export", {}, ["compare", "probe", "--arm", "ewma"], "--arm"),
@@ -202,7 +212,7 @@ def test_bad_input_exits_2_with_one_line_naming_the_field(workdir, capsys, files
 def test_there_are_at_least_40_cases_across_every_kind_of_input():
     kinds = {c[0].split("-")[0] for c in CASES}
     assert len(CASES) >= 40
-    assert {"spec", "set", "flag", "train", "config", "data", "compare"} <= kinds
+    assert {"spec", "set", "flag", "train", "config", "data", "compare", "sync"} <= kinds
 
 
 def _args(argv):

@@ -151,9 +151,9 @@ def test_restored_trial_continues_with_an_identical_trace(tmp_path, engine):
     task, key = runner._shared_task()
     grid = runner._tuner(runner._trainable(task, key), {"cell": tune.grid_search(cells)}, "restore", cb).fit()
     writer.terminate(parent)
-    writer.close()
+    assert writer.close().complete
     assert not grid.errors
-    client, _, runs = children(runner.tracking_uri, parent)
+    client, _, runs = children(runner.tracking_uri, writer.run_id(parent))  # create_run returns a run key
     by_arm = {r.data.tags["metalearner.arm"]: r.info.run_id for r in runs}
     for key in [*TRACE_KEYS, "val_loss"]:
         clean = history(client, by_arm["clean"], key)

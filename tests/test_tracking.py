@@ -36,7 +36,7 @@ def test_metrics_go_in_batches_of_at_most_1000(writer, sqlite_uri):
         writer.log_metrics(run, {"loss": 1.0 / s, "window": float(s)}, s)
     writer.close()
     assert sum(sizes) == 1200 and max(sizes) <= 1000 and len(sizes) <= 3
-    assert [s for s, _ in steps_of(sqlite_uri, run, "loss")] == list(range(1, 601))
+    assert [s for s, _ in steps_of(sqlite_uri, writer.run_id(run), "loss")] == list(range(1, 601))
 
 
 def test_steps_already_stored_are_dropped(writer, sqlite_uri):
@@ -46,7 +46,7 @@ def test_steps_already_stored_are_dropped(writer, sqlite_uri):
     for s in range(5, 16):  # a restart from the step-4 checkpoint repeats 5..10
         writer.log_metrics(run, {"loss": 100.0 + s}, s)
     writer.close()
-    hist = steps_of(sqlite_uri, run, "loss")
+    hist = steps_of(sqlite_uri, writer.run_id(run), "loss")
     assert [s for s, _ in hist] == list(range(1, 16))
     assert dict(hist)[7] == 7.0 and dict(hist)[12] == 112.0
 
@@ -57,10 +57,13 @@ def test_resume_run_knows_the_last_stored_step(sqlite_uri):
     for s in range(1, 21):
         w.log_metrics(run, {"loss": float(s)}, s)
     w.close()
-    w2 = MlflowWriter(sqlite_uri)
-    assert w2.resume_run(run) == 20
-    assert not w2.log_metrics(run, {"loss": 0.0}, 20) and w2.log_metrics(run, {"loss": 0.0}, 21)
-    w2.close()
+    run_id = w.run_id(run)
+    w2 = MlflowWriter(sqlite_uri)  # another journal: the last step comes from the store
+    key = w2.resume_run(run_id)
+    assert w2.last_step(key) == 20
+    assert not w2.log_metrics(key, {"loss": 0.0}, 20) and w2.log_metrics(key, {"loss": 0.0}, 21)
+    assert w2.close().complete
+    assert [s for s, _ in steps_of(sqlite_uri, run_id, "loss")] == list(range(1, 22))
 
 
 def test_many_producer_threads_one_sqlite_store(writer, sqlite_uri):
@@ -78,7 +81,7 @@ def test_many_producer_threads_one_sqlite_store(writer, sqlite_uri):
     writer.close()
     assert not writer.errors
     for r in runs:
-        assert [s for s, _ in steps_of(sqlite_uri, r, "loss")] == list(range(1, 301))
+        assert [s for s, _ in steps_of(sqlite_uri, writer.run_id(r), "loss")] == list(range(1, 301))
 
 
 def test_default_tracking_uri(monkeypatch, tmp_path):

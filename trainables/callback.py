@@ -2,9 +2,11 @@
 trials is `trainables.progress.ProgressTable`, which this callback feeds).
 
 Trials never talk to MLflow. Each ``tune.report`` carries the trace chunk of the steps
-since the last report; this callback (on the driver) turns it into batched ``log_batch``
-calls through one `MlflowWriter`, so parallel trials cannot lock the SQLite store. The
-writer drops steps it already holds, which keeps exactly one point per step per key
+since the last report; this callback (on the driver) journals it through one
+`MlflowWriter`, whose own thread delivers it with batched ``log_batch`` calls, so
+parallel trials cannot lock the SQLite store and Tune's event loop never waits on the
+store (a child run is a local run key ``trial-TRIAL_ID`` until the writer has created it).
+The writer drops steps it already holds, which keeps exactly one point per step per key
 when a trial restarts from a checkpoint or PBT clones another trial's checkpoint.
 """
 
@@ -26,7 +28,8 @@ class MlflowTraceCallback(Callback):
     Args:
         writer: the process's single MLflow writer.
         experiment: MLflow experiment name.
-        parent_run_id: the sweep's parent run (``mlflow.parentRunId`` of each child).
+        parent_run_id: the run key of the sweep's parent run (its id becomes each
+            child's ``mlflow.parentRunId``).
         mutable_keys: dotted config keys a population-based scheduler may change; they are
             logged as metrics at the step they (first, and each time they) take effect.
         progress: a `ProgressTable` to update, or None.
@@ -66,9 +69,11 @@ class MlflowTraceCallback(Callback):
             tags = {**self.tags, ARM_TAG: arm, PHASE_TAG: meta.get("phase", ""),
                     "metalearner.trial_id": tid, SEED_TAG: str(seed), KIND_TAG: "trial"}
             name = f"{arm}-{meta.get('phase', '')}-{tid}"
-            self.run_ids[tid] = self.writer.create_run(self.experiment, name, tags, parent_run_id=self.parent_run_id)
+            # non-blocking: a run key now, the MLflow run once the writer thread has made it
+            self.run_ids[tid] = self.writer.create_run(self.experiment, name, tags, parent=self.parent_run_id,
+                                                       key=f"trial-{tid}")
             self.trial_info[tid] = {"arm": arm, "phase": meta.get("phase", ""), "seed": seed,
-                                    "run_id": self.run_ids[tid]}
+                                    "run_key": self.run_ids[tid]}
         return self.run_ids[tid]
 
     # ------------------------------------------------------------ Tune hooks

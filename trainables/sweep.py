@@ -29,6 +29,7 @@ import yaml
 from metalearner.config import flatten, load_run_config, set_dotted
 from metalearner.environment import HF_OFFLINE, TUNE_QUIET, set_defaults
 from metalearner.experiment import Arm, ExperimentSpec
+from metalearner.journal import JOURNAL_DIR
 from metalearner.tracking import KIND_TAG, MlflowWriter
 from trainables.reporting import cell_config, task_key
 
@@ -239,7 +240,9 @@ class SweepRunner:
         # PBT's explore step and the random searcher draw from these: a seeded sweep
         random.seed(spec.seed)
         np.random.seed(spec.seed)
-        writer = MlflowWriter(self.tracking_uri)
+        # every MLflow write is journaled in the experiment folder first (metalearner sync delivers leftovers)
+        writer = MlflowWriter(self.tracking_uri, journal_dir=Path(self.storage) / f"{spec.name}-{self.stamp}" / JOURNAL_DIR,
+                              outage_s=spec.tracking.outage_s)
         searchers = sorted({a.search.searcher for a in spec.arms if a.search}) or ["grid"]
         schedulers = sorted({a.search.scheduler.name for a in spec.arms if a.search}) or ["fifo"]
         parent = writer.create_run(spec.name, f"{spec.name}-{self.stamp}", tags={
@@ -331,7 +334,8 @@ class SweepRunner:
                 progress.stop()
             result.seconds = time.perf_counter() - t0
             writer.terminate(parent, status)
-            writer.close()
+            writer.close()  # what is left undelivered stays in the journal: the CLI counts it
+            result.parent_run_id = writer.run_id(parent) or ""
         return result
 
 
