@@ -201,7 +201,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     report = write_report(uri, result.parent_run_id, out)
     print("\n" + report.text)
     print(f"\nreport: {out}  (also logged to the parent run under report/)")
-    print(f"view it: {ui_command(uri)}")
+    print(f"view it: {ui_command(uri)}\n  then open {report.url}")
     return 1 if result.errors else 0
 
 
@@ -227,7 +227,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         except ValueError as e:
             fail(str(e))
         print(f"best controller {spec} -> {args.export_best}")
-    print(f"view it: {ui_command(uri)}")
+    print(f"view it: {ui_command(uri)}\n  then open {report.url}")
     return 0
 
 

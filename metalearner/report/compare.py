@@ -8,7 +8,7 @@ and the paired comparison with the static arm: Holm-corrected over the arms
 as one sentence under the table. Diverged runs (tag ``metalearner.diverged``) and runs cut
 before ``train.steps`` are counted per arm and shown, never dropped silently.
 
-Compute to target: per arm, the attention compute (query-key pairs of the local-window
+Compute to target: per arm (finished and diverged runs), the attention compute (query-key pairs of the local-window
 cost model, summed over steps) and the training seconds until val loss first reaches the
 target: the spec's ``target_loss``, else static's final val loss (``baseline_target``,
 the worst static seed, so every static seed reaches it), with bootstrap intervals.
@@ -253,6 +253,8 @@ def verdict_line(r: pd.Series, metric: str, static: str) -> str:
     rel, lo, hi = r.get("attention_rel", np.nan), r.get("attention_rel_low", np.nan), r.get("attention_rel_high", np.nan)
     if r["verdict"] != "baseline" and r.get("n_runs", 0) and r.get("n_reached", np.nan) == 0:
         line += "; never reached the target"
+    elif r["verdict"] != "baseline" and rel == np.inf:
+        line += f"; only {int(r['n_reached'])}/{int(r['n_runs'])} runs reached the target"
     elif r["verdict"] != "baseline" and np.isfinite(rel):
         if np.isfinite(hi) and hi < 1:
             line += f"; reaches the target with {_pct(1 - rel)} less attention compute (95% CI {_pct(1 - hi)}–{_pct(1 - lo)})"
@@ -306,7 +308,10 @@ def compare_sweep(runs_df: pd.DataFrame, traces_df: pd.DataFrame, top_search: in
                 for a in counts.index]).set_index("arm"))
         target, out.target_source = _target(status, static, target_loss, traces_df)
         out.target = target
-        per_run, per_arm = _to_target(runs_df, traces_df, list(cmp_rows["run_id"]), target, static)
+        # runs cut short (failure, interrupt) are left out here as in the statistics (counted in
+        # n_incomplete); a diverged run stays: if it never got to the target, its cost is +inf
+        counted = cmp_rows[cmp_rows["status"].isin(["finished", "diverged"])]
+        per_run, per_arm = _to_target(runs_df, traces_df, list(counted["run_id"]), target, static)
         out.per_run_to_target = per_run
         is_cmp = base["phase"] == "compare"
         for i in base.index[is_cmp]:
