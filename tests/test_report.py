@@ -236,7 +236,9 @@ def test_no_static_arm(loaded):
 
 def test_render_table(table):
     text = report.render_table(table)
-    assert "±" in text and "better" in text and "no clear difference" in text and "never" in text
+    assert "±" in text and "better" in text and "no clear difference" in text
+    assert "∞ (not all reached)" in text  # schedule: 1/3 seeds reached static's final val loss
+    assert "1/3" in text and "0.71×" in text  # ewma-good's attention to target, relative to static
     assert f"{2.1:.4f} ± {T975_2 * 0.1 / math.sqrt(3):.4f}" in text
     assert "ewma-good [search]" in text
     md = report.render_markdown(table)

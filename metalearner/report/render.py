@@ -45,9 +45,11 @@ def _interval(lo: float, hi: float, spec: str = ".4f") -> str:
     return f"[{_fmt(lo, spec) or '-∞'}, {_fmt(hi, spec) or '∞'}]"
 
 
-def _rel(rel: float, lo: float, hi: float) -> str:
+def _rel(rel: float, lo: float, hi: float, reached: float = np.nan) -> str:
     if not np.isfinite(rel):
-        return "never" if rel == np.inf else ""
+        if rel != np.inf:
+            return ""
+        return "never" if reached == 0 else "∞ (not all reached)"
     return f"{rel:.2f}×" + (f" [{lo:.2f}, {_fmt(hi, '.2f') or '∞'}]" if np.isfinite(lo) else "")
 
 
@@ -85,9 +87,9 @@ def _display(df: pd.DataFrame) -> pd.DataFrame:
             "verdict": verdict,
             "reached": reached,
             "attn→target": _rel(r.get("attention_rel", np.nan), r.get("attention_rel_low", np.nan),
-                                r.get("attention_rel_high", np.nan)) if cmp else "",
+                                r.get("attention_rel_high", np.nan), r.get("n_reached", np.nan)) if cmp else "",
             "time→target": _rel(r.get("seconds_rel", np.nan), r.get("seconds_rel_low", np.nan),
-                                r.get("seconds_rel_high", np.nan)) if cmp else "",
+                                r.get("seconds_rel_high", np.nan), r.get("n_reached", np.nan)) if cmp else "",
         })
     cols = ["arm", "controller", "n", f"final {metric}", "boot 95%", "IQM", "Δ vs static", "p Holm", "verdict",
             "reached", "attn→target", "time→target"]
