@@ -132,7 +132,8 @@ class MlflowTraceCallback(Callback):
             if cut:
                 by = f"the {self.scheduler.upper()} scheduler" if self.scheduler else "the trial scheduler"
                 self.writer.set_tags(rid, {STOPPED_EARLY_TAG: f"at step {last} of {total}", NOTE_TAG: (
-                    f"Stopped early by {by} at step {last} of {total}: its val loss ranked low at a rung. "
+                    f"Stopped early by {by} at step {last} of {total}"
+                    + (": its val loss ranked low at a rung. " if self.scheduler == "asha" else ". ") +
                     "Not a failure (MLflow shows such runs as KILLED).")})
             self.writer.terminate(rid, "KILLED" if cut else "FINISHED")
         if self.progress:
