@@ -144,8 +144,7 @@ def run_traced(args: argparse.Namespace, cfg: Any, sink: Any, mlflow_sink: Any, 
                body: Any) -> int:
     """Run ``body()`` (returns a Summary), close the sinks with the run's status, print
     the one-screen summary."""
-    from metalearner.tracking import TrackingIncomplete
-    from metalearner.train import DIVERGED_TAG
+    from metalearner.tracking import DIVERGED_TAG, TrackingIncomplete
 
     status = "FAILED"
     left = None
@@ -257,7 +256,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     report = write_report(uri, result.parent_run_id, out)
     print("\n" + report.text)
     print(f"\nreport: {out}  (also logged to the parent run under report/)")
-    print(f"view it: {ui_command(uri)}")
+    print(f"view it: {ui_command(uri)}\n  then open {report.url}")
     return 1 if result.errors else 0
 
 
@@ -283,7 +282,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         except ValueError as e:
             fail(str(e))
         print(f"best controller {spec} -> {args.export_best}")
-    print(f"view it: {ui_command(uri)}")
+    print(f"view it: {ui_command(uri)}\n  then open {report.url}")
     return 0
 
 

@@ -110,6 +110,7 @@ class ExperimentSpec:
     resources: Resources
     metric: str = "val_loss"
     mode: str = "min"
+    target_loss: float | None = None  # the val loss "compute to target" counts to; None: static's final
     time_budget_s: float = 0.0
     seed: int = 0
     source: str = ""
@@ -171,6 +172,7 @@ class SpecFile(BaseModel):
     tracking: Mapping | None = None
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"
+    target_loss: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None  # compute-to-target
     stop: Stop | None = None
     smoke: Mapping | None = None
     seed: Seed = 0
@@ -379,8 +381,10 @@ def parse_experiment(data: Any, source: str = "<spec>") -> ExperimentSpec:
             raise ConfigError(f"{where}.name: got {arm_name!r} twice, expected distinct arm names")
         arms.append(Arm(name=arm_name, controller=ctrl, search=search))
     return ExperimentSpec(name=name, description=top.description, base=base, arms=arms, seeds=seeds,
-                          resources=resources, metric=top.metric, mode=top.mode, time_budget_s=float(budget),
-                          seed=top.seed, source=source, raw=copy.deepcopy(data), tracking=tracking)
+                          resources=resources, metric=top.metric, mode=top.mode,
+                          target_loss=None if top.target_loss is None else float(top.target_loss),
+                          time_budget_s=float(budget), seed=top.seed, source=source, raw=copy.deepcopy(data),
+                          tracking=tracking)
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None, smoke: bool = False) -> ExperimentSpec:

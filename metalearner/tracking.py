@@ -18,6 +18,7 @@ exploit continues from the donor's step).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import shutil
@@ -54,6 +55,8 @@ SEED_TAG = "metalearner.seed"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_KEY_TAG = "metalearner.run_key"  # JOURNAL_ID/KEY: finds a run again after a crash or a lost response
 DEFAULT_OUTAGE_S = 300.0  # tracking.outage_s
+DIVERGED_TAG = "metalearner.diverged"  # set on a trial ended by train.max_nonfinite
+STOPPED_EARLY_TAG = "metalearner.stopped_early"
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 MAX_METRICS_PER_BATCH = 1000
@@ -720,3 +723,125 @@ class TrackingReader:
         for f in files:
             self.client.log_artifact(run_id, str(f), artifact_path)
 
+    # ------------------------------------------------------------ the report's few writes, UI helpers
+    def experiment_id(self, run: Any) -> str:
+        """The experiment id of a run."""
+        return str(run.info.experiment_id)
+
+    def set_run_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        """Set tags on a run (one ``log_batch``)."""
+        RunTag = _mlflow().entities.RunTag
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_summary_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        """Log summary metrics (finite values only) on a run at one step, in batches."""
+        Metric = _mlflow().entities.Metric
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
+        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=items[i: i + MAX_METRICS_PER_BATCH])
+
+    def write_saved_view(self, experiment_id: str, key: str, value: str) -> bool:
+        """Store a saved view as the experiment tag ``mlflow.sharedViewState.KEY``.
+
+        Returns:
+            True when stored; False (nothing raised) when the store refused it, e.g. a
+            value longer than the store allows: the caller then prints the plain link.
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.set_experiment_tag(experiment_id, SHARED_VIEW_PREFIX + key, value)
+        except MlflowException as e:
+            log.warning("saved view not stored (%s); the plain experiment link still works", e)
+            return False
+        return True
+
+    def saved_view(self, experiment_id: str, key: str) -> str | None:
+        """The stored value of a saved view, or None."""
+        return self.client.get_experiment(experiment_id).tags.get(SHARED_VIEW_PREFIX + key)
+
+
+# ------------------------------------------------------------ the MLflow UI (links, colours, saved view)
+#
+# What the UI does with these was verified against MLflow 3.17; none of it is a documented
+# API, so each step is behind `ui_features` and falls back quietly: an unknown version gets
+# the plain experiment link and no saved view.
+
+RUN_COLOR_TAG = "mlflow.runColor"  # "#rrggbb": the colour of a run in the UI's charts
+NOTE_TAG = "mlflow.note.content"  # a run's description (markdown)
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."  # experiment tag holding a saved view
+DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+WORKFLOW_PARAM = "workflowType=machine_learning"  # lands on the runs table, not the GenAI overview
+SEARCH_GREY = "#9e9e9e"
+# matplotlib's tab10, so the PNG plots and the UI give an arm the same colour
+ARM_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22",
+               "#17becf", "#7f7f7f")
+UI_VERIFIED = ((3, 17), (4, 0))  # [low, high): versions whose UI reads the saved view as written here
+
+
+def mlflow_version() -> tuple[int, int]:
+    """(major, minor) of the installed MLflow; (0, 0) when it cannot be read."""
+    try:
+        major, minor = _mlflow().__version__.split(".")[:2]
+        return int(major), int(re.match(r"\d+", minor).group())  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        return 0, 0
+
+
+def ui_features(version: tuple[int, int] | None = None) -> dict[str, bool]:
+    """Which UI conveniences to write for this MLflow version.
+
+    Args:
+        version: (major, minor); default the installed one.
+
+    Returns:
+        ``{"workflow_type": ..., "saved_view": ..., "run_color": ...}``: the URL parameter
+        is harmless on any MLflow 3 (older UIs ignore it); the saved view and run colours
+        only where their format was verified (``UI_VERIFIED``).
+    """
+    v = mlflow_version() if version is None else version
+    verified = UI_VERIFIED[0] <= v < UI_VERIFIED[1]
+    return {"workflow_type": v >= (3, 0), "saved_view": verified, "run_color": verified}
+
+
+def arm_colours(arms: Iterable[str]) -> dict[str, str]:
+    """One ``#rrggbb`` per arm, in the order given (the spec's order)."""
+    return {a: ARM_PALETTE[i % len(ARM_PALETTE)] for i, a in enumerate(dict.fromkeys(arms))}
+
+
+def run_colour(arm: str, phase: str, colours: dict[str, str]) -> str | None:
+    """The colour of a trial: its arm's, grey for a search-phase trial, None if unknown."""
+    if phase == "search":
+        return SEARCH_GREY
+    return colours.get(arm)
+
+
+def ui_base_url(tracking_uri: str) -> str:
+    """The UI's address: the tracking server itself, else where `mlflow ui` serves."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return DEFAULT_UI_URL
+
+
+def experiment_url(tracking_uri: str, experiment_id: str, view_key: str | None = None,
+                   version: tuple[int, int] | None = None) -> str:
+    """A link to an experiment's runs, on a saved view (chart mode) when ``view_key`` is given.
+
+    Args:
+        tracking_uri: the store (its UI address is `ui_base_url`).
+        experiment_id: the experiment.
+        view_key: the id of a saved view written by `TrackingReader.write_saved_view`.
+        version: MLflow (major, minor); default the installed one.
+
+    Returns:
+        ``BASE/#/experiments/ID/runs?workflowType=machine_learning`` or, with a view,
+        ``...runs?viewStateShareKey=KEY&compareRunsMode=CHART&workflowType=machine_learning``.
+    """
+    feats = ui_features(version)
+    query = []
+    if view_key and feats["saved_view"]:
+        query += [f"viewStateShareKey={view_key}", "compareRunsMode=CHART"]
+    if feats["workflow_type"]:
+        query.append(WORKFLOW_PARAM)
+    return f"{ui_base_url(tracking_uri)}/#/experiments/{experiment_id}/runs" + (f"?{'&'.join(query)}" if query else "")

@@ -22,7 +22,7 @@ where the count changes). The controller sees the loss as always: it ignores a
 non-finite one, and observes a finite loss whose gradients were not finite. After
 ``train.max_nonfinite`` consecutive such steps the run is `TrainingRun.diverged` and
 stops; `Summary.diverged` tells the caller (the CLI exits 1, a Ray trial ends as a
-failure, both tag the MLflow run `DIVERGED_TAG`). `TrainingRun.skip_nonfinite` is the
+failure, both tag the MLflow run ``metalearner.diverged``). `TrainingRun.skip_nonfinite` is the
 one decision, shared with the Hugging Face engine.
 
 Loading. A checkpoint holds only tensors and plain Python values and is read with
@@ -63,7 +63,6 @@ CHECKPOINT_KEYS = ("step", "model", "optimizer", "controller", "rng", "config")
 # `train --resume` continues a run to a new ``train.steps`` (its LR schedule follows the
 # new length from there on); every other field must be the checkpoint's
 RESUME_MAY_CHANGE = ("train.steps",)
-DIVERGED_TAG = "metalearner.diverged"  # MLflow tag of a run ended by train.max_nonfinite
 
 
 class CheckpointError(ValueError):

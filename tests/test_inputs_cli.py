@@ -76,6 +76,8 @@ CASES = [
     ("spec-space-list", {"spec.yaml": spec_with(arms__1__search__space=[1, 2])}, sweep(), "arms[1].search.space"),
     ("spec-metric-unknown", {"spec.yaml": spec_with(metric="accuracy")}, sweep(), "metric"),
     ("spec-mode-wrong-way", {"spec.yaml": spec_with(mode="max")}, sweep(), "mode"),
+    ("spec-target-loss-negative", {"spec.yaml": spec_with(target_loss=-1.0)}, sweep(), "target_loss"),
+    ("spec-target-loss-string", {"spec.yaml": spec_with(target_loss="low")}, sweep(), "target_loss"),
     ("spec-mode-unknown", {"spec.yaml": spec_with(mode="sideways")}, sweep(), "mode"),
     ("spec-pbt-beta-reaches-1", {"spec.yaml": pbt({"controller.beta": {"uniform": [0.5, 1.0]}})}, sweep(),
      "arms[0].search.space.controller.beta"),

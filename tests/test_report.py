@@ -148,7 +148,7 @@ def test_load_traces_shapes(loaded):
     assert {"run_id", "arm", "phase", "seed", "status", "seq_len", "n_heads", "n_global_heads",
             "controller.name", "controller.factor"} <= set(runs.columns)
     assert set(traces.columns) == {"run_id", "step", "key", "value"}
-    assert set(traces["key"]) == set(TRACE_KEYS)
+    assert set(traces["key"]) == set(TRACE_KEYS)  # the report keys are asked for, this sweep logged none
     assert not traces.duplicated(["run_id", "key", "step"]).any()
     static = runs[runs["arm"] == "static"]["run_id"]
     assert "loss_ewma" not in set(traces[traces["run_id"].isin(static)]["key"])
@@ -236,7 +236,9 @@ def test_no_static_arm(loaded):
 
 def test_render_table(table):
     text = report.render_table(table)
-    assert "±" in text and "better" in text and "no clear difference" in text and "never" in text
+    assert "±" in text and "better" in text and "no clear difference" in text
+    assert "∞ (not all reached)" in text  # schedule: 1/3 seeds reached static's final val loss
+    assert "1/3" in text and "0.71×" in text  # ewma-good's attention to target, relative to static
     assert f"{2.1:.4f} ± {T975_2 * 0.1 / math.sqrt(3):.4f}" in text
     assert "ewma-good [search]" in text
     md = report.render_markdown(table)
@@ -275,6 +277,135 @@ def test_write_report_writes_plots_and_logs_artifacts_to_the_parent(sweep, tmp_p
     assert "better" in rep.text
     logged = {a.path for a in sweep["client"].list_artifacts(sweep["parent"], "report")}
     assert {f"report/{n}" for n in names} == logged
+
+
+def test_write_report_publishes_the_answer_to_the_parent_run(sweep, tmp_path):
+    from metalearner.report.view import charted_keys, read_saved_view
+    from metalearner.tracking import NOTE_TAG, RUN_COLOR_TAG, ui_features
+
+    client = sweep["client"]
+    client.set_tag(sweep["parent"], NOTE_TAG, "the spec's own description")
+    rep = report.write_report(sweep["uri"], "toy-sweep", tmp_path / "pub")
+    rep = report.write_report(sweep["uri"], "toy-sweep", tmp_path / "pub")  # twice: the note is not doubled
+    parent = client.get_run(sweep["parent"])
+    note = parent.data.tags[NOTE_TAG]
+    assert note.startswith("**ewma-good vs static: better")
+    assert rep.url in note.split("\n\n")[0] and "workflowType=machine_learning" in rep.url
+    assert note.endswith("the spec's own description") and note.count("the spec's own description") == 1
+    assert "with n=3 seeds, differences in val_loss under" in note
+    m = parent.data.metrics
+    assert m["compare/ewma-good/val_loss_mean"] == pytest.approx(np.mean(list(GOOD.values())))
+    assert m["compare/static/n_incomplete"] == 1 and m["compare/schedule/val_loss_delta_vs_static"] > 0
+    if ui_features()["saved_view"]:
+        exp_id = parent.info.experiment_id
+        assert f"viewStateShareKey={rep.view_key}" in rep.url
+        assert charted_keys(read_saved_view(TrackingReader(sweep["uri"]).saved_view(exp_id, rep.view_key)))[:2] == [
+            "window", "rope_base"]
+        colours = {}
+        for t in TrackingReader(sweep["uri"]).trials(sweep["parent"]):  # colours set where the sweep set none
+            colours.setdefault((t.data.tags["metalearner.arm"], t.data.tags["metalearner.phase"]), set()).add(
+                t.data.tags[RUN_COLOR_TAG])
+        assert all(len(c) == 1 for c in colours.values())
+        assert colours[("ewma-good", "search")] == {"#9e9e9e"} != colours[("ewma-good", "compare")]
+
+
+# ---------------------------------------------------------------- statistics wired in
+
+
+def test_holm_bootstrap_and_mde_are_the_stats_modules(table, loaded):
+    cmp = table[table["phase"] == "compare"].set_index("arm")
+    raw = cmp.loc[["ewma-good", "ewma-same", "schedule"], "vs_static_p"].to_numpy()
+    _, adjusted = report_stats.holm(raw)
+    assert cmp.loc[["ewma-good", "ewma-same", "schedule"], "vs_static_p_holm"].to_numpy() == pytest.approx(adjusted)
+    good = cmp.loc["ewma-good"]
+    lo, hi = report_stats.bootstrap_ci(list(GOOD.values()), n_boot=2_000)
+    assert (good["value_boot_low"], good["value_boot_high"]) == pytest.approx((lo, hi))
+    assert good["value_mean"] == pytest.approx(np.mean(list(GOOD.values())))
+    assert np.isnan(good["value_iqm"])  # n < 5
+    # static's 4th seed stopped at step 10: counted, shown, not in the statistics
+    static = cmp.loc["static"]
+    assert (static["n_runs"], static["n_finished"], static["n_incomplete"], static["n_diverged"]) == (4, 3, 1, 0)
+    assert good["n_paired"] == 3 and good["n_missing"] == 1  # seed 3 ran for static only
+    comp = report.compare_sweep(*loaded)
+    d = [np.subtract(list(a.values()), list(STATIC.values())) for a in (GOOD, SAME, SCHED)]
+    pooled = math.sqrt(sum(2 * x.std(ddof=1) ** 2 for x in d) / 6)
+    assert comp.mde_sentence == report_stats.mde_sentence(3, report_stats.mde_paired(3, pooled, 0.05, 3), "val_loss",
+                                                          0.05, 3)
+    text = report.render_table(table)
+    assert "p Holm" in text and "boot 95%" in text and "(+1 cut)" in text
+
+
+def test_compute_to_target_by_hand(loaded):
+    comp = report.compare_sweep(*loaded)
+    assert comp.target == pytest.approx(2.2) and "worst of 3" in comp.target_source  # static's worst final
+    t = comp.table[comp.table["phase"] == "compare"].set_index("arm")
+    # causal band pairs per sequence, T=16: global head 16*16 - 16*15/2 = 136, local w=8: 128 - 28 = 100;
+    # 4 heads of which 1 global: 436 per step at w=8, 544 at w=16 (ewma-good's 32 capped at 16)
+    static_cost = 20 * 436  # val 2.20 reached at step 20 by seed 2; seeds 0, 1 also first at 20 (2.25 at 15)
+    good = [10 * 436, 10 * 436 + 5 * 544, 10 * 436 + 5 * 544]  # reached at 10, 15, 15
+    assert t.loc["static", "attention_to_target"] == pytest.approx(static_cost)
+    assert t.loc["ewma-good", "attention_to_target"] == pytest.approx(np.mean(good))
+    assert t.loc["ewma-good", "attention_rel"] == pytest.approx(np.mean(good) / static_cost)
+    assert t.loc["ewma-good", "attention_rel_high"] < 1  # every resample of ewma-good is cheaper
+    # schedule: only seed 0 (2.15) gets to 2.2; a run that never reaches costs +inf
+    assert t.loc["schedule", "n_reached"] == 1 and t.loc["schedule", "attention_to_target"] == np.inf
+    line = next(v for v in comp.verdicts if v.startswith("ewma-good"))
+    assert f"reaches the target with {1 - np.mean(good) / static_cost:.0%} less attention compute" in line
+    assert "only 1/3 runs reached the target" in next(v for v in comp.verdicts if v.startswith("schedule"))
+    strict = report.compare_sweep(*loaded, target_loss=2.1)
+    assert "never reached the target" in next(v for v in strict.verdicts if v.startswith("schedule"))
+    assert np.isnan(t.loc["ewma-good", "seconds_to_target"])  # this toy sweep logged no train_seconds
+    fixed = report.compare_sweep(*loaded, target_loss=2.5).table.set_index("arm")
+    # static val at step 10: 2.50, 2.60, 2.70; at 15: 2.25, 2.35, 2.45 -> reaches 2.5 at 10, 15, 15
+    assert fixed.loc["static", "attention_to_target"] == pytest.approx((10 + 15 + 15) * 436 / 3)
+
+
+def test_metric_and_mode_are_honoured(loaded):
+    runs, traces = loaded
+    comp = report.compare_sweep(runs, traces, metric="loss", mode="min")
+    t = comp.table[comp.table["phase"] == "compare"].set_index("arm")
+    last = lambda seed: 3.0 - 0.04 * STEPS + 0.01 * ((STEPS * 7 + seed) % 5)  # noqa: E731
+    assert t.loc["static", "value_mean"] == pytest.approx(np.mean([last(s) for s in range(3)]))
+    assert "differences in loss under" in comp.mde_sentence
+    flipped = report.compare_sweep(runs, traces, mode="max").table
+    assert flipped[flipped["phase"] == "compare"]["arm"].iloc[0] == "schedule"  # highest val loss first
+    v = flipped[flipped["phase"] == "compare"].set_index("arm").loc[["ewma-good", "schedule"], "verdict"]
+    assert v.tolist() == ["worse", "better"]
+    with pytest.raises(ValueError, match="mode: got 'up'"):
+        report.compare_sweep(runs, traces, mode="up")
+
+
+@pytest.fixture(scope="module")
+def diverged_sweep(tmp_path_factory):
+    """static x 3 seeds; ewma x 3 seeds, clearly better, but seed 2 diverged (tag set, cut at step 12)."""
+    import mlflow
+
+    tmp = tmp_path_factory.mktemp("diverged")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("div-sweep", artifact_location=(tmp / "artifacts").as_uri())
+    pid = client.create_run(exp_id, tags={"metalearner.kind": "sweep"}, run_name="div").info.run_id
+    ids = {}
+    for seed in range(3):
+        log_trial(client, exp_id, pid, "static", "compare", seed, {"controller.name": "static"},
+                  val_curve(STATIC[seed]), lambda s: 8)
+        last = 12 if seed == 2 else STEPS
+        ids[seed] = log_trial(client, exp_id, pid, "ewma", "compare", seed, EWMA,
+                              val_curve(GOOD[seed], steps=tuple(s for s in EVAL if s <= last)), lambda s: 8,
+                              last_step=last)
+    client.set_tag(ids[2], "metalearner.diverged", "true")
+    return {"uri": uri, "parent": pid}
+
+
+def test_a_diverged_seed_is_counted_and_withholds_better(diverged_sweep, tmp_path):
+    runs, traces = report.load_traces(diverged_sweep["uri"], diverged_sweep["parent"])
+    assert runs["diverged"].sum() == 1
+    t = report.compare_table(runs, traces).set_index("arm")
+    ewma = t.loc["ewma"]
+    assert (ewma["n_runs"], ewma["n_finished"], ewma["n_diverged"], ewma["n_lost"]) == (3, 2, 1, 1)
+    assert ewma["vs_static_delta"] < 0 and ewma["verdict"] == "no clear difference"
+    rep = report.write_report(diverged_sweep["uri"], "div-sweep", tmp_path, log_to_mlflow=False)
+    assert "2 (+1 diverged)" in rep.text and "[1 diverged]" in rep.text
 
 
 def test_a_sweep_without_trials_reports_without_crashing(sweep, tmp_path):

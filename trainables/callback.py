@@ -16,8 +16,18 @@ from typing import Any
 
 from ray.tune import Callback
 
-from metalearner.tracking import ARM_TAG, KIND_TAG, PHASE_TAG, SEED_TAG, MlflowWriter
-from metalearner.train import DIVERGED_TAG
+from metalearner.tracking import (
+    ARM_TAG,
+    DIVERGED_TAG,
+    KIND_TAG,
+    NOTE_TAG,
+    PHASE_TAG,
+    RUN_COLOR_TAG,
+    SEED_TAG,
+    STOPPED_EARLY_TAG,
+    MlflowWriter,
+    run_colour,
+)
 from trainables.progress import ProgressTable
 from trainables.reporting import DIVERGED_KEY, LATEST_KEYS, SETTINGS_KEY, TRACE_KEY, cell_config
 
@@ -33,17 +43,24 @@ class MlflowTraceCallback(Callback):
         mutable_keys: dotted config keys a population-based scheduler may change; they are
             logged as metrics at the step they (first, and each time they) take effect.
         progress: a `ProgressTable` to update, or None.
+        tags: tags every child run gets.
+        colours: arm -> ``#rrggbb`` for the UI (tag ``mlflow.runColor``; search-phase
+            trials are grey); None: no colour tag.
+        scheduler: the scheduler's name, for the description of a trial it stops early.
     """
 
     def __init__(self, writer: MlflowWriter, experiment: str, parent_run_id: str,
                  mutable_keys: list[str] | None = None, progress: ProgressTable | None = None,
-                 tags: dict[str, str] | None = None) -> None:
+                 tags: dict[str, str] | None = None, colours: dict[str, str] | None = None,
+                 scheduler: str = "") -> None:
         self.writer = writer
         self.experiment = experiment
         self.parent_run_id = parent_run_id
         self.mutable_keys = list(mutable_keys or [])
         self.progress = progress
         self.tags = dict(tags or {})
+        self.colours = colours
+        self.scheduler = scheduler
         self.run_ids: dict[str, str] = {}
         self.trial_info: dict[str, dict[str, Any]] = {}
         self._params_logged: set[str] = set()
@@ -68,6 +85,9 @@ class MlflowTraceCallback(Callback):
             seed = run_cfg.get("train", {}).get("seed", 0)
             tags = {**self.tags, ARM_TAG: arm, PHASE_TAG: meta.get("phase", ""),
                     "metalearner.trial_id": tid, SEED_TAG: str(seed), KIND_TAG: "trial"}
+            colour = run_colour(arm, meta.get("phase", ""), self.colours) if self.colours is not None else None
+            if colour:
+                tags[RUN_COLOR_TAG] = colour
             name = f"{arm}-{meta.get('phase', '')}-{tid}"
             # non-blocking: a run key now, the MLflow run once the writer thread has made it
             self.run_ids[tid] = self.writer.create_run(self.experiment, name, tags, parent=self.parent_run_id,
@@ -125,7 +145,11 @@ class MlflowTraceCallback(Callback):
             cut = total is not None and last < total
             diverged = bool(last_result.get(DIVERGED_KEY))  # ended by train.max_nonfinite: a failure
             if cut and not diverged:
-                self.writer.set_tags(rid, {"metalearner.stopped_early": f"at step {last} of {total}"})
+                by = f"the {self.scheduler.upper()} scheduler" if self.scheduler else "the trial scheduler"
+                self.writer.set_tags(rid, {STOPPED_EARLY_TAG: f"at step {last} of {total}", NOTE_TAG: (
+                    f"Stopped early by {by} at step {last} of {total}"
+                    + (": its val loss ranked low at a rung. " if self.scheduler == "asha" else ". ") +
+                    "Not a failure (MLflow shows such runs as KILLED).")})
             self.writer.terminate(rid, "FAILED" if diverged else "KILLED" if cut else "FINISHED")
         if self.progress:
             self.progress.update(trial, "TERMINATED", None)

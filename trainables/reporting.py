@@ -18,6 +18,11 @@ TRACE_KEY = "trace"  # the trace chunk in a report
 SETTINGS_KEY = "settings"  # the controller settings a chunk ran with
 DIVERGED_KEY = "diverged"  # True in the last report of a run ended by train.max_nonfinite
 LATEST_KEYS = ("step", "loss", "rope_base", "window", "val_loss")  # what the driver shows per trial
+# keys added to the trace at each report step (one point per report step, so one per step):
+# cumulative training seconds (wall-clock to a target loss), and the two summary metrics a
+# reviewer compares trials by in the MLflow UI: the steps done and the latest val loss
+# (a trial a scheduler stops early still ends with both, at its last step)
+REPORT_TRACE_KEYS = ("train_seconds", "steps_completed", "val_loss_final")
 
 
 def cell_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -65,8 +70,18 @@ def report_metrics(step: int, cfg: Any, records: list[dict[str, float]], last_va
     lists, read by the driver's MLflow writer; ``nonfinite_steps`` rides in it), the
     controller settings this process ran the chunk with (``settings``: PBT may have
     changed the trial's config since), ``diverged`` (the run ended by
-    ``train.max_nonfinite``) and, in the first report, the params."""
+    ``train.max_nonfinite``) and, in the first report, the params (settings that are None,
+    e.g. a static controller's factor, are left out: a missing param reads as "not set",
+    the string "null" as a value).
+
+    The last record of the chunk also carries ``REPORT_TRACE_KEYS``: cumulative
+    ``train_seconds``, ``steps_completed`` and ``val_loss_final`` (the latest val loss)."""
     last = records[-1]
+    stamp = {"train_seconds": float(train_seconds), "steps_completed": float(step)}
+    latest_val = last.get("val_loss", last_val.get("val_loss"))
+    if latest_val is not None:
+        stamp["val_loss_final"] = float(latest_val)
+    records = [*records[:-1], {**last, **stamp}]
     metrics: dict[str, Any] = {
         "step": step,
         "total_steps": cfg.train.steps,
@@ -83,7 +98,7 @@ def report_metrics(step: int, cfg: Any, records: list[dict[str, float]], last_va
         **last_val,
     }
     if params is not None:
-        metrics["params"] = params
+        metrics["params"] = {k: v for k, v in params.items() if v is not None}
     return metrics
 
 

@@ -30,7 +30,7 @@ from metalearner.config import flatten, load_run_config, set_dotted
 from metalearner.environment import HF_OFFLINE, TUNE_QUIET, set_defaults
 from metalearner.experiment import Arm, ExperimentSpec
 from metalearner.journal import JOURNAL_DIR
-from metalearner.tracking import KIND_TAG, MlflowWriter
+from metalearner.tracking import KIND_TAG, MlflowWriter, arm_colours, ui_features
 from trainables.reporting import cell_config, task_key
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its worker names
@@ -255,6 +255,7 @@ class SweepRunner:
         writer.log_params(parent, {f"arms.{a.name}": yaml.safe_dump(
             {"controller": a.controller, "search": bool(a.search)}, default_flow_style=True).strip()
             for a in spec.arms})
+        colours = arm_colours(a.name for a in spec.arms) if ui_features()["run_color"] else None
         out_dir = Path(self.storage) / f"{spec.name}-{self.stamp}"
         out_dir.mkdir(parents=True, exist_ok=True)
         spec_file = out_dir / "experiment.yaml"
@@ -281,7 +282,8 @@ class SweepRunner:
                 progress = self._progress(ProgressTable, steps, f"{spec.name}: tuning {arm.name}")
                 cb = MlflowTraceCallback(writer, spec.name, parent,
                                          mutable_keys=list(s.space) if s.population_based else [],
-                                         progress=progress, tags={"metalearner.sweep": spec.name})
+                                         progress=progress, tags={"metalearner.sweep": spec.name},
+                                         colours=colours, scheduler=s.scheduler.name)
                 space = {**copy.deepcopy(base), "meta": {"arm": arm.name, "phase": "search"}}
                 for key, dom in _nested_space(s.space).items():
                     space[key] = _merge(space.get(key, {}), dom)
@@ -315,7 +317,7 @@ class SweepRunner:
 
                 progress = self._progress(ProgressTable, steps, f"{spec.name}: comparison at equal steps")
                 cb = MlflowTraceCallback(writer, spec.name, parent, progress=progress,
-                                         tags={"metalearner.sweep": spec.name})
+                                         tags={"metalearner.sweep": spec.name}, colours=colours)
                 tuner = self._tuner(trainable, {"cell": tune.grid_search(cells)},
                                     f"{spec.name}-compare-{self.stamp}", cb)
                 grid = tuner.fit()

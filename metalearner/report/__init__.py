@@ -4,10 +4,12 @@
 
     TrackingReader.find_sweep -> runs.load_traces -> (runs_df, traces_df)
         -> runs.duplicate_points         the trace audit (one point per step per key?)
-        -> compare.compare_table         -> render.render_table / render_markdown
+        -> compare.compare_sweep         -> render.render_table / render_markdown
         -> plots.plot_traces
         -> export.export_best_controller
-    write_report = all of it, written to a folder and logged back to the parent run.
+        -> view.view_state / saved_view  the MLflow UI view the printed link opens
+    write_report = all of it, written to a folder and logged back to the parent run (with
+    summary metrics per arm, the verdicts in its description, and the saved view).
 
 One job per module: `runs` shapes what `metalearner.tracking` (the only module that talks
 to MLflow) returns into frames, `stats` holds the statistics, `compare` builds the table,
@@ -17,23 +19,39 @@ Never imports ray or torch.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from metalearner.report.compare import TABLE_COLUMNS, compare_table
+from metalearner.report.compare import TABLE_COLUMNS, Comparison, compare_sweep, compare_table
 from metalearner.report.export import export_best_controller
 from metalearner.report.plots import plot_traces
 from metalearner.report.render import HOW_TO_READ, render_duplicates, render_markdown, render_table
 from metalearner.report.runs import (
     DUPLICATE_COLUMNS,
+    REPORT_KEYS,
     controller_summary,
     duplicate_points,
     load_traces,
+    number,
     run_summary,
 )
-from metalearner.tracking import TrackingReader
+from metalearner.report.view import saved_view, view_state
+from metalearner.trace import TRACE_KEYS
+from metalearner.tracking import (
+    NOTE_TAG,
+    RUN_COLOR_TAG,
+    TrackingReader,
+    arm_colours,
+    experiment_url,
+    run_colour,
+    ui_features,
+)
+
+NOTE_END = "<!-- metalearner: end of the comparison summary -->"
 
 
 @dataclass
@@ -47,6 +65,10 @@ class SweepReport:
         files: the files written (and logged, unless told not to).
         experiment: the sweep's MLflow experiment.
         duplicates: `duplicate_points` of the sweep's traces (empty when there are none).
+        comparison: `compare_sweep`'s result (MDE sentence, target, verdict lines).
+        url: the link to print: the saved view (chart mode, grouped by arm) when it was
+            written, else the experiment's runs page; both carry workflowType=machine_learning.
+        view_key: the saved view's id, "" when none was written.
     """
 
     parent_run_id: str
@@ -55,6 +77,9 @@ class SweepReport:
     files: list[Path] = field(default_factory=list)
     experiment: str = ""
     duplicates: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DUPLICATE_COLUMNS))
+    comparison: Comparison | None = None
+    url: str = ""
+    view_key: str = ""
 
 
 def write_report(tracking_uri: str, name_or_run_id: str, out_dir: str | Path,
@@ -73,8 +98,15 @@ def write_report(tracking_uri: str, name_or_run_id: str, out_dir: str | Path,
     parent = reader.find_sweep(name_or_run_id)
     pid = parent.info.run_id
     experiment = reader.experiment_name(parent)
-    runs_df, traces_df = load_traces(tracking_uri, pid)
-    table = compare_table(runs_df, traces_df)
+    exp_id = reader.experiment_id(parent)
+    params = parent.data.params
+    metric = str(params.get("metric") or "val_loss")
+    mode = str(params.get("mode") or "min")
+    target_loss = number(params.get("target_loss"))
+    runs_df, traces_df = load_traces(tracking_uri, pid, keys=tuple(dict.fromkeys((*TRACE_KEYS, *REPORT_KEYS, metric))))
+    comp = compare_sweep(runs_df, traces_df, metric=metric, mode=mode,
+                         target_loss=target_loss if math.isfinite(target_loss) else None)
+    table = comp.table
     dups = duplicate_points(traces_df)
     audit = render_duplicates(dups, runs_df)
     out = Path(out_dir)
@@ -82,17 +114,22 @@ def write_report(tracking_uri: str, name_or_run_id: str, out_dir: str | Path,
 
     n_cmp = int((runs_df["phase"] == "compare").sum()) if len(runs_df) else 0
     header = (f"sweep {experiment!r} (parent run {pid}): {len(runs_df)} trials, "
-              f"{n_cmp} in the equal-steps comparison")
-    text = "\n".join([header, "", render_table(table), "", audit, "", HOW_TO_READ])
+              f"{n_cmp} in the equal-steps comparison; metric {metric} ({mode})")
+    summary = render_summary(comp)
+    text = "\n".join([header, "", render_table(table), "", summary, "", audit, "", HOW_TO_READ])
 
     files = []
     csv = out / "comparison.csv"
     table.to_csv(csv, index=False)
     md = out / "comparison.md"
     md.write_text(f"# Sweep `{experiment}`\n\nParent run `{pid}` in `{tracking_uri}`: {len(runs_df)} trials, "
-                  f"{n_cmp} in the equal-steps comparison.\n\n{render_markdown(table)}\n\n"
-                  f"```\n{audit}\n```\n\n{HOW_TO_READ}\n")
+                  f"{n_cmp} in the equal-steps comparison; metric `{metric}` ({mode}).\n\n{render_markdown(table)}\n\n"
+                  f"{summary}\n\n```\n{audit}\n```\n\n{HOW_TO_READ}\n")
     files += [csv, md]
+    if len(comp.per_run_to_target):
+        to_target = out / "to_target.csv"
+        comp.per_run_to_target.to_csv(to_target, index=False)
+        files.append(to_target)
     if len(dups):
         dup_csv = out / "duplicates.csv"
         dups.to_csv(dup_csv, index=False)
@@ -102,14 +139,82 @@ def write_report(tracking_uri: str, name_or_run_id: str, out_dir: str | Path,
         export_best_controller(runs_df, traces_df, best)
         files.append(best)
     files += plot_traces(runs_df, traces_df, out)
+    url, key = experiment_url(tracking_uri, exp_id), ""
     if log_to_mlflow:
         reader.log_artifacts(pid, files, "report")
+        url, key = publish(reader, parent, runs_df, comp, tracking_uri)
     return SweepReport(parent_run_id=pid, table=table, text=text, files=files, experiment=experiment,
-                       duplicates=dups)
+                       duplicates=dups, comparison=comp, url=url, view_key=key)
+
+
+def render_summary(comp: Comparison) -> str:
+    """The lines under the table: the MDE sentence, the target, one verdict line per arm."""
+    lines = []
+    if comp.mde_sentence:
+        lines.append(comp.mde_sentence)
+    if math.isfinite(comp.target):
+        lines.append(f"target for compute-to-target: val_loss <= {comp.target:.4g} ({comp.target_source})")
+    lines += comp.verdicts
+    return "\n".join(lines)
+
+
+def summary_metrics(comp: Comparison) -> dict[str, float]:
+    """Per-arm numbers for the parent run, so its chart view is never empty."""
+    out: dict[str, float] = {}
+    cols = {"value_mean": f"{comp.metric}_mean", "vs_static_delta": f"{comp.metric}_delta_vs_static",
+            "vs_static_p_holm": "p_holm_vs_static", "n_finished": "n_finished", "n_diverged": "n_diverged",
+            "n_incomplete": "n_incomplete", "attention_rel": "attention_to_target_rel",
+            "seconds_rel": "seconds_to_target_rel"}
+    for _, r in comp.table[comp.table["phase"] == "compare"].iterrows():
+        arm = re.sub(r"[^0-9A-Za-z_\-. /]", "_", str(r["arm"]))
+        for col, name in cols.items():
+            v = r.get(col)
+            if v is not None and isinstance(v, (int, float)) and math.isfinite(v):
+                out[f"compare/{arm}/{name}"] = float(v)
+    return out
+
+
+def publish(reader: TrackingReader, parent: object, runs_df: pd.DataFrame, comp: Comparison,
+            tracking_uri: str) -> tuple[str, str]:
+    """Write what the MLflow UI shows: summary metrics and the description of the parent
+    run, run colours where missing, and the saved view. Each UI step is skipped quietly
+    where `ui_features` does not vouch for it.
+
+    Returns:
+        (link to print, saved view key or "").
+    """
+    pid, exp_id = parent.info.run_id, reader.experiment_id(parent)  # type: ignore[attr-defined]
+    feats = ui_features()
+    reader.log_summary_metrics(pid, summary_metrics(comp))
+    key = ""
+    if feats["saved_view"] and len(runs_df):
+        n = int((runs_df["phase"] == "compare").sum())
+        key, value = saved_view(view_state(pid, n))
+        if not reader.write_saved_view(exp_id, key, value):
+            key = ""
+    url = experiment_url(tracking_uri, exp_id, key or None)
+    if feats["run_color"] and len(runs_df):
+        order = str(parent.data.tags.get("metalearner.arms", "")).split(",")  # type: ignore[attr-defined]
+        colours = arm_colours([a for a in order if a] + sorted(set(runs_df["arm"])))
+        for r in reader.trials(pid):
+            if RUN_COLOR_TAG not in r.data.tags:
+                c = run_colour(r.data.tags.get("metalearner.arm", ""), r.data.tags.get("metalearner.phase", ""), colours)
+                if c:
+                    reader.set_run_tags(r.info.run_id, {RUN_COLOR_TAG: c})
+    old = str(parent.data.tags.get(NOTE_TAG, ""))  # type: ignore[attr-defined]
+    kept = old.split(NOTE_END, 1)[1].lstrip() if NOTE_END in old else old
+    head = [f"**{line}**" if i == 0 else line for i, line in enumerate(comp.verdicts or ["no arm compared with static"])]
+    note = "  \n".join(head) + f"  \n[Open the comparison view (traces by arm)]({url})\n\n"
+    if comp.mde_sentence:
+        note += comp.mde_sentence + "\n\n"
+    note += NOTE_END + ("\n\n" + kept if kept else "")
+    reader.set_run_tags(pid, {NOTE_TAG: note})
+    return url, key
 
 
 __all__ = [
-    "DUPLICATE_COLUMNS", "HOW_TO_READ", "TABLE_COLUMNS", "SweepReport", "compare_table", "controller_summary",
+    "DUPLICATE_COLUMNS", "HOW_TO_READ", "TABLE_COLUMNS", "Comparison", "SweepReport", "compare_sweep",
+    "compare_table", "controller_summary", "publish", "render_summary", "summary_metrics",
     "duplicate_points", "export_best_controller", "load_traces", "plot_traces", "render_duplicates",
     "render_markdown", "render_table", "run_summary", "write_report",
 ]

@@ -9,17 +9,22 @@ import numpy as np
 import pandas as pd
 
 HOW_TO_READ = (
-    "How to read this table: each compare row is one arm run once per seed at equal steps; "
-    "`a ± b` is the mean over seeds with the half-width of its 95% t confidence interval (blank for n < 2). "
-    "`Δ vs static` is the mean paired difference of final val loss against the static arm over the seeds "
-    "both ran (negative = lower loss = better), with its 95% CI; `p` is the paired t-test (scipy `ttest_rel`). "
-    "The verdict is \"better\"/\"worse\" only when that CI excludes 0; otherwise \"no clear difference\" — "
-    "no winner is declared within noise. `steps→static` is the mean first eval step at which val loss reached "
-    "the static arm's mean final val loss (k/n seeds reached it); `attn cost` is the local-attention compute "
-    "(sum over steps of min(window, seq_len)) relative to the static window. Search rows are single tuning "
-    "trials (n = 1, configs differ): use them to read the search, not as evidence."
+    "How to read this table: each compare row is one arm run once per seed at equal steps; n counts its "
+    "finished runs, with runs cut before the last step and diverged runs counted beside it (never dropped). "
+    "`a ± b` is the mean over seeds of the spec's metric (its last value) with the half-width of its 95% t "
+    "interval; `boot 95%` is the percentile-bootstrap interval over seeds; IQM (mean of the middle 50%) shows "
+    "from 5 seeds. `Δ vs static` is the mean paired difference against the static arm over the seeds both "
+    "finished, with its 95% t half-width; `p Holm` is the paired t test's p-value after Holm's correction over "
+    "the arms compared with static. The verdict is \"better\"/\"worse\" only when the Holm-corrected test "
+    "rejects (family-wise α = 0.05); otherwise \"no clear difference\" — no winner is declared within noise, "
+    "and the sentence under the table says which differences the run could not have detected. A diverged seed "
+    "counts as a loss: an arm that lost one is never called better. `to target` columns: the target is the "
+    "spec's target_loss or static's final val loss (its worst seed); `reached` is k/n runs whose val loss got "
+    "there, `attn→target` the attention compute (query-key pairs of the local-window cost model, summed over "
+    "steps) to get there relative to static's, `time→target` the same for training seconds, each with its "
+    "95% bootstrap interval (stratified by arm). Search rows are single tuning trials (n = 1, configs "
+    "differ): use them to read the search, not as evidence."
 )
-
 
 
 def _fmt(x: Any, spec: str = ".4f") -> str:
@@ -34,35 +39,64 @@ def _pm(mean: float, ci: float, spec: str = ".4f") -> str:
     return f"{mean:{spec}} ± {ci:.4f}" if np.isfinite(ci) else f"{mean:{spec}}"
 
 
+def _interval(lo: float, hi: float, spec: str = ".4f") -> str:
+    if not (np.isfinite(lo) or np.isfinite(hi)):
+        return ""
+    return f"[{_fmt(lo, spec) or '-∞'}, {_fmt(hi, spec) or '∞'}]"
+
+
+def _rel(rel: float, lo: float, hi: float, reached: float = np.nan) -> str:
+    if not np.isfinite(rel):
+        if rel != np.inf:
+            return ""
+        return "never" if reached == 0 else "∞ (not all reached)"
+    return f"{rel:.2f}×" + (f" [{lo:.2f}, {_fmt(hi, '.2f') or '∞'}]" if np.isfinite(lo) else "")
+
+
+def _count(r: pd.Series) -> str:
+    n = r["n_finished"] if np.isfinite(r.get("n_finished", np.nan)) else r["n_seeds"]
+    extra = [f"{int(r[c])} {w}" for c, w in (("n_incomplete", "cut"), ("n_diverged", "diverged"))
+             if np.isfinite(r.get(c, np.nan)) and r[c]]
+    return f"{int(n)}" + (f" (+{', '.join(extra)})" if extra else "")
+
+
 def _display(df: pd.DataFrame) -> pd.DataFrame:
     """The table with its numbers formatted for reading (strings only)."""
     rows = []
+    metric = str(df["metric"].iloc[0]) if "metric" in df and len(df) and isinstance(df["metric"].iloc[0], str) \
+        else "val_loss"
     for _, r in df.iterrows():
-        n, k = r["n_seeds"], str(r["static_reached"])
-        if not k:
-            to_static = ""
-        elif k.startswith("0/"):
-            to_static = "never"
-        else:
-            to_static = f"{r['steps_to_static']:.0f}" + ("" if k == f"{n}/{n}" else f" ({k})")
+        cmp = r["phase"] == "compare"
         verdict = r["verdict"]
-        if r["phase"] != "compare" and verdict == "no clear difference" and r["vs_static_n"] < 2:
-            verdict = "n/a (n=1)" if n == 1 else verdict
+        if not cmp and verdict == "no clear difference" and r["vs_static_n"] < 2:
+            verdict = "n/a (n=1)" if r["n_seeds"] == 1 else verdict
+        value, ci = (r["value_mean"], r["value_ci95"]) if cmp and np.isfinite(r.get("value_mean", np.nan)) \
+            else (r["final_val_loss_mean"], r["final_val_loss_ci95"])
+        reached = ""
+        if cmp and np.isfinite(r.get("n_reached", np.nan)) and np.isfinite(r.get("n_runs", np.nan)):
+            reached = f"{int(r['n_reached'])}/{int(r['n_runs'])}"
         rows.append({
-            "arm": r["arm"] if r["phase"] == "compare" else f"{r['arm']} [{r['phase']}]",
+            "arm": r["arm"] if cmp else f"{r['arm']} [{r['phase']}]",
             "controller": r["controller"],
-            "n": f"{n}" + (f" (+{r['n_incomplete']} cut)" if r["n_incomplete"] else ""),
-            "final val loss": _pm(r["final_val_loss_mean"], r["final_val_loss_ci95"]),
-            "best val loss": _pm(r["best_val_loss_mean"], r["best_val_loss_ci95"]),
-            "steps→static": to_static,
-            "attn cost": _fmt(r["attention_cost"], ".2f"),
+            "n": _count(r) if cmp else f"{r['n_seeds']}",
+            f"final {metric}": _pm(value, ci),
+            "boot 95%": _interval(r.get("value_boot_low", np.nan), r.get("value_boot_high", np.nan)) if cmp else "",
+            "IQM": _fmt(r.get("value_iqm", np.nan)) if cmp else "",
             "Δ vs static": "" if r["verdict"] == "baseline" else _pm(r["vs_static_delta"], r["vs_static_ci95"], "+.4f"),
-            "p": _fmt(r["vs_static_p"], ".3g"),
+            "p Holm": _fmt(r.get("vs_static_p_holm", np.nan), ".3g"),
             "verdict": verdict,
+            "reached": reached,
+            "attn→target": _rel(r.get("attention_rel", np.nan), r.get("attention_rel_low", np.nan),
+                                r.get("attention_rel_high", np.nan), r.get("n_reached", np.nan)) if cmp else "",
+            "time→target": _rel(r.get("seconds_rel", np.nan), r.get("seconds_rel_low", np.nan),
+                                r.get("seconds_rel_high", np.nan), r.get("n_reached", np.nan)) if cmp else "",
         })
-    cols = ["arm", "controller", "n", "final val loss", "best val loss", "steps→static", "attn cost",
-            "Δ vs static", "p", "verdict"]
-    return pd.DataFrame(rows, columns=cols)
+    cols = ["arm", "controller", "n", f"final {metric}", "boot 95%", "IQM", "Δ vs static", "p Holm", "verdict",
+            "reached", "attn→target", "time→target"]
+    disp = pd.DataFrame(rows, columns=cols)
+    if not (disp["IQM"] != "").any():
+        disp = disp.drop(columns="IQM")  # n < 5 everywhere: the IQM is not worth a column
+    return disp
 
 
 def render_table(df: pd.DataFrame) -> str:

@@ -23,11 +23,16 @@ import yaml
 
 from metalearner.controllers import BOUND_PARAMS
 from metalearner.trace import TRACE_KEYS
-from metalearner.tracking import ARM_TAG, PHASE_TAG, SEED_TAG, TrackingReader
+from metalearner.tracking import ARM_TAG, DIVERGED_TAG, PHASE_TAG, SEED_TAG, STOPPED_EARLY_TAG, TrackingReader
 
 NULLS = ("", "None", "none", "null", "Null", "NULL", "~")
 RUN_COLUMNS = ["run_id", "run_name", "arm", "phase", "seed", "status", "start_time", "train_steps", "seq_len",
-               "n_heads", "n_global_heads", "model_window", "model_rope_base", "duplicate_points"]
+               "n_heads", "n_global_heads", "model_window", "model_rope_base", "arch", "diverged", "stopped_early",
+               "duplicate_points"]
+# what the report reads beyond DESIGN's trace keys: cumulative training seconds (wall-clock
+# to target), the trials' summary metrics, and the divergence counter
+REPORT_KEYS = ("train_seconds", "steps_completed", "val_loss_final", "nonfinite_steps")
+FALSE_TAGS = ("", "0", "false", "False", "no")
 DUPLICATE_COLUMNS = ["run_id", "key", "steps", "extra_points", "first_step"]
 
 
@@ -70,6 +75,9 @@ def _run_row(run: Any) -> dict[str, Any]:
         "n_global_heads": number(params.get("model.n_global_heads")),
         "model_window": number(params.get("model.window")),
         "model_rope_base": number(params.get("model.rope_base")),
+        "arch": parse_value(params.get("model.arch")) or "decoder",
+        "diverged": str(tags.get(DIVERGED_TAG, "")).strip() not in FALSE_TAGS,
+        "stopped_early": tags.get(STOPPED_EARLY_TAG, ""),
     }
     for k, v in params.items():
         if k.startswith("controller."):
@@ -82,7 +90,7 @@ def _run_row(run: Any) -> dict[str, Any]:
     return row
 
 
-def load_traces(tracking_uri: str, parent_run_id: str, keys: Iterable[str] = TRACE_KEYS,
+def load_traces(tracking_uri: str, parent_run_id: str, keys: Iterable[str] = (*TRACE_KEYS, *REPORT_KEYS),
                 max_workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every child run of a sweep and its per-step traces, as stored.
 
@@ -95,7 +103,8 @@ def load_traces(tracking_uri: str, parent_run_id: str, keys: Iterable[str] = TRA
     Returns:
         ``runs_df``: one row per child — run_id, run_name, arm, phase, seed, status,
         train_steps, seq_len, n_heads, n_global_heads, model_window, model_rope_base,
-        duplicate_points (points stored beyond one per step per key) and the raw
+        arch (``model.arch``), diverged (tag ``metalearner.diverged`` set), stopped_early
+        (the scheduler's tag, "" when not), duplicate_points (points stored beyond one per step per key) and the raw
         ``controller.*`` param strings (a value a PBT scheduler changed is its last).
         ``traces_df``: long format — run_id, step, key, value; every stored point, ordered
         by run, key, step and write time (see `duplicate_points`).
