@@ -273,9 +273,6 @@ class _KnobbedModel(nn.Module):
                 attn.set_window(knobs.window)
         self._knobs = knobs
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
 
 # -- the models -------------------------------------------------------------------------------
 
