@@ -12,6 +12,12 @@ step clamps mutated values onto them — must make a valid run config.
 
 Validation runs on strict pydantic models (`metalearner.schema`); every error is a
 `ConfigError`: one line naming the field. Must not import ray.
+
+Paths in a spec (``task.data_dir``, ``task.files``) are made absolute when the spec is
+loaded, relative to the *working folder* of the command (as the shell completes them and
+as a ``--set`` override is typed), never to the spec file's folder; the trials get the
+absolute paths, so they never depend on their own working folder (Ray moves each trial
+into its trial folder).
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ MAX_SAMPLES = 10_000
 METRIC_MODES: dict[str, str] = {"val_loss": "min", "loss": "min"}
 TASK_METRIC_MODES: dict[str, dict[str, str]] = {"recall": {"recall_acc": "max"}, "speech": {"cer": "min"},
                                                "text": {}}
+
+# the spec keys that hold local paths (one path, or a list of paths)
+PATH_KEYS: dict[str, str] = {"data_dir": "one", "files": "list"}
 
 # optional dependencies of searchers and schedulers: (spec field=value, pip extra, imports)
 SEARCH_EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -388,9 +397,38 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None, smoke:
     if smoke:
         data = apply_smoke(data, smoke_block)
     data = apply_overrides(data, overrides or [])
+    data = absolute_paths(data, Path.cwd())
     spec = parse_experiment(data, source=str(p))
     spec.raw["smoke"] = smoke_block
     return spec
+
+
+def absolute_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make the local paths of a spec's ``task`` section (`PATH_KEYS`) absolute.
+
+    Args:
+        data: the loaded spec (smoke and overrides applied).
+        base: the folder relative paths are taken from (the command's working folder).
+    Returns:
+        A copy of ``data`` whose path values are absolute; values of other types are left
+        for validation to reject with its own message.
+    """
+    out = copy.deepcopy(data)
+    task = out.get("task")
+    if not isinstance(task, dict):
+        return out
+    for key, kind in PATH_KEYS.items():
+        value = task.get(key)
+        if kind == "one" and isinstance(value, str) and value:
+            task[key] = _absolute(value, base)
+        elif kind == "list" and isinstance(value, list):
+            task[key] = [_absolute(v, base) if isinstance(v, str) and v else v for v in value]
+    return out
+
+
+def _absolute(value: str, base: Path) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).absolute())
 
 
 def apply_smoke(data: dict[str, Any], smoke: dict[str, Any]) -> dict[str, Any]:
