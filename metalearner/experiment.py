@@ -330,6 +330,19 @@ def _check_cell(cfg: RunConfig, spec: SpecFile) -> None:
         raise ConfigError(f"mode: got {spec.mode!r}, expected {modes[spec.metric]!r} for metric {spec.metric!r}")
 
 
+def _check_devices(resources: Resources, base: dict[str, Any]) -> None:
+    """A trial given a GPU must train on it, and a trial told to use CUDA needs one: Ray
+    hides every GPU from a trial that was given none (``CUDA_VISIBLE_DEVICES``)."""
+    device = (base.get("train") or {}).get("device", "cpu")
+    gpus = resources.gpus_per_trial
+    if gpus > 0 and device == "cpu":
+        raise ConfigError(f"train.device: got 'cpu' with resources.gpus_per_trial {gpus:g}, expected 'auto' or "
+                          "'cuda': a trial given a GPU would not train on it")
+    if gpus == 0 and device == "cuda":
+        raise ConfigError("resources.gpus_per_trial: got 0 with train.device 'cuda', expected > 0: Ray shows no "
+                          "GPU to a trial given none ('auto' trains on a GPU only where there is one)")
+
+
 def parse_experiment(data: Any, source: str = "<spec>") -> ExperimentSpec:
     """Validate a loaded YAML spec (overrides already applied)."""
     if not isinstance(data, dict):
@@ -377,6 +390,7 @@ def parse_experiment(data: Any, source: str = "<spec>") -> ExperimentSpec:
         if any(arm_name == b.name for b in arms):
             raise ConfigError(f"{where}.name: got {arm_name!r} twice, expected distinct arm names")
         arms.append(Arm(name=arm_name, controller=ctrl, search=search))
+    _check_devices(resources, base)
     return ExperimentSpec(name=name, description=top.description, base=base, arms=arms, seeds=seeds,
                           resources=resources, metric=top.metric, mode=top.mode, time_budget_s=float(budget),
                           seed=top.seed, source=source, raw=copy.deepcopy(data))

@@ -188,3 +188,79 @@ def test_sweep_on_s3_storage_checkpoints_there_and_restores_from_there(tmp_path,
     assert publish(folder, storage, folder.name) == "s3://sweeps/ray/s3-test-stamp"
     body = s3_server.get_object(Bucket="sweeps", Key="ray/s3-test-stamp/experiment.yaml")["Body"].read()
     assert body == b"name: s3-test\n"
+
+
+# ---------------------------------------------------------------- test 1: a 2-node Ray cluster
+
+TWO_NODE_SPEC = """\
+name: two_nodes
+task: {name: recall, n_pairs: 4, distance: 16}
+model: {preset: tiny, window: 8}
+train: {steps: 20, batch_size: 8, seq_len: 32, report_every: 5, eval_every: 10, eval_batches: 1}
+seeds: [0, 1]
+arms:
+  - {name: static, controller: {name: static}}
+  - {name: ewma, controller: {name: ewma, factor: 1.2, beta: 0.5, threshold: 0.0}}
+resources: {cpus_per_trial: 1}
+"""
+
+
+def ray_node(tmp_path, name, *args):
+    """``ray start --block`` of one node in its own process group and temp dir, with its
+    own ports (two nodes share this machine)."""
+    temp = Path("/tmp") / f"ml-{os.getpid()}-{name}"  # Ray's socket paths must stay short
+    shutil.rmtree(temp, ignore_errors=True)
+    ports = ["--dashboard-agent-listen-port", free_port(), "--dashboard-agent-grpc-port", free_port(),
+             "--metrics-export-port", free_port(), "--runtime-env-agent-port", free_port(),
+             "--node-manager-port", free_port(), "--object-manager-port", free_port()]
+    log = open(tmp_path / f"{name}.log", "w")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(["ray", "start", "--block", "--num-cpus=1", "--num-gpus=0", "--temp-dir", str(temp),
+                             "--disable-usage-stats", *map(str, args), *map(str, ports)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return proc, temp, log
+
+
+def wait_for_nodes(address, n, proc_list, timeout=120):
+    code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+            "print(sum(1 for x in ray.nodes() if x['Alive']))")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert all(p.poll() is None for p in proc_list), "a ray node exited"
+        out = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True,
+                             env={**os.environ, "RAY_AUTH_MODE": "disabled"}, timeout=60)
+        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
+            return
+        time.sleep(2)
+    raise TimeoutError(f"{n} Ray nodes not up at {address}")
+
+
+def test_sweep_on_an_existing_two_node_ray_cluster(tmp_path):
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    nodes = []
+    try:
+        nodes.append(ray_node(tmp_path, "head", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                              "--include-dashboard=false", "--ray-client-server-port", free_port()))
+        nodes.append(ray_node(tmp_path, "worker", f"--address={address}", "--node-ip-address=127.0.0.1"))
+        wait_for_nodes(address, 2, [p for p, _, _ in nodes])
+        spec = tmp_path / "two_nodes.yaml"
+        spec.write_text(TWO_NODE_SPEC)
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+        swept = run_cli("sweep", spec, "--address", address, "--tracking-uri", uri, "--storage", tmp_path / "ray",
+                        cwd=tmp_path, env={"RAY_AUTH_MODE": "disabled"})
+        assert swept.returncode == 0, (swept.stdout[-3000:], swept.stderr[-3000:])
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        parent = client.search_runs([client.get_experiment_by_name("two_nodes").experiment_id],
+                                    "tags.`metalearner.kind` = 'sweep'")[0]
+        runs = audit(uri, parent.info.run_id)
+        assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+        per_node = {}
+        for r in runs:
+            per_node.setdefault(r.data.tags["metalearner.node_id"], []).append(r.info.run_name)
+        print("trials per node:", {k[:12]: len(v) for k, v in per_node.items()})
+        assert len(per_node) == 2, per_node  # 1 CPU per node, 2 trials at a time: both nodes ran trials
+    finally:
+        for proc, temp, log in reversed(nodes):
+            end_group(proc, timeout=60)
+            log.close()

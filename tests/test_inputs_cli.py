@@ -108,6 +108,8 @@ CASES = [
      "stop.time_budget_s"),
     ("spec-cpus-per-trial", {"spec.yaml": spec_with(resources={"cpus_per_trial": 3})}, sweep(),
      "resources.cpus_per_trial"),
+    ("spec-gpu-unused", {"spec.yaml": spec_with(resources={"gpus_per_trial": 0.5})}, sweep(), "train.device"),
+    ("spec-cuda-without-gpu", {"spec.yaml": spec_with(train__device="cuda")}, sweep(), "resources.gpus_per_trial"),
     ("spec-bad-yaml", {"spec.yaml": "name: [probe\n"}, sweep(), "experiment"),
     ("spec-missing", {}, sweep(), "experiment"),
     ("spec-a-list", {"spec.yaml": "- 1\n- 2\n"}, sweep(), "experiment"),

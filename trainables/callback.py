@@ -16,7 +16,9 @@ from ray.tune import Callback
 
 from metalearner.tracking import ARM_TAG, KIND_TAG, PHASE_TAG, SEED_TAG, MlflowWriter
 from trainables.progress import ProgressTable
-from trainables.reporting import LATEST_KEYS, SETTINGS_KEY, TRACE_KEY, cell_config
+from trainables.reporting import LATEST_KEYS, NODE_KEY, SETTINGS_KEY, TRACE_KEY, cell_config
+
+NODE_TAG = "metalearner.node_id"  # the Ray node that ran the trial (the latest, if it moved)
 
 
 class MlflowTraceCallback(Callback):
@@ -97,6 +99,10 @@ class MlflowTraceCallback(Callback):
             if current != self._mutable_seen.get(tid):
                 self.writer.log_extra_metrics(run_id, current, first_new)
                 self._mutable_seen[tid] = current
+        node = result.get(NODE_KEY)
+        if node and self.trial_info[tid].get("node_id") != node:
+            self.writer.set_tags(run_id, {NODE_TAG: str(node)})
+            self.trial_info[tid]["node_id"] = node
         self.writer.flush(run_id)
         self.trial_info[tid]["last"] = {k: result.get(k) for k in LATEST_KEYS}
         if self.progress:

@@ -16,6 +16,7 @@ from metalearner.tasks import Task
 
 TRACE_KEY = "trace"  # the trace chunk in a report
 SETTINGS_KEY = "settings"  # the controller settings a chunk ran with
+NODE_KEY = "node_id"  # the Ray node a report came from (the driver tags the child run metalearner.node_id)
 LATEST_KEYS = ("step", "loss", "rope_base", "window", "val_loss")  # what the driver shows per trial
 
 
