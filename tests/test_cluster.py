@@ -221,7 +221,7 @@ def ray_node(tmp_path, name, *args):
     return proc, temp, log
 
 
-def wait_for_nodes(address, n, proc_list, timeout=120):
+def wait_for_nodes(address, n, proc_list, timeout=180):
     code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
             "print(sum(1 for x in ray.nodes() if x['Alive']))")
     deadline = time.time() + timeout
@@ -241,7 +241,8 @@ def test_sweep_on_an_existing_two_node_ray_cluster(tmp_path):
     nodes = []
     try:
         nodes.append(ray_node(tmp_path, "head", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                              "--include-dashboard=false", "--ray-client-server-port", free_port()))
+                              "--include-dashboard=false"))
+        wait_for_nodes(address, 1, [p for p, _, _ in nodes])  # the head first: a worker joins a running GCS
         nodes.append(ray_node(tmp_path, "worker", f"--address={address}", "--node-ip-address=127.0.0.1"))
         wait_for_nodes(address, 2, [p for p, _, _ in nodes])
         spec = tmp_path / "two_nodes.yaml"
@@ -262,5 +263,66 @@ def test_sweep_on_an_existing_two_node_ray_cluster(tmp_path):
         assert len(per_node) == 2, per_node  # 1 CPU per node, 2 trials at a time: both nodes ran trials
     finally:
         for proc, temp, log in reversed(nodes):
-            end_group(proc, timeout=60)
+            end_group(proc, timeout=20)
             log.close()
+
+
+# ---------------------------------------------------------------- test 2: mlflow server on PostgreSQL
+
+
+def _tracking_server_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tracking_server", ROOT / "scripts/tracking_server.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _has_postgres():
+    try:
+        _tracking_server_module().pg_program("initdb")
+        import psycopg2  # noqa: F401
+    except (FileNotFoundError, ImportError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_postgres(), reason="needs PostgreSQL's server programs (apt-get install postgresql) "
+                                                "and psycopg2 (pip install 'metalearner[server]')")
+def test_sweep_tracked_on_an_mlflow_server_over_postgresql(tmp_path):
+    ts = _tracking_server_module()
+    folder = Path("/tmp") / f"ml-pg-{os.getpid()}"  # postgres (another user) must reach it: not under pytest's 0700
+    shutil.rmtree(folder, ignore_errors=True)
+    pg_port, port = free_port(), free_port()
+    pg = server = None
+    try:
+        pg = ts.start_postgres(folder, pg_port)
+        server = ts.start_mlflow(folder, port, pg_port)
+        uri = f"http://127.0.0.1:{port}"
+        spec = tmp_path / "pg.yaml"
+        spec.write_text(TWO_NODE_SPEC.replace("name: two_nodes", "name: on_postgres").replace("[0, 1]", "[0]"))
+        swept = run_cli("sweep", spec, "--num-cpus", "2", "--tracking-uri", uri, "--storage", tmp_path / "ray",
+                        cwd=tmp_path)
+        assert swept.returncode == 0, (swept.stdout[-3000:], swept.stderr[-3000:])
+        client = mlflow.MlflowClient(tracking_uri=uri)  # the REST client
+        parent = client.search_runs([client.get_experiment_by_name("on_postgres").experiment_id],
+                                    "tags.`metalearner.kind` = 'sweep'")[0]
+        runs = audit(uri, parent.info.run_id)
+        assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+        assert "experiment.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+        assert (folder / "artifacts").is_dir() and any((folder / "artifacts").rglob("experiment.yaml"))
+        # the points are in PostgreSQL's tables: 20 steps of loss per child
+        import psycopg2
+
+        with psycopg2.connect(host="127.0.0.1", port=pg_port, user="postgres", dbname="mlflow") as conn:
+            with conn.cursor() as cur:
+                cur.execute("SELECT run_uuid, count(*) FROM metrics WHERE key = 'loss' GROUP BY run_uuid")
+                counts = dict(cur.fetchall())
+        assert {r.info.run_id: counts.get(r.info.run_id) for r in runs} == {r.info.run_id: 20 for r in runs}
+    finally:
+        if server is not None:
+            ts.stop(server)
+        if pg is not None:
+            ts.stop(pg)
+        shutil.rmtree(folder, ignore_errors=True)
