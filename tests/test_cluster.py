@@ -326,3 +326,29 @@ def test_sweep_tracked_on_an_mlflow_server_over_postgresql(tmp_path):
         if pg is not None:
             ts.stop(pg)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- spec paths (no services)
+
+
+def test_spec_paths_are_made_absolute_from_the_working_folder(tmp_path, monkeypatch):
+    from metalearner.experiment import load_experiment
+
+    specs, work = tmp_path / "specs", tmp_path / "work"
+    specs.mkdir()
+    (work / "corpus").mkdir(parents=True)
+    (work / "corpus/a.txt").write_text("hello\n")
+    (specs / "text.yaml").write_text(
+        "name: paths\ntask: {name: text, files: [corpus/a.txt]}\nmodel: {preset: tiny}\n"
+        "train: {steps: 4, seq_len: 32, report_every: 2, eval_every: 2}\n")
+    monkeypatch.chdir(work)
+    spec = load_experiment(specs / "text.yaml")
+    assert spec.base["task"]["files"] == [str(work / "corpus/a.txt")]  # the working folder, not specs/
+    run_cfg = spec.run_config(spec.arms[0], spec.seeds[0])
+    monkeypatch.chdir(tmp_path)  # a trial's own working folder: the paths still hold
+    from metalearner.config import load_run_config
+
+    assert load_run_config(run_cfg).task.files == [str(work / "corpus/a.txt")]
+    monkeypatch.chdir(work / "corpus")  # a --set override is read from the working folder too
+    over = load_experiment(specs / "text.yaml", overrides=["task.files=[../corpus/a.txt]"])
+    assert Path(over.base["task"]["files"][0]).resolve() == work / "corpus/a.txt"
