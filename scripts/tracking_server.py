@@ -99,7 +99,7 @@ def start_mlflow(folder: Path, port: int, pg_port: int, workers: int = 1, timeou
     log = open(folder / "mlflow.log", "a")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server",
-         "--backend-store-uri", f"postgresql://{PG_USER}@127.0.0.1:{pg_port}/mlflow",
+         "--backend-store-uri", f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{pg_port}/mlflow",
          "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", str(workers)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -352,3 +352,20 @@ def test_spec_paths_are_made_absolute_from_the_working_folder(tmp_path, monkeypa
     monkeypatch.chdir(work / "corpus")  # a --set override is read from the working folder too
     over = load_experiment(specs / "text.yaml", overrides=["task.files=[../corpus/a.txt]"])
     assert Path(over.base["task"]["files"][0]).resolve() == work / "corpus/a.txt"
+
+
+def test_storage_uris_pass_the_input_check_unchanged(tmp_path, monkeypatch):
+    from metalearner.cli import build_parser
+    from metalearner.inputs import sweep_inputs
+    from trainables.storage import is_uri, storage_root, sweep_folder
+
+    (tmp_path / "spec.yaml").write_text(TWO_NODE_SPEC)
+    monkeypatch.chdir(tmp_path)
+    for uri in ("s3://bucket/sweeps", "gs://bucket/sweeps", "s3://b/p?endpoint_override=127.0.0.1:9000"):
+        args = build_parser().parse_args(["sweep", "spec.yaml", "--num-cpus", "2", "--storage", uri])
+        sweep_inputs(args)  # no error: left to Ray and pyarrow
+        assert is_uri(uri) and storage_root(uri) == uri
+        assert sweep_folder(uri, "x-1") == tmp_path / "sweeps/x-1"  # the local copy of its own files
+    assert storage_root(f"file://{tmp_path}/ray") == str(tmp_path / "ray")
+    assert storage_root("ray") == str(tmp_path / "ray") and sweep_folder(str(tmp_path / "ray"), "x-1") == \
+        tmp_path / "ray/x-1"

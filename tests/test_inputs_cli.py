@@ -129,6 +129,8 @@ CASES = [
     ("flag-num-cpus-text", {"spec.yaml": SPEC}, ["sweep", "spec.yaml", "--num-cpus", "two"], "--num-cpus"),
     ("flag-storage-unwritable", {"spec.yaml": SPEC, "afile": "x"}, sweep("spec.yaml", "--storage", "afile/ray"),
      "--storage"),
+    ("flag-storage-file-uri-unwritable", {"spec.yaml": SPEC, "afile": "x"},
+     sweep("spec.yaml", "--storage", "file://afile/ray"), "--storage"),
     ("flag-tracking-unwritable", {"spec.yaml": SPEC, "afile": "x"},
      sweep("spec.yaml", "--tracking-uri", "sqlite:///afile/m.db"), "--tracking-uri"),
     ("flag-out-is-a-file", {"spec.yaml": SPEC, "afile": "x"}, sweep("spec.yaml", "--out", "afile"), "--out"),
