@@ -265,6 +265,7 @@ def test_sweep_on_an_existing_two_node_ray_cluster(tmp_path):
         for proc, temp, log in reversed(nodes):
             end_group(proc, timeout=20)
             log.close()
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- test 2: mlflow server on PostgreSQL
