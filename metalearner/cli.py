@@ -240,7 +240,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"  full errors (traceback and trial folder of each failed trial): {result.error_log}")
     from metalearner.journal import JOURNAL_DIR, pending
 
-    journal = Path(runner.storage) / f"{spec.name}-{runner.stamp}" / JOURNAL_DIR
+    journal = runner.folder / JOURNAL_DIR
     left = pending(journal)  # the writer is closed: what it could not deliver is in the journal
     if not left.complete:  # no report from a partial store; compare works after the sync
         tracking_failed(left, journal, f"sweep '{spec.name}'")
@@ -252,8 +252,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"    as a spec: {result.spec_files[arm]}  (metalearner train --controller-spec FILE)")
     from metalearner.report import write_report
 
-    out = Path(args.out) if args.out else Path(runner.storage) / f"{spec.name}-{runner.stamp}" / "report"
+    out = Path(args.out) if args.out else runner.folder / "report"
     report = write_report(uri, result.parent_run_id, out)
+    if not args.out:
+        from trainables.storage import publish
+
+        publish(runner.folder, runner.storage, runner.folder.name)  # a URI storage gets the report too
     print("\n" + report.text)
     print(f"\nreport: {out}  (also logged to the parent run under report/)")
     print(f"view it: {ui_command(uri)}\n  then open {report.url}")
@@ -360,12 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("experiment", help="experiment spec, e.g. experiments/quickstart.yaml")
     sw.add_argument("--smoke-test", action="store_true", help="apply the spec's smoke block (few steps and trials)")
     sw.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    sw.add_argument("--storage", help="Ray Tune storage folder for checkpoints (default: ./ray_results)")
+    sw.add_argument("--storage", help="Ray Tune storage for checkpoints: a local folder or a URI (s3://, gs://, "
+                    "file://) that goes to Ray unchanged (default: ./ray_results)")
     sw.add_argument("--address", help="address of a running Ray cluster (default: start a local Ray)")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a spec field with a dotted key, e.g. train.steps=200 (repeatable)")
-    sw.add_argument("--out", help="folder for the comparison report (default: STORAGE/NAME-TIMESTAMP/report)")
-    sw.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
+    sw.add_argument("--out", help="folder for the comparison report (default: STORAGE/NAME-TIMESTAMP/report; for a URI "
+                    "storage written to ./sweeps/NAME-TIMESTAMP/report and copied to the URI)")
+    sw.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: Ray's own count)")
     sw.set_defaults(func=cmd_sweep)
 
     cp = sub.add_parser("compare", help="compare the policies of a sweep: table, plots, paired tests",

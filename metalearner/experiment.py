@@ -12,6 +12,12 @@ step clamps mutated values onto them — must make a valid run config.
 
 Validation runs on strict pydantic models (`metalearner.schema`); every error is a
 `ConfigError`: one line naming the field. Must not import ray.
+
+Paths in a spec (``task.data_dir``, ``task.files``) are made absolute when the spec is
+loaded, relative to the *working folder* of the command (as the shell completes them and
+as a ``--set`` override is typed), never to the spec file's folder; the trials get the
+absolute paths, so they never depend on their own working folder (Ray moves each trial
+into its trial folder).
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ MAX_SAMPLES = 10_000
 METRIC_MODES: dict[str, str] = {"val_loss": "min", "loss": "min"}
 TASK_METRIC_MODES: dict[str, dict[str, str]] = {"recall": {"recall_acc": "max"}, "speech": {"cer": "min"},
                                                "text": {}}
+
+# the spec keys that hold local paths (one path, or a list of paths)
+PATH_KEYS: dict[str, str] = {"data_dir": "one", "files": "list"}
 
 # optional dependencies of searchers and schedulers: (spec field=value, pip extra, imports)
 SEARCH_EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -332,6 +341,19 @@ def _check_cell(cfg: RunConfig, spec: SpecFile) -> None:
         raise ConfigError(f"mode: got {spec.mode!r}, expected {modes[spec.metric]!r} for metric {spec.metric!r}")
 
 
+def _check_devices(resources: Resources, base: dict[str, Any]) -> None:
+    """A trial given a GPU must train on it, and a trial told to use CUDA needs one: Ray
+    hides every GPU from a trial that was given none (``CUDA_VISIBLE_DEVICES``)."""
+    device = (base.get("train") or {}).get("device", "cpu")
+    gpus = resources.gpus_per_trial
+    if gpus > 0 and device == "cpu":
+        raise ConfigError(f"train.device: got 'cpu' with resources.gpus_per_trial {gpus:g}, expected 'auto' or "
+                          "'cuda': a trial given a GPU would not train on it")
+    if gpus == 0 and device == "cuda":
+        raise ConfigError("resources.gpus_per_trial: got 0 with train.device 'cuda', expected > 0: Ray shows no "
+                          "GPU to a trial given none ('auto' trains on a GPU only where there is one)")
+
+
 def parse_experiment(data: Any, source: str = "<spec>") -> ExperimentSpec:
     """Validate a loaded YAML spec (overrides already applied)."""
     if not isinstance(data, dict):
@@ -380,6 +402,7 @@ def parse_experiment(data: Any, source: str = "<spec>") -> ExperimentSpec:
         if any(arm_name == b.name for b in arms):
             raise ConfigError(f"{where}.name: got {arm_name!r} twice, expected distinct arm names")
         arms.append(Arm(name=arm_name, controller=ctrl, search=search))
+    _check_devices(resources, base)
     return ExperimentSpec(name=name, description=top.description, base=base, arms=arms, seeds=seeds,
                           resources=resources, metric=top.metric, mode=top.mode,
                           target_loss=None if top.target_loss is None else float(top.target_loss),
@@ -402,9 +425,38 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None, smoke:
     if smoke:
         data = apply_smoke(data, smoke_block)
     data = apply_overrides(data, overrides or [])
+    data = absolute_paths(data, Path.cwd())
     spec = parse_experiment(data, source=str(p))
     spec.raw["smoke"] = smoke_block
     return spec
+
+
+def absolute_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make the local paths of a spec's ``task`` section (`PATH_KEYS`) absolute.
+
+    Args:
+        data: the loaded spec (smoke and overrides applied).
+        base: the folder relative paths are taken from (the command's working folder).
+    Returns:
+        A copy of ``data`` whose path values are absolute; values of other types are left
+        for validation to reject with its own message.
+    """
+    out = copy.deepcopy(data)
+    task = out.get("task")
+    if not isinstance(task, dict):
+        return out
+    for key, kind in PATH_KEYS.items():
+        value = task.get(key)
+        if kind == "one" and isinstance(value, str) and value:
+            task[key] = _absolute(value, base)
+        elif kind == "list" and isinstance(value, list):
+            task[key] = [_absolute(v, base) if isinstance(v, str) and v else v for v in value]
+    return out
+
+
+def _absolute(value: str, base: Path) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).absolute())
 
 
 def apply_smoke(data: dict[str, Any], smoke: dict[str, Any]) -> dict[str, Any]:

@@ -227,6 +227,19 @@ def check_checkpoint(directory: Path, cfg: RunConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------- sweep, compare, data
 
 
+def local_cpus() -> int:
+    """The CPUs a local Ray will find here: this process's CPU affinity, capped by a cgroup
+    v2 quota (``cpu.max``), rounded up (a lower bound for the cpus_per_trial check)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
 def sweep_inputs(args: argparse.Namespace) -> Any:
     """Check every input of ``metalearner sweep``; returns the validated `ExperimentSpec`."""
     from metalearner.experiment import check_extras, load_experiment
@@ -236,7 +249,7 @@ def sweep_inputs(args: argparse.Namespace) -> Any:
     spec = load_experiment(args.experiment, overrides=args.set, smoke=args.smoke_test)
     check_extras(spec)
     if args.address is None:
-        cpus = args.num_cpus or os.cpu_count() or 1
+        cpus = args.num_cpus or local_cpus()
         need = spec.resources.cpus_per_trial
         if need > cpus:
             raise ConfigError(f"resources.cpus_per_trial: got {need:g}, expected at most the {cpus} CPUs of the "

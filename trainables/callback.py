@@ -29,7 +29,9 @@ from metalearner.tracking import (
     run_colour,
 )
 from trainables.progress import ProgressTable
-from trainables.reporting import DIVERGED_KEY, LATEST_KEYS, SETTINGS_KEY, TRACE_KEY, cell_config
+from trainables.reporting import DIVERGED_KEY, LATEST_KEYS, NODE_KEY, SETTINGS_KEY, TRACE_KEY, cell_config
+
+NODE_TAG = "metalearner.node_id"  # the Ray node that ran the trial (the latest, if it moved)
 
 
 class MlflowTraceCallback(Callback):
@@ -131,6 +133,10 @@ class MlflowTraceCallback(Callback):
             info = self.trial_info[tid]
             self.diverged.append(f"trial {tid} (arm {info['arm']}, seed {info['seed']}) diverged {where}: "
                                  "train.max_nonfinite non-finite steps in a row")
+        node = result.get(NODE_KEY)
+        if node and self.trial_info[tid].get("node_id") != node:
+            self.writer.set_tags(run_id, {NODE_TAG: str(node)})
+            self.trial_info[tid]["node_id"] = node
         self.writer.flush(run_id)
         self.trial_info[tid]["last"] = {k: result.get(k) for k in LATEST_KEYS}
         if self.progress:

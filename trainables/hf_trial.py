@@ -18,13 +18,14 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
 from metalearner.config import load_run_config
 from metalearner.hf import StepReport, run_hf
 from metalearner.tasks import Task
-from trainables.reporting import cadence, cell_config, report_metrics, shared_task
+from trainables.reporting import NODE_KEY, cadence, cell_config, report_metrics, shared_task
 
 
 def train_trial_hf(config: dict[str, Any], task: Task | None = None, task_key: tuple | None = None,
@@ -42,6 +43,7 @@ def train_trial_hf(config: dict[str, Any], task: Task | None = None, task_key: t
         metrics = report_metrics(rep.step, cfg, rep.records, rep.last_val, rep.train_seconds, meta,
                                  rep.params if first else None, diverged=rep.diverged)
         first = False
+        metrics[NODE_KEY] = ray.get_runtime_context().get_node_id()
         if rep.checkpoint is not None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(rep.checkpoint)))
         else:

@@ -17,6 +17,7 @@ from metalearner.tasks import Task
 TRACE_KEY = "trace"  # the trace chunk in a report
 SETTINGS_KEY = "settings"  # the controller settings a chunk ran with
 DIVERGED_KEY = "diverged"  # True in the last report of a run ended by train.max_nonfinite
+NODE_KEY = "node_id"  # the Ray node a report came from (the driver tags the child run metalearner.node_id)
 LATEST_KEYS = ("step", "loss", "rope_base", "window", "val_loss")  # what the driver shows per trial
 # keys added to the trace at each report step (one point per report step, so one per step):
 # cumulative training seconds (wall-clock to a target loss), and the two summary metrics a

@@ -14,7 +14,6 @@ Every trial is a child MLflow run written by the driver (`MlflowTraceCallback`).
 from __future__ import annotations
 
 import copy
-import os
 import random
 import re
 import time
@@ -32,6 +31,7 @@ from metalearner.experiment import Arm, ExperimentSpec
 from metalearner.journal import JOURNAL_DIR
 from metalearner.tracking import KIND_TAG, MlflowWriter, arm_colours, ui_features
 from trainables.reporting import cell_config, task_key
+from trainables.storage import publish, storage_root, sweep_folder
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its worker names
 
@@ -156,11 +156,12 @@ class SweepRunner:
                  address: str | None = None, progress: bool | None = False, num_cpus: int | None = None) -> None:
         self.spec = spec
         self.tracking_uri = tracking_uri
-        self.storage = str(Path(storage or Path.cwd() / "ray_results").resolve())
+        self.storage = storage_root(storage)  # a URI goes to Ray unchanged (trainables.storage)
         self.address = address
         self.progress = progress
         self.num_cpus = num_cpus
         self.stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.folder = sweep_folder(self.storage, f"{spec.name}-{self.stamp}")  # the sweep's own files
 
     # ------------------------------------------------------------ pieces
     def _init_ray(self) -> None:
@@ -173,7 +174,7 @@ class SweepRunner:
         if self.address:
             ray.init(address=self.address, include_dashboard=False, logging_level="WARNING")
         else:
-            ray.init(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False,
+            ray.init(num_cpus=self.num_cpus, include_dashboard=False,  # None: Ray's own (cgroup-aware) count
                      logging_level="WARNING", log_to_driver=False, configure_logging=True)
 
     def _shared_task(self) -> tuple[Any, tuple | None]:
@@ -241,7 +242,7 @@ class SweepRunner:
         random.seed(spec.seed)
         np.random.seed(spec.seed)
         # every MLflow write is journaled in the experiment folder first (metalearner sync delivers leftovers)
-        writer = MlflowWriter(self.tracking_uri, journal_dir=Path(self.storage) / f"{spec.name}-{self.stamp}" / JOURNAL_DIR,
+        writer = MlflowWriter(self.tracking_uri, journal_dir=self.folder / JOURNAL_DIR,
                               outage_s=spec.tracking.outage_s)
         searchers = sorted({a.search.searcher for a in spec.arms if a.search}) or ["grid"]
         schedulers = sorted({a.search.scheduler.name for a in spec.arms if a.search}) or ["fifo"]
@@ -256,7 +257,7 @@ class SweepRunner:
             {"controller": a.controller, "search": bool(a.search)}, default_flow_style=True).strip()
             for a in spec.arms})
         colours = arm_colours(a.name for a in spec.arms) if ui_features()["run_color"] else None
-        out_dir = Path(self.storage) / f"{spec.name}-{self.stamp}"
+        out_dir = self.folder
         out_dir.mkdir(parents=True, exist_ok=True)
         spec_file = out_dir / "experiment.yaml"
         spec_file.write_text(yaml.safe_dump(spec.raw, sort_keys=False))
@@ -328,6 +329,7 @@ class SweepRunner:
             if result.errors:
                 result.error_log = error_log
             status = "FINISHED" if not result.errors else "FAILED"
+            publish(out_dir, self.storage, out_dir.name)  # a URI storage gets the sweep's files too
         except KeyboardInterrupt:
             status = "KILLED"
             raise

@@ -20,13 +20,14 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
 from metalearner.config import load_run_config
 from metalearner.tasks import Task
 from metalearner.train import TrainingRun
-from trainables.reporting import cadence, cell_config, report_metrics, shared_task
+from trainables.reporting import NODE_KEY, cadence, cell_config, report_metrics, shared_task
 
 
 def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tuple | None = None,
@@ -53,6 +54,7 @@ def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tupl
         metrics = report_metrics(run.step, cfg, records, run.last_val, run.train_seconds, meta,
                                  params if first else None, diverged=run.diverged)
         first = False
+        metrics[NODE_KEY] = ray.get_runtime_context().get_node_id()
         if run.step % ckpt_every == 0 or run.done:
             with tempfile.TemporaryDirectory() as d:
                 run.save(d)

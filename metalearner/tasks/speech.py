@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 HOP_LENGTH = 160  # 10 ms frames at 16 kHz
 N_FFT = 400
 FRAME_MULTIPLE = 16  # batches pad their frame axis to a multiple of this (fewer shapes)
+FEATURE_DTYPE = torch.float16  # how the log-mel features are kept (batches are float32)
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 N_SPECIAL = 3
 
@@ -171,8 +172,9 @@ class SpeechTask:
     """Character-level speech recognition over an ``audiofolder`` corpus.
 
     Every clip is decoded, resampled to 16 kHz and turned into Whisper log-mel features
-    (``transformers.WhisperFeatureExtractor``, built locally) once, at construction; the
-    task then holds only tensors and is cheap to pickle (Ray ships it to workers).
+    (``transformers.WhisperFeatureExtractor``, built locally) once, at construction, and
+    stored as float16 (half the bytes a worker holds and Ray ships; batches are float32);
+    the task then holds only tensors and is cheap to pickle (Ray ships it to workers).
 
     Batches: ``features`` (B, n_mels, F) float32 with F the longest clip of the batch
     rounded up to a multiple of 16 (shorter clips padded with their own silence level, the
@@ -250,6 +252,7 @@ class SpeechTask:
                 wave = np.pad(wave, (0, N_FFT - len(wave)))
             mel = extractor(wave, sampling_rate=SAMPLE_RATE, padding="longest", return_tensors="np")
             mel = torch.from_numpy(np.ascontiguousarray(mel["input_features"][0], dtype=np.float32))
+            mel = mel.to(FEATURE_DTYPE)  # stored in half: Whisper's log-mels lie in about [-1, 1.5]
             feats.append(mel)  # (n_mels, frames)
             floors.append(float(mel.min()))
             texts.append(text)

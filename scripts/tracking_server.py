@@ -1,0 +1,151 @@
+"""Start a local MLflow tracking server over PostgreSQL, for trying out the team set-up.
+
+    python scripts/tracking_server.py --dir /tmp/mlflow-team [--port 5000] [--pg-port 5433]
+
+It makes a PostgreSQL cluster in ``DIR/pgdata`` (``initdb``; as root the server runs as
+the ``postgres`` user, which PostgreSQL requires), starts ``postgres`` on 127.0.0.1, makes
+the ``mlflow`` database, then ``mlflow server`` with that backend and ``DIR/artifacts`` as
+its artifact store (served through the server: ``--artifacts-destination``). It prints the
+tracking URI and runs until Ctrl-C, then ends both servers by their process groups. The
+real thing is PostgreSQL as your team runs it plus MLflow's own CLI (see the README).
+
+Needs PostgreSQL's server programs (Debian: ``apt-get install postgresql``; found on PATH or
+in ``/usr/lib/postgresql/*/bin``) and ``pip install 'metalearner[server]'`` (psycopg2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PG_USER = "postgres"
+
+
+def pg_program(name: str) -> str:
+    """The path of a PostgreSQL server program (``initdb``, ``postgres``)."""
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)),
+                                       None)
+    if found is None:
+        raise FileNotFoundError(f"{name}: not found on PATH or in /usr/lib/postgresql/*/bin, expected PostgreSQL's "
+                                "server programs (Debian: apt-get install postgresql)")
+    return found
+
+
+def _as_pg_user(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: run it as the postgres user then."""
+    return ["runuser", "-u", PG_USER, "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before listening on port {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"{what}: nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def start_postgres(folder: Path, port: int, timeout: float = 60) -> subprocess.Popen:
+    """``initdb`` + ``postgres`` on 127.0.0.1:``port`` in ``folder``, and the ``mlflow``
+    database. Returns the server process (its own process group; end it with `stop`)."""
+    data, sockets = folder / "pgdata", folder / "pgsock"
+    for d in (folder, sockets):
+        d.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(folder, PG_USER)
+        shutil.chown(sockets, PG_USER)
+    if not (data / "PG_VERSION").exists():
+        subprocess.run(_as_pg_user([pg_program("initdb"), "-D", str(data), "-U", PG_USER, "--auth=trust",
+                                    "-E", "UTF8"]), check=True, capture_output=True)
+    log = open(folder / "postgres.log", "a")
+    proc = subprocess.Popen(_as_pg_user([pg_program("postgres"), "-D", str(data), "-p", str(port),
+                                         "-h", "127.0.0.1", "-k", str(sockets)]),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_port(port, proc, "postgres", timeout)
+    import psycopg2
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            conn = psycopg2.connect(host="127.0.0.1", port=port, user=PG_USER, dbname="postgres")
+            break
+        except psycopg2.OperationalError:  # listening, still starting up
+            if time.time() > deadline:
+                raise
+            time.sleep(0.3)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = 'mlflow'")
+        if cur.fetchone() is None:
+            cur.execute("CREATE DATABASE mlflow")
+    conn.close()
+    return proc
+
+
+def start_mlflow(folder: Path, port: int, pg_port: int, workers: int = 1, timeout: float = 120) -> subprocess.Popen:
+    """``mlflow server`` on 127.0.0.1:``port`` over the PostgreSQL of `start_postgres`,
+    artifacts in ``folder/artifacts``. Returns the process (its own process group)."""
+    log = open(folder / "mlflow.log", "a")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server",
+         "--backend-store-uri", f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{pg_port}/mlflow",
+         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", str(workers)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_port(port, proc, "mlflow server", timeout)
+    return proc
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """End a server started here, with its children, by its process group."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", required=True, help="folder for the database and the artifacts")
+    ap.add_argument("--port", type=int, default=5000, help="the MLflow server's port (default 5000)")
+    ap.add_argument("--pg-port", type=int, default=5433, help="PostgreSQL's port (default 5433)")
+    ap.add_argument("--workers", type=int, default=2, help="MLflow server workers (default 2)")
+    args = ap.parse_args()
+    folder = Path(args.dir).resolve()
+    pg = start_postgres(folder, args.pg_port)
+    try:
+        server = start_mlflow(folder, args.port, args.pg_port, workers=args.workers)
+        try:
+            print(f"MLflow tracking server: http://127.0.0.1:{args.port}  (PostgreSQL on 127.0.0.1:{args.pg_port}, "
+                  f"artifacts in {folder / 'artifacts'}); Ctrl-C ends both", flush=True)
+            print(f"  metalearner sweep SPEC --tracking-uri http://127.0.0.1:{args.port}", flush=True)
+            while server.poll() is None and pg.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop(server)
+    finally:
+        stop(pg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""Cluster scale (issue 9): each test starts its real services on 127.0.0.1 itself (a
+2-node Ray cluster, a local S3 server, an MLflow server on PostgreSQL) and ends them by
+their process group at the end; nothing here runs `ray stop` or kills by name."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.conftest import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def audit(uri, parent_id):
+    """Every child of the sweep: FINISHED (or KILLED by a scheduler), ``loss`` at steps
+    1..N exactly once, every trace key at the same steps. Returns the children."""
+    from metalearner.trace import STEP_KEYS
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED", parent.info.status
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+                              max_results=1000)
+    assert runs
+    for r in runs:
+        assert r.info.status in ("FINISHED", "KILLED"), (r.info.run_name, r.info.status)
+        steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, "loss"))
+        assert steps == list(range(1, len(steps) + 1)), r.info.run_name
+        if r.info.status == "FINISHED":
+            assert len(steps) == int(r.data.params["train.steps"]), r.info.run_name
+        for key in STEP_KEYS:
+            if key == "loss_ewma" and r.data.params["controller.name"] in ("static", "schedule"):
+                continue
+            assert sorted(m.step for m in client.get_metric_history(r.info.run_id, key)) == steps, key
+    return runs
+
+
+def free_port(avoid=range(10002, 20000)):
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
+
+
+def end_group(proc, timeout=30):
+    """End a process this test started, and its children, by its process group."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
+
+
+# ---------------------------------------------------------------- test 4: data paths
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs the espeak-ng Debian package")
+def test_speech_spec_with_a_relative_data_dir_from_another_working_folder(tmp_path):
+    """experiments/speech_ewma.yaml as its header says (data at the relative data/digits),
+    run from a working folder that is not the repository: every trial must find the data
+    although Ray moves each trial into its own folder."""
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    made = run_cli("data", "speech-digits", "--out", "data/digits", "--n", "40", cwd=work)
+    assert made.returncode == 0, made.stderr[-2000:]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    swept = run_cli("sweep", ROOT / "experiments/speech_ewma.yaml", "--smoke-test", "--num-cpus", "2",
+                    "--tracking-uri", uri, "--storage", "ray", cwd=work)
+    assert swept.returncode == 0, (swept.stdout[-3000:], swept.stderr[-3000:])
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    parent = client.search_runs([client.get_experiment_by_name("speech_ewma").experiment_id],
+                                "tags.`metalearner.kind` = 'sweep'")[0]
+    runs = audit(uri, parent.info.run_id)
+    assert len(runs) == 3  # static + 1 search trial + the best re-trained on seed 0
+    for r in runs:
+        assert r.data.params["task.data_dir"] == str(work / "data/digits")
+
+
+# ---------------------------------------------------------------- test 3: s3:// storage
+
+
+@pytest.fixture
+def s3_server(tmp_path, monkeypatch):
+    """moto's S3 server on 127.0.0.1 (its own process group); the endpoint and the test
+    credentials go through the standard AWS variables, which Ray's workers inherit."""
+    import boto3
+
+    port = free_port()
+    log = open(tmp_path / "moto.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                boto3.client("s3").create_bucket(Bucket="sweeps")
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        yield boto3.client("s3")
+    finally:
+        end_group(proc)
+        log.close()
+
+
+def test_sweep_on_s3_storage_checkpoints_there_and_restores_from_there(tmp_path, s3_server):
+    import ray
+    from ray import tune
+
+    from metalearner.experiment import parse_experiment
+    from metalearner.tracking import MlflowWriter
+    from trainables.callback import MlflowTraceCallback
+    from trainables.storage import publish
+    from trainables.sweep import SweepRunner
+
+    # pyarrow 25 rejects moto's answer to CompleteMultipartUpload (multipart uploads, files
+    # over 5 MB); allow_delayed_open makes pyarrow PUT small files in one request, and the
+    # tiny model's checkpoints are small. Real S3 needs no option.
+    storage = "s3://sweeps/ray?allow_delayed_open=true"
+    base = {"task": {"name": "recall", "n_pairs": 4, "distance": 16}, "model": {"preset": "tiny", "window": 8},
+            "train": {"steps": 40, "batch_size": 8, "seq_len": 32, "report_every": 5, "checkpoint_every": 10,
+                      "eval_every": 10, "eval_batches": 1, "seed": 3},
+            "controller": {"name": "ewma", "factor": 1.2, "beta": 0.5, "threshold": 0.0}}
+    spec = parse_experiment({"name": "s3-test", **base, "seeds": [3]})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    runner = SweepRunner(spec, uri, storage=storage, progress=False)
+    assert runner.storage == storage  # not made into a local path
+    writer = MlflowWriter(uri)
+    parent = writer.create_run("s3-test", "parent", {"metalearner.kind": "sweep"})
+    cb = MlflowTraceCallback(writer, "s3-test", parent)
+    # the crashed trial fails once at step 25, after its step-20 checkpoint went to S3; Tune
+    # restarts it from that checkpoint (a remote storage_path: Ray keeps no local copy)
+    cells = [{**base, "meta": {"arm": "clean", "phase": "compare"}},
+             {**base, "meta": {"arm": "crashed", "phase": "compare", "fail_at_step": 25}}]
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        task, key = runner._shared_task()
+        grid = runner._tuner(runner._trainable(task, key), {"cell": tune.grid_search(cells)}, "restore", cb).fit()
+    finally:
+        ray.shutdown()
+        writer.terminate(parent)
+        writer.close()
+    assert not grid.errors
+    keys = [o["Key"] for o in s3_server.list_objects_v2(Bucket="sweeps", Prefix="ray/restore/")["Contents"]]
+    crashed = sorted({k.split("/")[3] for k in keys if "/checkpoint_" in k and "crashed" in k})
+    assert crashed, keys[:20]  # its checkpoints are in the bucket (num_to_keep=2 of them)
+    assert any("experiment_state-" in k for k in keys)  # Tune's own state went there too
+    results = {r.config["cell"]["meta"]["arm"]: r for r in grid}
+    for r in results.values():
+        assert r.checkpoint is not None and r.checkpoint.path.startswith("sweeps/ray/restore/"), r.checkpoint
+    # restored from the step-20 checkpoint, not restarted from step 0: 4 reports since then
+    assert results["clean"].metrics["iterations_since_restore"] == 8
+    assert results["crashed"].metrics["iterations_since_restore"] == 4
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("s3-test").experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent}'")
+    by_arm = {r.data.tags["metalearner.arm"]: r.info.run_id for r in runs}
+    for name in ("loss", "window", "val_loss"):
+        clean = [(m.step, m.value) for m in sorted(client.get_metric_history(by_arm["clean"], name),
+                                                   key=lambda m: m.step)]
+        restored = [(m.step, m.value) for m in sorted(client.get_metric_history(by_arm["crashed"], name),
+                                                      key=lambda m: m.step)]
+        assert restored == clean, name  # restored from S3: the same trace, each step once
+    # the sweep's own files follow the storage
+    folder = tmp_path / "s3-test-stamp"
+    folder.mkdir()
+    (folder / "experiment.yaml").write_text("name: s3-test\n")
+    assert publish(folder, storage, folder.name) == "s3://sweeps/ray/s3-test-stamp"
+    body = s3_server.get_object(Bucket="sweeps", Key="ray/s3-test-stamp/experiment.yaml")["Body"].read()
+    assert body == b"name: s3-test\n"
+
+
+# ---------------------------------------------------------------- test 1: a 2-node Ray cluster
+
+TWO_NODE_SPEC = """\
+name: two_nodes
+task: {name: recall, n_pairs: 4, distance: 16}
+model: {preset: tiny, window: 8}
+train: {steps: 20, batch_size: 8, seq_len: 32, report_every: 5, eval_every: 10, eval_batches: 1}
+seeds: [0, 1]
+arms:
+  - {name: static, controller: {name: static}}
+  - {name: ewma, controller: {name: ewma, factor: 1.2, beta: 0.5, threshold: 0.0}}
+resources: {cpus_per_trial: 1}
+"""
+
+
+def ray_node(tmp_path, name, *args):
+    """``ray start --block`` of one node in its own process group and temp dir, with its
+    own ports (two nodes share this machine)."""
+    temp = Path("/tmp") / f"ml-{os.getpid()}-{name}"  # Ray's socket paths must stay short
+    shutil.rmtree(temp, ignore_errors=True)
+    ports = ["--dashboard-agent-listen-port", free_port(), "--dashboard-agent-grpc-port", free_port(),
+             "--metrics-export-port", free_port(), "--runtime-env-agent-port", free_port(),
+             "--node-manager-port", free_port(), "--object-manager-port", free_port()]
+    log = open(tmp_path / f"{name}.log", "w")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(["ray", "start", "--block", "--num-cpus=1", "--num-gpus=0", "--temp-dir", str(temp),
+                             "--disable-usage-stats", *map(str, args), *map(str, ports)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return proc, temp, log
+
+
+def wait_for_nodes(address, n, proc_list, timeout=180):
+    code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+            "print(sum(1 for x in ray.nodes() if x['Alive']))")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert all(p.poll() is None for p in proc_list), "a ray node exited"
+        out = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True,
+                             env={**os.environ, "RAY_AUTH_MODE": "disabled"}, timeout=60)
+        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
+            return
+        time.sleep(2)
+    raise TimeoutError(f"{n} Ray nodes not up at {address}")
+
+
+def test_sweep_on_an_existing_two_node_ray_cluster(tmp_path):
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    nodes = []
+    try:
+        nodes.append(ray_node(tmp_path, "head", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                              "--include-dashboard=false"))
+        wait_for_nodes(address, 1, [p for p, _, _ in nodes])  # the head first: a worker joins a running GCS
+        nodes.append(ray_node(tmp_path, "worker", f"--address={address}", "--node-ip-address=127.0.0.1"))
+        wait_for_nodes(address, 2, [p for p, _, _ in nodes])
+        spec = tmp_path / "two_nodes.yaml"
+        spec.write_text(TWO_NODE_SPEC)
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+        swept = run_cli("sweep", spec, "--address", address, "--tracking-uri", uri, "--storage", tmp_path / "ray",
+                        cwd=tmp_path, env={"RAY_AUTH_MODE": "disabled"})
+        assert swept.returncode == 0, (swept.stdout[-3000:], swept.stderr[-3000:])
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        parent = client.search_runs([client.get_experiment_by_name("two_nodes").experiment_id],
+                                    "tags.`metalearner.kind` = 'sweep'")[0]
+        runs = audit(uri, parent.info.run_id)
+        assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+        per_node = {}
+        for r in runs:
+            per_node.setdefault(r.data.tags["metalearner.node_id"], []).append(r.info.run_name)
+        print("trials per node:", {k[:12]: len(v) for k, v in per_node.items()})
+        assert len(per_node) == 2, per_node  # 1 CPU per node, 2 trials at a time: both nodes ran trials
+    finally:
+        for proc, temp, log in reversed(nodes):
+            end_group(proc, timeout=20)
+            log.close()
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- test 2: mlflow server on PostgreSQL
+
+
+def _tracking_server_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tracking_server", ROOT / "scripts/tracking_server.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _has_postgres():
+    try:
+        _tracking_server_module().pg_program("initdb")
+        import psycopg2  # noqa: F401
+    except (FileNotFoundError, ImportError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_postgres(), reason="needs PostgreSQL's server programs (apt-get install postgresql) "
+                                                "and psycopg2 (pip install 'metalearner[server]')")
+def test_sweep_tracked_on_an_mlflow_server_over_postgresql(tmp_path):
+    ts = _tracking_server_module()
+    folder = Path("/tmp") / f"ml-pg-{os.getpid()}"  # postgres (another user) must reach it: not under pytest's 0700
+    shutil.rmtree(folder, ignore_errors=True)
+    pg_port, port = free_port(), free_port()
+    pg = server = None
+    try:
+        pg = ts.start_postgres(folder, pg_port)
+        server = ts.start_mlflow(folder, port, pg_port)
+        uri = f"http://127.0.0.1:{port}"
+        spec = tmp_path / "pg.yaml"
+        spec.write_text(TWO_NODE_SPEC.replace("name: two_nodes", "name: on_postgres").replace("[0, 1]", "[0]"))
+        swept = run_cli("sweep", spec, "--num-cpus", "2", "--tracking-uri", uri, "--storage", tmp_path / "ray",
+                        cwd=tmp_path)
+        assert swept.returncode == 0, (swept.stdout[-3000:], swept.stderr[-3000:])
+        client = mlflow.MlflowClient(tracking_uri=uri)  # the REST client
+        parent = client.search_runs([client.get_experiment_by_name("on_postgres").experiment_id],
+                                    "tags.`metalearner.kind` = 'sweep'")[0]
+        runs = audit(uri, parent.info.run_id)
+        assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+        assert "experiment.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+        assert (folder / "artifacts").is_dir() and any((folder / "artifacts").rglob("experiment.yaml"))
+        # the points are in PostgreSQL's tables: 20 steps of loss per child
+        import psycopg2
+
+        with psycopg2.connect(host="127.0.0.1", port=pg_port, user="postgres", dbname="mlflow") as conn:
+            with conn.cursor() as cur:
+                cur.execute("SELECT run_uuid, count(*) FROM metrics WHERE key = 'loss' GROUP BY run_uuid")
+                counts = dict(cur.fetchall())
+        assert {r.info.run_id: counts.get(r.info.run_id) for r in runs} == {r.info.run_id: 20 for r in runs}
+    finally:
+        if server is not None:
+            ts.stop(server)
+        if pg is not None:
+            ts.stop(pg)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- spec paths (no services)
+
+
+def test_spec_paths_are_made_absolute_from_the_working_folder(tmp_path, monkeypatch):
+    from metalearner.experiment import load_experiment
+
+    specs, work = tmp_path / "specs", tmp_path / "work"
+    specs.mkdir()
+    (work / "corpus").mkdir(parents=True)
+    (work / "corpus/a.txt").write_text("hello\n")
+    (specs / "text.yaml").write_text(
+        "name: paths\ntask: {name: text, files: [corpus/a.txt]}\nmodel: {preset: tiny}\n"
+        "train: {steps: 4, seq_len: 32, report_every: 2, eval_every: 2}\n")
+    monkeypatch.chdir(work)
+    spec = load_experiment(specs / "text.yaml")
+    assert spec.base["task"]["files"] == [str(work / "corpus/a.txt")]  # the working folder, not specs/
+    run_cfg = spec.run_config(spec.arms[0], spec.seeds[0])
+    monkeypatch.chdir(tmp_path)  # a trial's own working folder: the paths still hold
+    from metalearner.config import load_run_config
+
+    assert load_run_config(run_cfg).task.files == [str(work / "corpus/a.txt")]
+    monkeypatch.chdir(work / "corpus")  # a --set override is read from the working folder too
+    over = load_experiment(specs / "text.yaml", overrides=["task.files=[../corpus/a.txt]"])
+    assert Path(over.base["task"]["files"][0]).resolve() == work / "corpus/a.txt"
+
+
+def test_storage_uris_pass_the_input_check_unchanged(tmp_path, monkeypatch):
+    from metalearner.cli import build_parser
+    from metalearner.inputs import sweep_inputs
+    from trainables.storage import is_uri, storage_root, sweep_folder
+
+    (tmp_path / "spec.yaml").write_text(TWO_NODE_SPEC)
+    monkeypatch.chdir(tmp_path)
+    for uri in ("s3://bucket/sweeps", "gs://bucket/sweeps", "s3://b/p?endpoint_override=127.0.0.1:9000"):
+        args = build_parser().parse_args(["sweep", "spec.yaml", "--num-cpus", "2", "--storage", uri])
+        sweep_inputs(args)  # no error: left to Ray and pyarrow
+        assert is_uri(uri) and storage_root(uri) == uri
+        assert sweep_folder(uri, "x-1") == tmp_path / "sweeps/x-1"  # the local copy of its own files
+    assert storage_root(f"file://{tmp_path}/ray") == str(tmp_path / "ray")
+    assert storage_root("ray") == str(tmp_path / "ray") and sweep_folder(str(tmp_path / "ray"), "x-1") == \
+        tmp_path / "ray/x-1"
