@@ -4,7 +4,6 @@ their process group at the end; nothing here runs `ray stop` or kills by name.""
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -54,16 +53,7 @@ def free_port(avoid=range(10002, 20000)):
 
 def end_group(proc, timeout=30):
     """End a process this test started, and its children, by its process group."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=timeout)
-    except ProcessLookupError:
-        pass
+    _tracking_server_module().stop(proc, timeout)
 
 
 # ---------------------------------------------------------------- test 4: data paths

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import ray
 import yaml
+from conftest import children, history
 
 from metalearner.experiment import load_experiment, parse_experiment
 from trainables.sweep import SweepRunner
@@ -19,24 +19,7 @@ from trainables.sweep import SweepRunner
 ROOT = Path(__file__).resolve().parent.parent
 from metalearner.trace import STEP_KEYS as TRACE_KEYS  # noqa: E402 - the one definition
 
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def children(uri, parent_id):
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    parent = client.get_run(parent_id)
-    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
-                              max_results=1000)
-    return client, parent, runs
-
-
-def history(client, run_id, key):
-    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def expected_val_steps(params, last):

@@ -9,19 +9,12 @@ import math
 
 import mlflow
 import pytest
-import ray
 
 from metalearner.experiment import parse_experiment
+from metalearner.trace import STEP_KEYS as TRACE_KEYS
 from trainables.sweep import SweepRunner
 
-TRACE_KEYS = ["loss", "loss_ewma", "rope_base", "window", "lr"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def test_a_diverging_trial_is_a_tagged_failure_not_a_crash(tmp_path, capfd):

@@ -5,9 +5,9 @@ training runs."""
 import math
 import random
 
-import mlflow
 import pytest
-import ray
+from conftest import children as child_runs
+from conftest import history
 
 from metalearner.config import load_run_config
 from metalearner.experiment import parse_experiment
@@ -22,13 +22,6 @@ SPACE = {
 }
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def spec_with(search, steps, report_every, train=None, **top):
     return parse_experiment({
         "name": f"sched-{search['scheduler']['name']}",
@@ -40,18 +33,6 @@ def spec_with(search, steps, report_every, train=None, **top):
         "search": {"searcher": "random", "confirm": False, **search},
         **top,
     })
-
-
-def child_runs(uri, parent_id):
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    parent = client.get_run(parent_id)
-    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
-                              max_results=1000)
-    return client, parent, runs
-
-
-def history(client, run_id, key):
-    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
 def assert_trace_complete(client, run, last_step, report_every):
