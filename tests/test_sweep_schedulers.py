@@ -152,7 +152,7 @@ def test_asha_stops_the_weak_trial_and_mlflow_marks_it_killed(tmp_path, local_ra
     for r in runs:
         assert r.data.tags["metalearner.phase"] == "search" and r.data.tags["metalearner.kind"] == "trial"
         assert r.data.params["controller.name"] == "ewma" and r.data.params["train.steps"] == str(steps)
-    assert {t["run_id"] for t in result.trials.values()} == {r.info.run_id for r in runs}
+    assert set(result.trials) == {r.data.tags["metalearner.trial_id"] for r in runs}  # one child run per trial
 
 
 # ---------------------------------------------------------------- PB2
