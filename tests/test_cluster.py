@@ -163,7 +163,7 @@ def test_sweep_on_s3_storage_checkpoints_there_and_restores_from_there(tmp_path,
     assert results["crashed"].metrics["iterations_since_restore"] == 4
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("s3-test").experiment_id],
-                              f"tags.mlflow.parentRunId = '{parent}'")
+                              f"tags.mlflow.parentRunId = '{writer.run_id(parent)}'")  # a journal key until delivered
     by_arm = {r.data.tags["metalearner.arm"]: r.info.run_id for r in runs}
     for name in ("loss", "window", "val_loss"):
         clean = [(m.step, m.value) for m in sorted(client.get_metric_history(by_arm["clean"], name),
