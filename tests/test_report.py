@@ -68,14 +68,19 @@ def log_trial(client, exp_id, parent, arm, phase, seed, controller, val, window,
     return rid
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def fresh_store(tmp_path_factory, folder, experiment):
+    """(folder, uri, client, experiment id) of a new SQLite MLflow store with one experiment."""
     import mlflow
 
-    tmp = tmp_path_factory.mktemp("sweep")
+    tmp = tmp_path_factory.mktemp(folder)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri)
-    exp_id = client.create_experiment("toy-sweep", artifact_location=(tmp / "artifacts").as_uri())
+    return tmp, uri, client, client.create_experiment(experiment, artifact_location=(tmp / "artifacts").as_uri())
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    tmp, uri, client, exp_id = fresh_store(tmp_path_factory, "sweep", "toy-sweep")
     old = client.create_run(exp_id, tags={"metalearner.kind": "sweep"}, run_name="older", start_time=1_000)
     parent = client.create_run(exp_id, tags={"metalearner.kind": "sweep"}, run_name="newer", start_time=2_000)
     pid = parent.info.run_id
@@ -378,12 +383,7 @@ def test_metric_and_mode_are_honoured(loaded):
 @pytest.fixture(scope="module")
 def diverged_sweep(tmp_path_factory):
     """static x 3 seeds; ewma x 3 seeds, clearly better, but seed 2 diverged (tag set, cut at step 12)."""
-    import mlflow
-
-    tmp = tmp_path_factory.mktemp("diverged")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    exp_id = client.create_experiment("div-sweep", artifact_location=(tmp / "artifacts").as_uri())
+    tmp, uri, client, exp_id = fresh_store(tmp_path_factory, "diverged", "div-sweep")
     pid = client.create_run(exp_id, tags={"metalearner.kind": "sweep"}, run_name="div").info.run_id
     ids = {}
     for seed in range(3):
