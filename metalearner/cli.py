@@ -7,8 +7,14 @@ and one line naming the field, before any training or Ray start.
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import signal
 import sys
 import tempfile
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -17,6 +23,7 @@ from metalearner.inputs import OneLineParser, compare_inputs, data_inputs, sweep
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 RUN_ID_FILE = "mlflow_run_id"  # in --checkpoint-dir: the MLflow run that --resume continues
 
 
@@ -219,29 +226,53 @@ def print_summary(summary: Any, cfg: Any, uri: str | None, run_id: str | None,
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from metalearner.environment import set_defaults
     from metalearner.tracking import resolve_tracking_uri, ui_command
 
     try:
         spec = sweep_inputs(args)  # every input checked: exit 2 before Ray or MLflow starts
     except ConfigError as e:
         fail(str(e))
-    uri = resolve_tracking_uri(args.tracking_uri)
+    if args.resume:
+        from metalearner.sweep_state import SweepState
+
+        uri = args.tracking_uri or SweepState.load(args.resume).tracking_uri  # checked by sweep_inputs
+    else:
+        uri = resolve_tracking_uri(args.tracking_uri)
+    set_defaults({"TUNE_DISABLE_SIGINT_HANDLER": "1"})  # Ctrl-C goes to our handler (below), not Tune's
     from trainables.sweep import SweepRunner
 
     runner = SweepRunner(spec, uri, storage=args.storage, address=args.address, num_cpus=args.num_cpus,
-                         progress=None)  # the face shows the trials: live on a terminal, plain lines elsewhere
-    print(f"metalearner sweep '{spec.name}'{' (smoke test)' if args.smoke_test else ''}: "
-          f"{len(spec.arms)} arm(s) x {len(spec.seeds)} seed(s); MLflow: {uri}", flush=True)
-    result = runner.run()
-    print(f"\nsweep finished in {result.seconds:.0f} s; parent run {result.parent_run_id or '(not in the store yet)'}")
-    for msg in result.errors:
-        print(f"  trial error: {msg}")
-    if result.error_log is not None:
-        print(f"  full errors (traceback and trial folder of each failed trial): {result.error_log}")
+                         progress=None,  # the face shows the trials: live on a terminal, plain lines elsewhere
+                         resume=args.resume)
+    resume = " ".join(["metalearner", "sweep", "--resume", shlex.quote(str(runner.experiment_dir)),
+                       *(["--tracking-uri", shlex.quote(args.tracking_uri)] if args.tracking_uri else [])])
+    print(f"metalearner sweep '{spec.name}'{' (smoke test)' if args.smoke_test else ''}"
+          f"{' resumed' if args.resume else ''}: {len(spec.arms)} arm(s) x {len(spec.seeds)} seed(s); "
+          f"MLflow: {uri}\n  folder: {runner.experiment_dir}", flush=True)
+    with stop_on_signals(runner.request_stop, resume):
+        result = runner.run()
     from metalearner.journal import JOURNAL_DIR, pending
 
     journal = runner.folder / JOURNAL_DIR
     left = pending(journal)  # the writer is closed: what it could not deliver is in the journal
+    if result.interrupted:
+        print(f"\nsweep interrupted after {result.seconds:.0f} s: parent run "
+              f"{result.parent_run_id or '(not in the store yet)'} and its unfinished trials are KILLED "
+              "(tag metalearner.interrupted); no later phase ran")
+        if not left.complete:
+            tracking_failed(left, journal, f"sweep '{spec.name}'")  # a resume delivers them too
+        print(f"resume it with: {resume}", flush=True)
+        return EXIT_INTERRUPTED
+    print(f"\nsweep finished in {result.seconds:.0f} s; parent run {result.parent_run_id or '(not in the store yet)'}")
+    for msg in result.errors:
+        print(f"  trial error: {msg}")
+    for arm, error in result.failed_arms.items():
+        print(f"  arm '{arm}' failed: no trial completed, so it has no best (nothing exported, not confirmed); "
+              "its first trial error:")
+        print(textwrap.indent(error, "    "))
+    if result.error_log is not None:
+        print(f"  full errors (traceback and trial folder of each failed trial): {result.error_log}")
     if not left.complete:  # no report from a partial store; compare works after the sync
         tracking_failed(left, journal, f"sweep '{spec.name}'")
         print(f"  then the report: metalearner compare {spec.name} --tracking-uri {uri}", file=sys.stderr)
@@ -261,7 +292,40 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print("\n" + report.text)
     print(f"\nreport: {out}  (also logged to the parent run under report/)")
     print(f"view it: {ui_command(uri)}\n  then open {report.url}")
-    return 1 if result.errors else 0
+    return EXIT_FAILURE if result.errors or result.failed_arms else 0
+
+
+@contextmanager
+def stop_on_signals(stop: Any, resume: str) -> Iterator[None]:
+    """While the block runs, the first SIGINT or SIGTERM calls ``stop()`` (the sweep ends
+    its phase, saves its state and returns); a second one exits at once with 130 (the
+    journal is durable: ``resume`` delivers what was journaled). The handlers in force
+    before are restored after.
+
+    Args:
+        stop: called (in the main thread) on the first signal.
+        resume: the command that continues the sweep, printed on the second signal.
+    """
+    count = 0
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal count
+        count += 1
+        name = signal.Signals(signum).name
+        if count == 1:
+            # os.write: a print here could re-enter one the main thread is in
+            os.write(2, f"\n{name}: stopping the sweep and saving its state (again to exit at once)\n".encode())
+            stop()
+            return
+        os.write(2, f"\n{name} again: exiting now; resume with: {resume}\n".encode())
+        os._exit(EXIT_INTERRUPTED)
+
+    before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -361,7 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="meta-learn controllers: a Ray Tune sweep traced in MLflow",
                         description="Run an experiment spec (experiments/*.yaml) on Ray Tune; every trial is a "
                                     "child MLflow run of the sweep's parent run; prints the policy comparison.")
-    sw.add_argument("experiment", help="experiment spec, e.g. experiments/quickstart.yaml")
+    sw.add_argument("experiment", nargs="?", help="experiment spec, e.g. experiments/quickstart.yaml")
+    sw.add_argument("--resume", metavar="EXPERIMENT_DIR",
+                    help="continue the stopped sweep of this folder (the one a sweep prints); a spec, --set or "
+                         "--smoke-test given too must not change it")
     sw.add_argument("--smoke-test", action="store_true", help="apply the spec's smoke block (few steps and trials)")
     sw.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     sw.add_argument("--storage", help="Ray Tune storage for checkpoints: a local folder or a URI (s3://, gs://, "

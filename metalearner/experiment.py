@@ -68,6 +68,8 @@ class Resources:
     cpus_per_trial: Annotated[float, Field(gt=0, le=1024)] = 1.0
     gpus_per_trial: Annotated[float, Field(ge=0, le=64)] = 0.0
     max_concurrent: Annotated[int, Field(ge=0, le=MAX_SAMPLES)] = 0  # 0 = as many as the resources allow
+    # how many times a trial whose worker died (or that raised) restarts from its last checkpoint
+    max_failures: Annotated[int, Field(ge=0, le=100)] = 2
 
 
 @dataclass

@@ -241,12 +241,19 @@ def local_cpus() -> int:
 
 
 def sweep_inputs(args: argparse.Namespace) -> Any:
-    """Check every input of ``metalearner sweep``; returns the validated `ExperimentSpec`."""
+    """Check every input of ``metalearner sweep``; returns the validated `ExperimentSpec`
+    (with ``--resume``: the spec the sweep started with, which a given one must equal)."""
     from metalearner.experiment import check_extras, load_experiment
 
     if args.num_cpus is not None and not 1 <= args.num_cpus <= MAX_CPUS:
         raise ConfigError(f"--num-cpus: got {args.num_cpus}, expected an int in 1..{MAX_CPUS}")
-    spec = load_experiment(args.experiment, overrides=args.set, smoke=args.smoke_test)
+    if args.resume is not None:
+        spec = resume_spec(args)
+    elif args.experiment is None:
+        raise ConfigError("experiment: missing, expected a spec file such as experiments/quickstart.yaml "
+                          "(or --resume EXPERIMENT_DIR)")
+    else:
+        spec = load_experiment(args.experiment, overrides=args.set, smoke=args.smoke_test)
     check_extras(spec)
     if args.address is None:
         cpus = args.num_cpus or local_cpus()
@@ -254,11 +261,57 @@ def sweep_inputs(args: argparse.Namespace) -> Any:
         if need > cpus:
             raise ConfigError(f"resources.cpus_per_trial: got {need:g}, expected at most the {cpus} CPUs of the "
                               "local Ray (--num-cpus); no trial could start")
-    storage_location(args.storage, "--storage")
-    tracking_location(args.tracking_uri)
+    if args.resume is None:
+        storage_location(args.storage, "--storage")
+        tracking_location(args.tracking_uri)
+    else:
+        from metalearner.sweep_state import SweepState
+
+        tracking_location(args.tracking_uri or SweepState.load(args.resume).tracking_uri)
     if args.out:
         writable_path(args.out, "--out", folder=True)
     return spec
+
+
+def resume_spec(args: argparse.Namespace) -> Any:
+    """``sweep --resume DIR``: the spec saved in DIR. A spec file, ``--set`` or
+    ``--smoke-test`` given too must yield that same spec: a resume never changes what
+    the sweep runs (the first differing field is named)."""
+    from metalearner.experiment import load_experiment
+    from metalearner.sweep_state import SPEC_FILE, SweepState
+
+    folder = Path(args.resume)
+    try:
+        SweepState.load(folder)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if args.storage is not None:
+        raise ConfigError(f"--storage: got {args.storage!r} with --resume, expected none (a resumed sweep keeps "
+                          "the storage it started with)")
+    saved_file = folder / SPEC_FILE
+    saved = load_experiment(saved_file)
+    given = load_experiment(args.experiment or saved_file, overrides=args.set, smoke=args.smoke_test)
+    for key, old, new in spec_diff(saved.raw, given.raw):
+        raise ConfigError(f"{key}: got {short(new)}, expected {short(old)} as in the sweep being resumed "
+                          f"({saved_file}); a resume runs the spec it started with")
+    return saved
+
+
+_MISSING = "<missing>"
+
+
+def spec_diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every difference between two specs, in
+    order; list items are named ``key[i]``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in [*old, *(k for k in new if k not in old)]:
+            key = f"{prefix}.{k}" if prefix else str(k)
+            out += spec_diff(old.get(k, _MISSING), new.get(k, _MISSING), key)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in spec_diff(a, b, f"{prefix}[{i}]")]
+    return [] if old == new else [(prefix, old, new)]
 
 
 def compare_inputs(args: argparse.Namespace) -> None:

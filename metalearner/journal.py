@@ -7,7 +7,7 @@ A journal is a folder (``EXPERIMENT_DIR/tracking`` for a sweep) holding:
   ``run`` (create; experiment, name, tags, parent key, or a known ``run_id``),
   ``reopen``, ``params``, ``tags``, ``m`` (one step of trace metrics: ``step``, ``ts``,
   ``v`` = {key: value}), ``x`` (metrics outside the trace, same shape), ``artifact``,
-  ``end`` (terminate with ``status``). The first line is a header (``op`` = ``journal``).
+  ``untag`` (delete the tags named in ``tags``), ``end`` (terminate with ``status``). The first line is a header (``op`` = ``journal``).
 - ``delivered.json``: what reached the store, rewritten atomically: per run key its MLflow
   ``run_id`` and the highest sequence number delivered (``seq``), plus delivery errors.
 - ``lock``: held (flock) by the one process that writes or delivers this journal.

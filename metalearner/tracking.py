@@ -57,6 +57,7 @@ RUN_KEY_TAG = "metalearner.run_key"  # JOURNAL_ID/KEY: finds a run again after a
 DEFAULT_OUTAGE_S = 300.0  # tracking.outage_s
 DIVERGED_TAG = "metalearner.diverged"  # set on a trial ended by train.max_nonfinite
 STOPPED_EARLY_TAG = "metalearner.stopped_early"
+INTERRUPTED_TAG = "metalearner.interrupted"  # parent and unfinished children of an interrupted sweep (KILLED)
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 MAX_METRICS_PER_BATCH = 1000
@@ -201,6 +202,7 @@ class MlflowWriter:
         self._last_step: dict[str, int] = {}  # run key -> last trace step journaled
         self._last_key_step: dict[tuple[str, str], int] = {}  # (run key, metric) -> last step journaled
         self._keys: dict[str, dict[str, Any]] = {}  # run key -> its create record
+        self._status: dict[str, str] = {}  # run key -> RUNNING, or the status of its last "end"
         for rec in self.journal.records_at_open:
             self._note(rec)
         # delivery side (the thread)
@@ -226,8 +228,12 @@ class MlflowWriter:
     def _note(self, rec: dict[str, Any]) -> None:
         """Keep the producer's watermarks in step with a journaled record."""
         op, key = rec["op"], rec["run"]
-        if op == "run":
-            self._keys[key] = rec
+        if op in ("run", "reopen"):
+            if op == "run":
+                self._keys[key] = rec
+            self._status[key] = "RUNNING"
+        elif op == "end":
+            self._status[key] = rec["status"]
         elif op in METRIC_OPS:
             step = int(rec["step"])
             if op == "m":
@@ -289,6 +295,18 @@ class MlflowWriter:
         """The run key of this journal that was delivered as MLflow run ``run_id``."""
         return next((k for k, p in list(self.state.runs.items()) if p.run_id == run_id), None)
 
+    def run_status(self, key: str) -> str | None:
+        """The status journaled for run ``key``: RUNNING (created or reopened, not ended),
+        the status of its last `terminate`, or None for a key the journal does not hold.
+        Read from the journal (durable), so a resumed process sees what a dead one left."""
+        with self._lock:
+            return self._status.get(key)
+
+    def run_keys(self) -> list[str]:
+        """Every run key of this journal, in creation order."""
+        with self._lock:
+            return list(self._keys)
+
     def last_step(self, key: str) -> int:
         """The last trace step journaled for run ``key`` (0 if none)."""
         with self._lock:
@@ -313,6 +331,11 @@ class MlflowWriter:
 
     def set_tags(self, key: str, tags: dict[str, Any]) -> None:
         self._add({"op": "tags", "run": key, "tags": {k: str(v) for k, v in tags.items()}})
+
+    def delete_tags(self, key: str, names: Iterable[str]) -> None:
+        """Journal the removal of tags ``names`` from run ``key`` (those it does not have
+        are skipped at delivery), e.g. ``metalearner.interrupted`` when a sweep resumes."""
+        self._add({"op": "untag", "run": key, "tags": sorted(set(names))})
 
     def log_artifact(self, key: str, path: str | Path, artifact_path: str | None = None) -> None:
         self._add({"op": "artifact", "run": key, "path": str(Path(path).resolve()), "artifact_path": artifact_path})
@@ -464,6 +487,10 @@ class MlflowWriter:
                 self.client.update_run(run.run_id, status="RUNNING")
                 run.todo.popleft()
                 self._done(run, rec["n"], 1)
+            elif op == "untag":
+                self._untag(run.run_id, rec["tags"])
+                run.todo.popleft()
+                self._done(run, rec["n"], 1)
             elif op == "end":
                 self.client.set_terminated(run.run_id, status=rec["status"])
                 run.todo.popleft()
@@ -474,6 +501,14 @@ class MlflowWriter:
                 self._done(run, rec["n"], 1)
             else:
                 self._send_batch(run)
+
+    def _untag(self, run_id: str, names: list[str]) -> None:
+        """Delete the tags ``names`` that run ``run_id`` has (MLflow refuses to delete a
+        missing one, and a redelivery after a lost response finds them gone)."""
+        have = self.client.get_run(run_id).data.tags
+        for name in names:
+            if name in have:
+                self.client.delete_tag(run_id, name)
 
     def _create(self, run: _Run, rec: dict[str, Any]) -> str | None:
         tags = dict(rec.get("tags") or {})

@@ -8,6 +8,12 @@ parallel trials cannot lock the SQLite store and Tune's event loop never waits o
 store (a child run is a local run key ``trial-TRIAL_ID`` until the writer has created it).
 The writer drops steps it already holds, which keeps exactly one point per step per key
 when a trial restarts from a checkpoint or PBT clones another trial's checkpoint.
+
+In a resumed sweep (``metalearner sweep --resume``) each trial keeps its child run: the
+journal continues, so a run key it holds is reopened (and loses its
+``metalearner.interrupted`` tag) and its last journaled step is known; a trial that Tune
+re-created under a new id takes over the run of the vanished trial with the same config
+(`SweepState`). Nothing here waits on the store: every write is a journal append.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ from typing import Any
 
 from ray.tune import Callback
 
+from metalearner.sweep_state import SweepState, config_key
 from metalearner.tracking import (
     ARM_TAG,
     DIVERGED_TAG,
+    INTERRUPTED_TAG,
     KIND_TAG,
     NOTE_TAG,
     PHASE_TAG,
@@ -49,12 +57,17 @@ class MlflowTraceCallback(Callback):
         colours: arm -> ``#rrggbb`` for the UI (tag ``mlflow.runColor``; search-phase
             trials are grey); None: no colour tag.
         scheduler: the scheduler's name, for the description of a trial it stops early.
+        state: the sweep's durable state (trial -> child run key), or None (nothing kept).
+        phase: this Tune run's phase key in ``state``.
+        set_right: run keys a dead driver left RUNNING, which the resumed sweep ended
+            KILLED (tag ``metalearner.interrupted``) until their trial goes on.
     """
 
     def __init__(self, writer: MlflowWriter, experiment: str, parent_run_id: str,
                  mutable_keys: list[str] | None = None, progress: ProgressTable | None = None,
                  tags: dict[str, str] | None = None, colours: dict[str, str] | None = None,
-                 scheduler: str = "") -> None:
+                 scheduler: str = "", state: SweepState | None = None, phase: str = "",
+                 set_right: set[str] | None = None) -> None:
         self.writer = writer
         self.experiment = experiment
         self.parent_run_id = parent_run_id
@@ -68,18 +81,23 @@ class MlflowTraceCallback(Callback):
         self._params_logged: set[str] = set()
         self._mutable_seen: dict[str, dict[str, Any]] = {}
         self.diverged: list[str] = []  # one line per diverged trial: failures of the sweep
+        self.state = state
+        self.phase = phase
+        self.set_right = set(set_right or ())
+        self.settled: set[str] = set()  # trials whose child run got its final status here
+        self.unfinished: list[str] = []  # at the end: trials neither complete nor errored
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its run config (callbacks included) into the experiment folder;
-        # the writer thread and the live display stay with the driver process.
-        return {k: v for k, v in self.__dict__.items() if k not in ("writer", "progress")}
+        # the writer thread, the live display and the state file stay with the driver process.
+        return {k: v for k, v in self.__dict__.items() if k not in ("writer", "progress", "state")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.writer, self.progress = None, None  # type: ignore[assignment]
+        self.writer, self.progress, self.state = None, None, None  # type: ignore[assignment]
 
     # ------------------------------------------------------------ helpers
-    def _child(self, trial: Any) -> str:
+    def _child(self, trial: Any, trials: list | None = None) -> str:
         tid = trial.trial_id
         if tid not in self.run_ids:
             run_cfg, meta = cell_config(trial.config)
@@ -91,16 +109,42 @@ class MlflowTraceCallback(Callback):
             if colour:
                 tags[RUN_COLOR_TAG] = colour
             name = f"{arm}-{meta.get('phase', '')}-{tid}"
+            key = self._earlier_key(trial, trials) or f"trial-{tid}"
+            earlier = self.writer.has_run(key)
             # non-blocking: a run key now, the MLflow run once the writer thread has made it
+            # (a key the journal holds is reopened: a resumed sweep continues its run)
             self.run_ids[tid] = self.writer.create_run(self.experiment, name, tags, parent=self.parent_run_id,
-                                                       key=f"trial-{tid}")
+                                                       key=key)
+            if earlier:
+                self.writer.delete_tags(key, [INTERRUPTED_TAG])
+                self.set_right.discard(key)
+            elif self.state is not None:
+                self.state.set_child(self.phase, tid, key, config_key(trial.config))
             self.trial_info[tid] = {"arm": arm, "phase": meta.get("phase", ""), "seed": seed,
                                     "run_key": self.run_ids[tid]}
         return self.run_ids[tid]
 
+    def _earlier_key(self, trial: Any, trials: list | None) -> str | None:
+        """The run key an earlier process gave this trial: by its Tune trial id, or, for a
+        trial Tune re-created after its driver died before saving it, the key of a vanished
+        trial of this phase with the same config (same config and seed: the same points)."""
+        if self.state is None:
+            return None
+        kids = self.state.children(self.phase)
+        if trial.trial_id in kids:
+            return kids[trial.trial_id]["key"]
+        live = {t.trial_id for t in trials or []}
+        want = config_key(trial.config)
+        taken = set(self.run_ids.values())
+        for old, child in kids.items():
+            if old not in live and child["config"] == want and child["key"] not in taken:
+                self.state.move_child(self.phase, old, trial.trial_id)
+                return child["key"]
+        return None
+
     # ------------------------------------------------------------ Tune hooks
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._child(trial)
+        self._child(trial, trials)
         if self.progress:
             self.progress.update(trial, "RUNNING", None)
 
@@ -142,36 +186,61 @@ class MlflowTraceCallback(Callback):
         if self.progress:
             self.progress.update(trial, "RUNNING", result)
 
+    def _complete(self, trial: Any, rid: str) -> None:
+        # a trial a scheduler stopped early (ASHA) also "completes": mark it KILLED
+        last_result = trial.last_result or {}
+        last, total = last_result.get("step") or 0, last_result.get("total_steps")
+        cut = total is not None and last < total
+        diverged = bool(last_result.get(DIVERGED_KEY))  # ended by train.max_nonfinite: a failure
+        if cut and not diverged:
+            by = f"the {self.scheduler.upper()} scheduler" if self.scheduler else "the trial scheduler"
+            self.writer.set_tags(rid, {STOPPED_EARLY_TAG: f"at step {last} of {total}", NOTE_TAG: (
+                f"Stopped early by {by} at step {last} of {total}"
+                + (": its val loss ranked low at a rung. " if self.scheduler == "asha" else ". ") +
+                "Not a failure (MLflow shows such runs as KILLED).")})
+        self.writer.terminate(rid, "FAILED" if diverged else "KILLED" if cut else "FINISHED")
+        self.settled.add(trial.trial_id)
+
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         rid = self.run_ids.get(trial.trial_id)
         if rid:
-            # a trial a scheduler stopped early (ASHA) also "completes": mark it KILLED
-            last_result = trial.last_result or {}
-            last, total = last_result.get("step") or 0, last_result.get("total_steps")
-            cut = total is not None and last < total
-            diverged = bool(last_result.get(DIVERGED_KEY))  # ended by train.max_nonfinite: a failure
-            if cut and not diverged:
-                by = f"the {self.scheduler.upper()} scheduler" if self.scheduler else "the trial scheduler"
-                self.writer.set_tags(rid, {STOPPED_EARLY_TAG: f"at step {last} of {total}", NOTE_TAG: (
-                    f"Stopped early by {by} at step {last} of {total}"
-                    + (": its val loss ranked low at a rung. " if self.scheduler == "asha" else ". ") +
-                    "Not a failure (MLflow shows such runs as KILLED).")})
-            self.writer.terminate(rid, "FAILED" if diverged else "KILLED" if cut else "FINISHED")
+            self._complete(trial, rid)
         if self.progress:
             self.progress.update(trial, "TERMINATED", None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if trial.trial_id in self.run_ids:
             self.writer.terminate(self.run_ids[trial.trial_id], "FAILED")
+            self.settled.add(trial.trial_id)
         if self.progress:
             self.progress.update(trial, "ERROR", None)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        # trials stopped early by a scheduler end here without on_trial_complete
+        """Every child run gets its status. A trial that ran here and neither completed nor
+        failed was stopped (an interrupt, or the time budget): KILLED, listed in
+        ``unfinished``. A trial an earlier process ended, whose run that dead driver left
+        RUNNING (set KILLED on resume), gets the status it earned."""
+        kids = self.state.children(self.phase) if self.state is not None else {}
+        self.unfinished = []
         for t in trials:
-            rid = self.run_ids.get(t.trial_id)
-            if rid and t.status not in ("TERMINATED", "ERROR"):
-                self.writer.terminate(rid, "KILLED")
+            tid = t.trial_id
+            if tid in self.settled:
+                continue
+            rid = self.run_ids.get(tid)
+            if rid is not None:
+                if t.status not in ("TERMINATED", "ERROR"):
+                    self.unfinished.append(tid)
+                    self.writer.terminate(rid, "KILLED")
+                continue
+            key = kids.get(tid, {}).get("key")
+            if key is None or key not in self.set_right:
+                continue
+            self.writer.delete_tags(key, [INTERRUPTED_TAG])
+            self.set_right.discard(key)
+            if t.status == "TERMINATED":
+                self._complete(t, key)
+            elif t.status == "ERROR":
+                self.writer.terminate(key, "FAILED")
         self.writer.flush()
         if self.progress:
             self.progress.render(final=True)

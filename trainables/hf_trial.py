@@ -35,7 +35,7 @@ def train_trial_hf(config: dict[str, Any], task: Task | None = None, task_key: t
     run_dict, meta = cell_config(config)
     cfg = load_run_config(run_dict)
     checkpoint = tune.get_checkpoint()
-    _, ckpt_every, fail_at = cadence(cfg, meta, restored=checkpoint is not None)
+    _, ckpt_every = cadence(cfg)
     first = True
 
     def on_report(rep: StepReport) -> None:
@@ -48,8 +48,6 @@ def train_trial_hf(config: dict[str, Any], task: Task | None = None, task_key: t
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(rep.checkpoint)))
         else:
             tune.report(metrics)
-        if fail_at and rep.step >= fail_at:
-            raise RuntimeError(f"injected failure at step {rep.step} (meta.fail_at_step)")
 
     mine = shared_task(task, task_key, cfg)
     with tempfile.TemporaryDirectory(prefix="metalearner-hf-trial-") as out:

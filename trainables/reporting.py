@@ -51,17 +51,16 @@ def shared_task(task: Task | None, key: tuple | None, cfg: Any) -> Task | None:
     return mine
 
 
-def cadence(cfg: Any, meta: dict[str, Any], restored: bool) -> tuple[int, int, int]:
-    """(report every, checkpoint every, fail at step) of a trial, for both engines.
+def cadence(cfg: Any) -> tuple[int, int]:
+    """(report every, checkpoint every) of a trial, for both engines.
 
     A checkpoint goes with every report unless ``train.checkpoint_every`` asks for fewer
-    (a multiple of ``report_every``). ``meta.fail_at_step`` is fault injection for the
-    tests of checkpoint recovery: the trial fails once, on its first attempt (0 = never).
+    (a multiple of ``report_every``). (Faults are injected from outside, never by a key
+    the trial reads: the tests kill a trial's worker process.)
     """
     every = cfg.train.report_every
     ck = cfg.train.checkpoint_every
-    fail_at = 0 if restored else int(meta.get("fail_at_step", 0))
-    return every, (ck if ck and ck % every == 0 else every), fail_at
+    return every, (ck if ck and ck % every == 0 else every)
 
 
 def report_metrics(step: int, cfg: Any, records: list[dict[str, float]], last_val: dict[str, float],

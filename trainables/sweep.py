@@ -9,13 +9,28 @@ Layout of a sweep:
    not tuned on;
 3. one grid Tuner over (fixed arms + confirmed tuned arms) x seeds, all at equal steps.
 Every trial is a child MLflow run written by the driver (`MlflowTraceCallback`).
+
+Faults. A sweep's folder (``experiment_dir``) holds its spec, its durable state
+(`SweepState`: phases done with their results, trial -> child run key) and its tracking
+journal (every run key and last step), so ``resume=`` that folder continues a stopped
+sweep through Tune's own ``Tuner.restore``: the same parent run (journal key ``sweep``),
+the same child runs, finished phases not redone, no point written twice or skipped.
+`request_stop` (the CLI's first SIGINT/SIGTERM) ends the running phase as Tune's first
+Ctrl-C does; no later phase starts, and the parent and unfinished children end KILLED with
+``metalearner.interrupted``. A trial whose worker dies restarts from its last checkpoint
+up to ``resources.max_failures`` times. A searched arm without a completed trial has no
+best: it is reported as failed with its first trial error, and nothing is exported or
+confirmed for it.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import random
 import re
+import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -29,9 +44,10 @@ from metalearner.config import flatten, load_run_config, set_dotted
 from metalearner.environment import HF_OFFLINE, TUNE_QUIET, set_defaults
 from metalearner.experiment import Arm, ExperimentSpec
 from metalearner.journal import JOURNAL_DIR
-from metalearner.tracking import KIND_TAG, MlflowWriter, arm_colours, ui_features
-from trainables.reporting import cell_config, task_key
-from trainables.storage import publish, storage_root, sweep_folder
+from metalearner.sweep_state import PARENT_KEY, SPEC_FILE, SweepState
+from metalearner.tracking import INTERRUPTED_TAG, KIND_TAG, MlflowWriter, arm_colours, ui_features
+from trainables.reporting import DIVERGED_KEY, cell_config, task_key
+from trainables.storage import is_uri, publish, storage_root, sweep_folder
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its worker names
 
@@ -44,6 +60,10 @@ class SweepResult:
     best: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm -> best controller
     trials: dict[str, dict[str, Any]] = field(default_factory=dict)  # trial id -> info
     errors: list[str] = field(default_factory=list)  # one line per failed trial
+    failed_arms: dict[str, str] = field(default_factory=dict)  # searched arm without a completed trial -> first error
+    interrupted: bool = False  # stopped by SIGINT/SIGTERM: resume with ``sweep --resume experiment_dir``
+    experiment_dir: Path | None = None
+    resumed: bool = False
     error_log: Path | None = None  # every failed trial's full error and trial folder
     seconds: float = 0.0
     spec_files: dict[str, Path] = field(default_factory=dict)
@@ -153,15 +173,23 @@ class SweepRunner:
     """Runs an `ExperimentSpec`; see the module docstring for the layout."""
 
     def __init__(self, spec: ExperimentSpec, tracking_uri: str, storage: str | None = None,
-                 address: str | None = None, progress: bool | None = False, num_cpus: int | None = None) -> None:
+                 address: str | None = None, progress: bool | None = False, num_cpus: int | None = None,
+                 resume: str | Path | None = None) -> None:
         self.spec = spec
         self.tracking_uri = tracking_uri
-        self.storage = storage_root(storage)  # a URI goes to Ray unchanged (trainables.storage)
         self.address = address
         self.progress = progress
         self.num_cpus = num_cpus
-        self.stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.folder = sweep_folder(self.storage, f"{spec.name}-{self.stamp}")  # the sweep's own files
+        self.resume_dir = Path(resume).resolve() if resume is not None else None
+        if self.resume_dir is None:
+            self.storage = storage_root(storage)  # a URI goes to Ray unchanged (trainables.storage)
+            self.stamp = time.strftime("%Y%m%d-%H%M%S")
+            self.folder = sweep_folder(self.storage, f"{spec.name}-{self.stamp}")  # the sweep's own files
+        else:  # the folders of the sweep being resumed
+            state = SweepState.load(self.resume_dir)
+            self.storage, self.stamp, self.folder = state.storage, state.stamp, self.resume_dir
+        self._stop = threading.Event()
+        self._in_fit = False
 
     # ------------------------------------------------------------ pieces
     def _init_ray(self) -> None:
@@ -222,7 +250,7 @@ class SweepRunner:
                 # its own result bookkeeping working (the CSV/TensorBoard ones are off)
                 name=name, storage_path=self.storage, callbacks=[callback, JsonLoggerCallback()], verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
-                failure_config=tune.FailureConfig(max_failures=1),
+                failure_config=tune.FailureConfig(max_failures=r.max_failures),
             ),
         )
 
@@ -232,6 +260,92 @@ class SweepRunner:
         return None if self.progress is False else table(steps, title, self.progress)
 
     # ------------------------------------------------------------ the sweep
+    @property
+    def experiment_dir(self) -> Path:
+        """The sweep's folder: spec, durable state, tracking journal, best controllers,
+        errors, report (what ``metalearner sweep --resume`` is given)."""
+        return self.folder
+
+    def request_stop(self) -> None:
+        """Stop the sweep as Tune's first Ctrl-C does (the face calls this on SIGINT and
+        SIGTERM): the running Tune loop saves its experiment state and stops the trials,
+        whose last reported checkpoints a resume continues from; no later phase starts."""
+        self._stop.set()
+        if self._in_fit:
+            # while fit() runs, Tune's own stop handler is installed for SIGUSR1
+            handler = signal.getsignal(signal.SIGUSR1)
+            if callable(handler):
+                handler(signal.SIGUSR1, None)
+
+    def _open(self, writer: MlflowWriter) -> tuple[SweepState, set[str]]:
+        """A new sweep: the parent run, the spec file, the state file. A resumed one: its
+        state; the parent is reopened and the child runs its dead driver left RUNNING are
+        set KILLED with ``metalearner.interrupted`` (a trial that goes on reopens its run).
+
+        Returns:
+            (the state, the run keys set right).
+        """
+        spec = self.spec
+        searchers = sorted({a.search.searcher for a in spec.arms if a.search}) or ["grid"]
+        schedulers = sorted({a.search.scheduler.name for a in spec.arms if a.search}) or ["fifo"]
+        if self.resume_dir is not None:
+            state = SweepState.load(self.resume_dir)
+            set_right = {k for k in writer.run_keys() if k != PARENT_KEY and writer.run_status(k) == "RUNNING"}
+            for key in sorted(set_right):
+                writer.set_tags(key, {INTERRUPTED_TAG: "the sweep's driver stopped; the sweep was resumed"})
+                writer.terminate(key, "KILLED")
+            writer.create_run(spec.name, f"{spec.name}-{self.stamp}", key=PARENT_KEY)  # reopens it
+            writer.delete_tags(PARENT_KEY, [INTERRUPTED_TAG])
+            writer.flush()
+            return state, set_right
+        writer.create_run(spec.name, f"{spec.name}-{self.stamp}", key=PARENT_KEY, tags={
+            KIND_TAG: "sweep", "metalearner.searcher": ",".join(searchers),
+            "metalearner.scheduler": ",".join(schedulers), "metalearner.arms": ",".join(a.name for a in spec.arms),
+            "metalearner.seeds": ",".join(map(str, spec.seeds)), "mlflow.note.content": spec.description,
+        })
+        writer.log_params(PARENT_KEY, flatten({k: v for k, v in spec.raw.items() if k not in ("smoke", "arms")}))
+        writer.log_params(PARENT_KEY, {f"arms.{a.name}": yaml.safe_dump(
+            {"controller": a.controller, "search": bool(a.search)}, default_flow_style=True).strip()
+            for a in spec.arms})
+        spec_file = self.folder / SPEC_FILE
+        spec_file.write_text(yaml.safe_dump(spec.raw, sort_keys=False))
+        writer.log_artifact(PARENT_KEY, spec_file)
+        return SweepState.create(self.folder, self.tracking_uri, self.stamp, self.storage), set()
+
+    def _fit(self, state: SweepState, phase: str, name: str, trainable: Any, space: dict[str, Any],
+             cb: Any, **tuner_args: Any) -> tuple[Any, bool]:
+        """Run (or, in a resumed sweep, restore and continue) one phase's Tune experiment.
+
+        Returns:
+            (the result grid, whether the phase was interrupted).
+        """
+        from ray import tune
+        from ray.tune.logger import JsonLoggerCallback
+
+        tune_dir = f"{self.storage.rstrip('/')}/{name}" if is_uri(self.storage) else str(Path(self.storage) / name)
+        state.start_phase(phase, tune_dir)
+        if self.resume_dir is not None and tune.Tuner.can_restore(tune_dir):
+            set_defaults(TUNE_QUIET, HF_OFFLINE)
+            tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=False,
+                                       param_space=space)
+            # Tune restores the run config it pickled, callbacks included, and a pickled
+            # callback has no writer (it stays with the driver): hand it the live ones
+            tuner._local_tuner.get_run_config().callbacks = [cb, JsonLoggerCallback()]
+        else:
+            tuner = self._tuner(trainable, space, name, cb, **tuner_args)
+        self._in_fit = True
+        try:
+            grid = tuner.fit()
+        finally:
+            self._in_fit = False
+        # Tune's own first Ctrl-C (a runner used without the CLI) also ends fit() normally
+        interrupted = bool(cb.unfinished) and (self._stop.is_set() or not self.spec.time_budget_s)
+        return grid, interrupted
+
+    def _mark_interrupted(self, writer: MlflowWriter, cb: Any) -> None:
+        for tid in cb.unfinished:
+            writer.set_tags(cb.run_ids[tid], {INTERRUPTED_TAG: "stopped by SIGINT/SIGTERM; resume the sweep"})
+
     def run(self) -> SweepResult:
         from trainables.callback import MlflowTraceCallback
         from trainables.progress import ProgressTable
@@ -241,32 +355,22 @@ class SweepRunner:
         # PBT's explore step and the random searcher draw from these: a seeded sweep
         random.seed(spec.seed)
         np.random.seed(spec.seed)
-        # every MLflow write is journaled in the experiment folder first (metalearner sync delivers leftovers)
-        writer = MlflowWriter(self.tracking_uri, journal_dir=self.folder / JOURNAL_DIR,
-                              outage_s=spec.tracking.outage_s)
-        searchers = sorted({a.search.searcher for a in spec.arms if a.search}) or ["grid"]
-        schedulers = sorted({a.search.scheduler.name for a in spec.arms if a.search}) or ["fifo"]
-        parent = writer.create_run(spec.name, f"{spec.name}-{self.stamp}", tags={
-            KIND_TAG: "sweep", "metalearner.searcher": ",".join(searchers),
-            "metalearner.scheduler": ",".join(schedulers), "metalearner.arms": ",".join(a.name for a in spec.arms),
-            "metalearner.seeds": ",".join(map(str, spec.seeds)), "mlflow.note.content": spec.description,
-        })
-        result = SweepResult(parent_run_id=parent, tracking_uri=self.tracking_uri, experiment=spec.name)
-        writer.log_params(parent, flatten({k: v for k, v in spec.raw.items() if k not in ("smoke", "arms")}))
-        writer.log_params(parent, {f"arms.{a.name}": yaml.safe_dump(
-            {"controller": a.controller, "search": bool(a.search)}, default_flow_style=True).strip()
-            for a in spec.arms})
-        colours = arm_colours(a.name for a in spec.arms) if ui_features()["run_color"] else None
         out_dir = self.folder
         out_dir.mkdir(parents=True, exist_ok=True)
-        spec_file = out_dir / "experiment.yaml"
-        spec_file.write_text(yaml.safe_dump(spec.raw, sort_keys=False))
-        writer.log_artifact(parent, spec_file)
+        # every MLflow write is journaled in the experiment folder first (metalearner sync
+        # delivers leftovers; a resume continues the journal, its run keys and last steps)
+        writer = MlflowWriter(self.tracking_uri, journal_dir=out_dir / JOURNAL_DIR,
+                              outage_s=spec.tracking.outage_s)
+        parent = PARENT_KEY
+        result = SweepResult(parent_run_id="", tracking_uri=self.tracking_uri, experiment=spec.name,
+                             experiment_dir=out_dir, resumed=self.resume_dir is not None)
+        colours = arm_colours(a.name for a in spec.arms) if ui_features()["run_color"] else None
         error_log = out_dir / "trial_errors.log"
 
         status = "FAILED"
         progress: ProgressTable | None = None
         try:
+            state, set_right = self._open(writer)
             self._init_ray()
             task, task_key = self._shared_task()
             trainable = self._trainable(task, task_key)
@@ -278,58 +382,87 @@ class SweepRunner:
                               for s in spec.seeds]
                     continue
                 s = arm.search
-                base = spec.run_config(arm, s.seed)
-                report_every = load_run_config(base).train.report_every
-                progress = self._progress(ProgressTable, steps, f"{spec.name}: tuning {arm.name}")
-                cb = MlflowTraceCallback(writer, spec.name, parent,
-                                         mutable_keys=list(s.space) if s.population_based else [],
-                                         progress=progress, tags={"metalearner.sweep": spec.name},
-                                         colours=colours, scheduler=s.scheduler.name)
-                space = {**copy.deepcopy(base), "meta": {"arm": arm.name, "phase": "search"}}
-                for key, dom in _nested_space(s.space).items():
-                    space[key] = _merge(space.get(key, {}), dom)
-                tuner = self._tuner(trainable, space, f"{spec.name}-{arm.name}-{self.stamp}", cb,
-                                    search_alg=make_searcher(arm, spec),
-                                    scheduler=make_scheduler(arm, steps, report_every),
-                                    num_samples=s.num_samples, reuse=not s.population_based,
-                                    keep=4 if s.population_based else 2)
-                grid = tuner.fit()
-                if progress is not None:
-                    progress.stop()
-                result.trials.update(cb.trial_info)
-                result.errors += _log_errors(grid, error_log) + cb.diverged
-                try:
-                    best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="last")
-                except RuntimeError:
-                    best = None
-                if best is None or best.config is None:
+                phase = f"search:{arm.name}"
+                done = state.phase(phase)
+                if not done.get("done"):
+                    if self._stop.is_set():
+                        result.interrupted = True
+                        break
+                    base = spec.run_config(arm, s.seed)
+                    report_every = load_run_config(base).train.report_every
+                    progress = self._progress(ProgressTable, steps, f"{spec.name}: tuning {arm.name}")
+                    cb = MlflowTraceCallback(writer, spec.name, parent,
+                                             mutable_keys=list(s.space) if s.population_based else [],
+                                             progress=progress, tags={"metalearner.sweep": spec.name},
+                                             colours=colours, scheduler=s.scheduler.name,
+                                             state=state, phase=phase, set_right=set_right)
+                    space = {**copy.deepcopy(base), "meta": {"arm": arm.name, "phase": "search"}}
+                    for key, dom in _nested_space(s.space).items():
+                        space[key] = _merge(space.get(key, {}), dom)
+                    grid, interrupted = self._fit(
+                        state, phase, f"{spec.name}-{arm.name}-{self.stamp}", trainable, space, cb,
+                        search_alg=make_searcher(arm, spec), scheduler=make_scheduler(arm, steps, report_every),
+                        num_samples=s.num_samples, reuse=not s.population_based,
+                        keep=4 if s.population_based else 2)
+                    if progress is not None:
+                        progress.stop()
+                    result.trials.update(cb.trial_info)
+                    if interrupted:  # no best from a search that did not end: nothing confirmed
+                        self._mark_interrupted(writer, cb)
+                        result.interrupted = True
+                        break
+                    errors, first_error = _log_errors(grid, error_log)
+                    best = best_result(grid, spec.metric, spec.mode)
+                    done = {"errors": errors + cb.diverged,
+                            "best": dict(cell_config(best.config)[0]["controller"]) if best is not None else None,
+                            "failed": None if best is not None else (
+                                first_error or f"no trial reported a finite {spec.metric} "
+                                               "(each diverged or was stopped)")}
+                    state.finish_phase(phase, **done)
+                result.errors += done.get("errors", [])
+                if done.get("best") is None:
+                    result.failed_arms[arm.name] = done["failed"]
                     continue
-                best_cfg, _ = cell_config(best.config)
-                result.best[arm.name] = dict(best_cfg["controller"])
+                result.best[arm.name] = dict(done["best"])
                 best_file = out_dir / f"best_{arm.name}.yaml"
-                best_file.write_text(yaml.safe_dump({"controller": result.best[arm.name]}, sort_keys=False))
+                if not best_file.is_file():
+                    best_file.write_text(yaml.safe_dump({"controller": result.best[arm.name]}, sort_keys=False))
+                    writer.log_artifact(parent, best_file)
                 result.spec_files[arm.name] = best_file
-                writer.log_artifact(parent, best_file)
                 if s.confirm:
-                    cells += [{**spec.run_config(arm, seed, controller=best_cfg["controller"]),
+                    cells += [{**spec.run_config(arm, seed, controller=result.best[arm.name]),
                                "meta": {"arm": arm.name, "phase": "compare"}} for seed in spec.seeds]
-            if cells:
+            if cells and not result.interrupted:
                 from ray import tune
 
-                progress = self._progress(ProgressTable, steps, f"{spec.name}: comparison at equal steps")
-                cb = MlflowTraceCallback(writer, spec.name, parent, progress=progress,
-                                         tags={"metalearner.sweep": spec.name}, colours=colours)
-                tuner = self._tuner(trainable, {"cell": tune.grid_search(cells)},
-                                    f"{spec.name}-compare-{self.stamp}", cb)
-                grid = tuner.fit()
-                if progress is not None:
-                    progress.stop()
-                result.trials.update(cb.trial_info)
-                result.errors += _log_errors(grid, error_log) + cb.diverged
-            if result.errors:
+                done = state.phase("compare")
+                if not done.get("done") and self._stop.is_set():
+                    result.interrupted = True
+                elif not done.get("done"):
+                    progress = self._progress(ProgressTable, steps, f"{spec.name}: comparison at equal steps")
+                    cb = MlflowTraceCallback(writer, spec.name, parent, progress=progress,
+                                             tags={"metalearner.sweep": spec.name}, colours=colours,
+                                             state=state, phase="compare", set_right=set_right)
+                    grid, interrupted = self._fit(state, "compare", f"{spec.name}-compare-{self.stamp}",
+                                                  trainable, {"cell": tune.grid_search(cells)}, cb)
+                    if progress is not None:
+                        progress.stop()
+                    result.trials.update(cb.trial_info)
+                    if interrupted:
+                        self._mark_interrupted(writer, cb)
+                        result.interrupted = True
+                    else:
+                        done = {"errors": _log_errors(grid, error_log)[0] + cb.diverged}
+                        state.finish_phase("compare", **done)
+                result.errors += done.get("errors", [])
+            if result.errors or result.failed_arms:
                 result.error_log = error_log
-            status = "FINISHED" if not result.errors else "FAILED"
-            publish(out_dir, self.storage, out_dir.name)  # a URI storage gets the sweep's files too
+            if result.interrupted:
+                status = "KILLED"
+                writer.set_tags(parent, {INTERRUPTED_TAG: "stopped by SIGINT/SIGTERM; resume the sweep"})
+            else:
+                status = "FINISHED" if not (result.errors or result.failed_arms) else "FAILED"
+                publish(out_dir, self.storage, out_dir.name)  # a URI storage gets the sweep's files too
         except KeyboardInterrupt:
             status = "KILLED"
             raise
@@ -343,20 +476,42 @@ class SweepRunner:
         return result
 
 
-def _log_errors(grid: Any, path: Path) -> list[str]:
+def best_result(grid: Any, metric: str, mode: str) -> Any:
+    """The best of the trials that completed (ended without an error, not diverged) by
+    their last ``metric``; None when none did. A failed trial's partial results never
+    win, and nothing here swallows an error (Ray's ``get_best_result`` ranks failed
+    trials too, and raises when nothing has the metric)."""
+    ok = []
+    for r in grid:
+        metrics = r.metrics or {}
+        if r.error is not None or metrics.get(DIVERGED_KEY):  # a diverged run is a failure too
+            continue
+        value = metrics.get(metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            ok.append((float(value), r))
+    if not ok:
+        return None
+    pick = min if mode == "min" else max
+    return pick(ok, key=lambda t: t[0])[1]
+
+
+def _log_errors(grid: Any, path: Path) -> tuple[list[str], str | None]:
     """Append each failed trial's full error (the trial's remote traceback) and its trial
-    folder to ``path``; returns one line per failure (the error's own type and message)."""
+    folder to ``path``; returns one line per failure (the error's own type and message)
+    and the first failure's full text (None if no trial failed)."""
     lines = []
+    first = None
     with open(path, "a", encoding="utf-8") as fh:
         for r in grid:
             if r.error is None:
                 continue
             text = _ANSI.sub("", "".join(traceback.format_exception(r.error))).rstrip()
+            first = first or f"trial folder {r.path}\n{text}"
             fh.write(f"==== trial folder {r.path}\n{text}\n\n")
             cause = getattr(r.error, "cause", None) or r.error  # a RayTaskError wraps the trial's own
             message = (str(cause).strip().splitlines() or [""])[0]
             lines.append(f"{type(cause).__name__}: {message}" if message else type(cause).__name__)
-    return lines
+    return lines, first
 
 
 def trial_name(trial: Any) -> str:

@@ -45,7 +45,7 @@ def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tupl
         with checkpoint.as_directory() as d:
             run.load(d)
     params = run.params()
-    every, ckpt_every, fail_at = cadence(cfg, meta, restored=checkpoint is not None)
+    every, ckpt_every = cadence(cfg)
     first = True
     while not run.done:
         records = run.advance(every - run.step % every)
@@ -61,5 +61,3 @@ def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tupl
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         else:
             tune.report(metrics)
-        if fail_at and run.step >= fail_at:
-            raise RuntimeError(f"injected failure at step {run.step} (meta.fail_at_step)")
