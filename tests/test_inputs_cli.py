@@ -11,6 +11,7 @@ prove that each case fails because of its own defect, not because of its surroun
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -30,6 +31,8 @@ SPEC = {
              {"name": "ewma", "controller": {"name": "ewma"},
               "search": {"space": {"controller.factor": {"uniform": [1.01, 1.1]}}, "num_samples": 2}}],
 }
+STATE = json.dumps({"version": 1, "tracking_uri": "sqlite:///m.db", "stamp": "s", "storage": "ray",
+                    "phases": {}, "children": {}})  # a sweep's state file (metalearner.sweep_state)
 TRAIN = ["train", "--task", "recall", "--steps", "5", "--set", "model.preset=tiny", "--set", "train.seq_len=64"]
 
 
@@ -137,6 +140,25 @@ CASES = [
      sweep("spec.yaml", "--tracking-uri", "sqlite:///afile/m.db"), "--tracking-uri"),
     ("flag-out-is-a-file", {"spec.yaml": SPEC, "afile": "x"}, sweep("spec.yaml", "--out", "afile"), "--out"),
     ("flag-unknown", {"spec.yaml": SPEC}, sweep("spec.yaml", "--bogus"), "--bogus"),
+    ("spec-max-failures-negative", {"spec.yaml": spec_with(resources={"max_failures": -1})}, sweep(),
+     "resources.max_failures"),
+    ("spec-max-failures-float", {"spec.yaml": spec_with(resources={"max_failures": 1.5})}, sweep(),
+     "resources.max_failures"),
+    # ---- sweep --resume
+    ("resume-no-spec-no-resume", {}, ["sweep"], "experiment"),
+    ("resume-not-a-sweep-folder", {"d/keep": "x"}, ["sweep", "--resume", "d"], "--resume"),
+    ("resume-missing-folder", {}, ["sweep", "--resume", "nowhere"], "--resume"),
+    ("resume-corrupt-state", {"d/sweep_state.json": "{not json", "d/experiment.yaml": SPEC},
+     ["sweep", "--resume", "d"], "--resume"),
+    ("resume-old-state", {"d/sweep_state.json": '{"version": 0}', "d/experiment.yaml": SPEC},
+     ["sweep", "--resume", "d"], "--resume"),
+    ("resume-changed-spec", {"d/sweep_state.json": STATE, "d/experiment.yaml": SPEC,
+                             "spec.yaml": spec_with(train__steps=30)},
+     ["sweep", "spec.yaml", "--resume", "d"], "train.steps: got 30, expected 20"),
+    ("resume-changed-by-set", {"d/sweep_state.json": STATE, "d/experiment.yaml": SPEC},
+     ["sweep", "--resume", "d", "--set", "arms[1].search.num_samples=3"], "arms[1].search.num_samples: got 3"),
+    ("resume-with-storage", {"d/sweep_state.json": STATE, "d/experiment.yaml": SPEC},
+     ["sweep", "--resume", "d", "--storage", "elsewhere"], "--storage"),
     # ---- train: flags, --config, --controller-spec, --set, files
     ("train-steps-zero", {}, ["train", "--steps", "0"], "--steps"),
     ("train-steps-text", {}, ["train", "--steps", "x"], "--steps"),
@@ -230,6 +252,11 @@ def test_baselines_are_valid(workdir):
     write(workdir / "spec.yaml", SPEC)
     spec = sweep_inputs(_args(sweep()))
     assert [a.name for a in spec.arms] == ["static", "ewma"]
+    (workdir / "d").mkdir()  # the resume cases' folder, valid as they write it
+    write(workdir / "d" / "experiment.yaml", SPEC)
+    write(workdir / "d" / "sweep_state.json", STATE)
+    assert sweep_inputs(_args(["sweep", "--resume", "d"])).raw == spec.raw
+    assert sweep_inputs(_args(["sweep", "spec.yaml", "--resume", "d"])).raw == spec.raw
     cfg = train_inputs(_args(TRAIN))
     assert cfg.task.name == "recall" and cfg.train.steps == 5
     write(workdir / "c.yaml", {"task": {"name": "recall"}, "controller": {"factor": 1.1}})
@@ -238,7 +265,7 @@ def test_baselines_are_valid(workdir):
     write(workdir / "s.yaml", {"controller": {"name": "static"}})
     cfg = train_inputs(_args([*TRAIN, "--controller", "static", "--controller-spec", "s.yaml"]))
     assert cfg.controller == {"name": "static"}
-    assert _listing(workdir) == {"spec.yaml", "c.yaml", "s.yaml"}
+    assert _listing(workdir) == {"spec.yaml", "c.yaml", "s.yaml", "d", "d/experiment.yaml", "d/sweep_state.json"}
 
 
 def test_a_checkpoint_of_another_model_is_refused_before_anything_starts(workdir, capsys):

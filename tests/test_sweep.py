@@ -1,7 +1,9 @@
 """Sweeps end to end on a real local Ray (2 CPUs) and a real MLflow store."""
 
 import math
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -9,11 +11,13 @@ import time
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 import yaml
 from conftest import children, history
 
 from metalearner.experiment import load_experiment, parse_experiment
+from trainables.callback import MlflowTraceCallback
 from trainables.sweep import SweepRunner
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +115,25 @@ def test_pbt_perturbation_reaches_the_controller(tmp_path):
     assert changed >= 1  # the exploited trial got a new factor, and it is what moved its knobs
 
 
+class KillWorkerOnce(MlflowTraceCallback):
+    """The sweep's own callback, plus fault injection from outside the trial: at the first
+    report of arm ``arm`` at step ``at`` (past its last checkpoint), SIGKILL the worker
+    process that sent it (the ``pid`` Tune puts in every result; a process this test's
+    Ray started). Tune then restarts the trial from its last checkpoint."""
+
+    def __init__(self, *args, arm: str, at: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.arm, self.at, self.killed = arm, at, []
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        super().on_trial_result(iteration, trials, trial, result, **info)
+        if not self.killed and result.get("arm") == self.arm and result.get("step") == self.at:
+            pid = result["pid"]
+            assert pid in {p.pid for p in psutil.Process().children(recursive=True)}
+            os.kill(pid, signal.SIGKILL)
+            self.killed.append(pid)
+
+
 @pytest.mark.parametrize("engine", ["torch", "hf"])
 def test_restored_trial_continues_with_an_identical_trace(tmp_path, engine):
     base = {"task": {"name": "recall", "n_pairs": 4, "distance": 16}, "model": {"preset": "tiny", "window": 8},
@@ -119,23 +142,25 @@ def test_restored_trial_continues_with_an_identical_trace(tmp_path, engine):
             "controller": {"name": "ewma", "factor": 1.2, "beta": 0.5, "threshold": 0.0}}
     spec = parse_experiment({"name": "restore-test", **base, "seeds": [3]})
     runner = SweepRunner(spec, f"sqlite:///{tmp_path}/mlflow.db", storage=str(tmp_path / "ray"), progress=False)
-    # two cells of the same config; one fails at step 25 (after reporting it), restarts from
-    # its step-20 checkpoint and repeats steps 21..25, which the writer must not store twice
+    # two cells of the same config; the worker of one is killed after it reported step 25:
+    # Tune restarts it from its step-20 checkpoint, and the steps it repeats (21..25 and
+    # whatever it ran before the signal landed) must not be stored twice
     from ray import tune
 
     from metalearner.tracking import MlflowWriter
-    from trainables.callback import MlflowTraceCallback
 
     writer = MlflowWriter(runner.tracking_uri)
     parent = writer.create_run("restore-test", "parent", {"metalearner.kind": "sweep"})
-    cb = MlflowTraceCallback(writer, "restore-test", parent)
+    cb = KillWorkerOnce(writer, "restore-test", parent, arm="crashed", at=25)
     cells = [{**base, "meta": {"arm": "clean", "phase": "compare"}},
-             {**base, "meta": {"arm": "crashed", "phase": "compare", "fail_at_step": 25}}]
+             {**base, "meta": {"arm": "crashed", "phase": "compare"}}]
     task, key = runner._shared_task()
     grid = runner._tuner(runner._trainable(task, key), {"cell": tune.grid_search(cells)}, "restore", cb).fit()
     writer.terminate(parent)
     assert writer.close().complete
-    assert not grid.errors
+    assert not grid.errors and cb.killed
+    restarted = {r.config["cell"]["meta"]["arm"]: r.metrics["iterations_since_restore"] for r in grid}
+    assert restarted["clean"] == 8 and restarted["crashed"] < 8  # restored from a checkpoint, not from step 0
     client, _, runs = children(runner.tracking_uri, writer.run_id(parent))  # create_run returns a run key
     by_arm = {r.data.tags["metalearner.arm"]: r.info.run_id for r in runs}
     for key in [*TRACE_KEYS, "val_loss"]:
