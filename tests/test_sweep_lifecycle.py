@@ -143,6 +143,11 @@ class Journal:
             elif rec["op"] == "m":
                 self.step[rec["run"]] = rec["step"]
 
+    def reported(self, phase: str) -> str | None:
+        """A trial of ``phase`` that has reported."""
+        self.poll()
+        return next((key[len("trial-"):] for key in self.step if self.phase.get(key) == phase), None)
+
     def past_checkpoint(self, phase: str, trial: str | None = None, above: int = 0) -> str | None:
         """A trial of ``phase`` (``trial``: that one) whose last report is past its last
         checkpoint (checkpoints every 10 steps, reports every 5), above step ``above``, and
@@ -155,10 +160,14 @@ class Journal:
         return None
 
 
-def worker_pid(tmp: Path, trial: str) -> int:
-    """The pid of the worker process that sent the trial's last result (Tune's ``pid``)."""
-    (path,) = glob.glob(str(tmp / "ray" / "faulty-*" / f"*-{trial}" / "result.json"))
-    return json.loads(Path(path).read_text().splitlines()[-1])["pid"]
+def worker_pid(tmp: Path, trial: str) -> int | None:
+    """The pid of the worker process that sent the trial's last result (Tune's ``pid``,
+    in the result log that Tune's JSON logger writes just after our callback ran)."""
+    for path in glob.glob(str(tmp / "ray" / "faulty-*" / f"*-{trial}" / "result.json")):
+        lines = Path(path).read_text().splitlines()
+        if lines and lines[-1].endswith("}"):
+            return json.loads(lines[-1])["pid"]
+    return None
 
 
 def uri(tmp: Path) -> str:
@@ -209,7 +218,7 @@ def test_worker_kill_interrupt_and_driver_kill_lose_and_duplicate_nothing(tmp_pa
         t1 = time.monotonic()
         journal = Journal(tmp_path)
         victim = wait_for(lambda: journal.past_checkpoint("search"), first, what="a search report past a checkpoint")
-        pid = worker_pid(tmp_path, victim)
+        pid = wait_for(lambda: worker_pid(tmp_path, victim), first, what="the trial's result log")
         assert pid in first.descendants(), "the trial's worker is a process this sweep started"
         os.kill(pid, signal.SIGKILL)
         runs_of["worker"] = {victim}
@@ -292,6 +301,40 @@ def test_worker_kill_interrupt_and_driver_kill_lose_and_duplicate_nothing(tmp_pa
     matrix("2 SIGINT to the driver, then --resume", f"{rc1} then 0", *total("sigint"),
            scenario2_first_s + scenario2_resume_s)
     matrix("3 SIGKILL of the driver, then --resume", f"killed then {rc3}", *total("driver"), scenario3_s)
+
+
+def test_a_search_whose_trials_all_fail_is_a_failed_arm(tmp_path):
+    # the one search trial fails for real: its worker is killed at its first report, and
+    # resources.max_failures=0 allows no restart. No best, nothing exported or confirmed.
+    spec = yaml.safe_load(yaml.safe_dump(SPEC))
+    spec["arms"] = spec["arms"][1:]
+    spec["arms"][0]["search"]["num_samples"] = 1
+    spec["resources"]["max_failures"] = 0
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    sweep = Sweep(tmp_path, "spec.yaml", "--storage", str(tmp_path / "ray"), "--tracking-uri", uri(tmp_path))
+    try:
+        journal = Journal(tmp_path)
+        victim = wait_for(lambda: journal.reported("search"), sweep, what="a first search report")
+        pid = wait_for(lambda: worker_pid(tmp_path, victim), sweep, what="the trial's result log")
+        assert pid in sweep.descendants()
+        os.kill(pid, signal.SIGKILL)
+        rc = sweep.wait()
+        out = sweep.output()
+    finally:
+        sweep.close()
+    assert rc == 1, out
+    assert "arm 'tuned' failed: no trial completed" in out and "its first trial error:" in out, out
+    assert "best 'tuned' controller" not in out
+    (folder,) = {Path(p).parent for p in glob.glob(str(tmp_path / "ray" / "*" / "sweep_state.json"))}
+    # the first trial error in full (every line of trial_errors.log's first entry), not one line
+    first = (folder / "trial_errors.log").read_text().split("==== ")[1].strip().splitlines()
+    shown = [line.strip() for line in out.split("its first trial error:")[1].splitlines()]
+    assert len(first) > 3 and all(line.strip() in shown for line in first), out
+    assert "ActorDiedError" in "\n".join(first)
+    assert not (folder / "best_tuned.yaml").exists()
+    client, parent, kids = sweep_runs(tmp_path)
+    assert parent.info.status == "FAILED"
+    assert [(k.data.tags["metalearner.phase"], k.info.status) for k in kids] == [("search", "FAILED")]
 
 
 def test_first_signal_stops_gracefully_and_a_second_exits_at_once(tmp_path):

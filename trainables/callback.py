@@ -228,9 +228,10 @@ class MlflowTraceCallback(Callback):
                 continue
             rid = self.run_ids.get(tid)
             if rid is not None:
-                if t.status not in ("TERMINATED", "ERROR"):
-                    self.unfinished.append(tid)
-                    self.writer.terminate(rid, "KILLED")
+                # neither completed nor failed: stopped by Tune's clean-up (which reports it
+                # TERMINATED without on_trial_complete), after an interrupt or the time budget
+                self.unfinished.append(tid)
+                self.writer.terminate(rid, "KILLED")
                 continue
             key = kids.get(tid, {}).get("key")
             if key is None or key not in self.set_right:

@@ -338,9 +338,9 @@ class SweepRunner:
             grid = tuner.fit()
         finally:
             self._in_fit = False
-        # Tune's own first Ctrl-C (a runner used without the CLI) also ends fit() normally
-        interrupted = bool(cb.unfinished) and (self._stop.is_set() or not self.spec.time_budget_s)
-        return grid, interrupted
+        # a stop that came when every trial had ended leaves a finished phase (the next one
+        # does not start); the time budget's unfinished trials are not an interrupt
+        return grid, self._stop.is_set() and bool(cb.unfinished)
 
     def _mark_interrupted(self, writer: MlflowWriter, cb: Any) -> None:
         for tid in cb.unfinished:
