@@ -1,8 +1,9 @@
 """Driver-side Tune callback: the sweep's single MLflow writer (the live display of the
 trials is `trainables.progress.ProgressTable`, which this callback feeds).
 
-Trials never talk to MLflow. Each ``tune.report`` carries the trace chunk of the steps
-since the last report; this callback (on the driver) journals it through one
+Trials never talk to MLflow. Each report's trace chunk (of the steps since the last
+report) waits in the sweep's inbox (`trainables.channel`; Tune's results carry scalars
+only); this callback (on the driver) takes it when it handles the report and journals it through one
 `MlflowWriter`, whose own thread delivers it with batched ``log_batch`` calls, so
 parallel trials cannot lock the SQLite store and Tune's event loop never waits on the
 store (a child run is a local run key ``trial-TRIAL_ID`` until the writer has created it).
@@ -28,8 +29,17 @@ from metalearner.tracking import (
     MlflowWriter,
     run_colour,
 )
+from trainables.channel import drop_payloads, take_payloads
 from trainables.progress import ProgressTable
-from trainables.reporting import DIVERGED_KEY, LATEST_KEYS, NODE_KEY, SETTINGS_KEY, TRACE_KEY, cell_config
+from trainables.reporting import (
+    DIVERGED_KEY,
+    LATEST_KEYS,
+    NODE_KEY,
+    PARAMS_KEY,
+    SETTINGS_KEY,
+    TRACE_KEY,
+    cell_config,
+)
 
 NODE_TAG = "metalearner.node_id"  # the Ray node that ran the trial (the latest, if it moved)
 
@@ -49,12 +59,14 @@ class MlflowTraceCallback(Callback):
         colours: arm -> ``#rrggbb`` for the UI (tag ``mlflow.runColor``; search-phase
             trials are grey); None: no colour tag.
         scheduler: the scheduler's name, for the description of a trial it stops early.
+        inbox: the name of the sweep's inbox (`trainables.channel`) the trials put their
+            trace chunks in; None: the chunks ride in the results.
     """
 
     def __init__(self, writer: MlflowWriter, experiment: str, parent_run_id: str,
                  mutable_keys: list[str] | None = None, progress: ProgressTable | None = None,
                  tags: dict[str, str] | None = None, colours: dict[str, str] | None = None,
-                 scheduler: str = "") -> None:
+                 scheduler: str = "", inbox: str | None = None) -> None:
         self.writer = writer
         self.experiment = experiment
         self.parent_run_id = parent_run_id
@@ -63,6 +75,7 @@ class MlflowTraceCallback(Callback):
         self.tags = dict(tags or {})
         self.colours = colours
         self.scheduler = scheduler
+        self.inbox = inbox
         self.run_ids: dict[str, str] = {}
         self.trial_info: dict[str, dict[str, Any]] = {}
         self._params_logged: set[str] = set()
@@ -98,19 +111,13 @@ class MlflowTraceCallback(Callback):
                                     "run_key": self.run_ids[tid]}
         return self.run_ids[tid]
 
-    # ------------------------------------------------------------ Tune hooks
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._child(trial)
-        if self.progress:
-            self.progress.update(trial, "RUNNING", None)
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        run_id = self._child(trial)
-        tid = trial.trial_id
-        if "params" in result and tid not in self._params_logged:
-            self.writer.log_params(run_id, result["params"])
+    def _journal_chunk(self, run_id: str, tid: str, payload: dict[str, Any]) -> None:
+        """Journal one report's payload: params (once), the trace rows (the writer drops
+        steps it holds) and, with a population-based scheduler, changed settings."""
+        if PARAMS_KEY in payload and tid not in self._params_logged:
+            self.writer.log_params(run_id, payload[PARAMS_KEY])
             self._params_logged.add(tid)
-        trace = result.get(TRACE_KEY) or {}
+        trace = payload.get(TRACE_KEY) or {}
         steps = trace.get("step", [])
         keys = [k for k in trace if k != "step"]
         first_new = None
@@ -121,11 +128,23 @@ class MlflowTraceCallback(Callback):
         if self.mutable_keys and first_new is not None:
             # the settings the trial's process ran this chunk with (not trial.config, which
             # PBT may already have changed for the next restart); logged where they change
-            ran = result.get(SETTINGS_KEY) or {}
+            ran = payload.get(SETTINGS_KEY) or {}
             current = {k: float(ran[k]) for k in self.mutable_keys if k in ran}
             if current != self._mutable_seen.get(tid):
                 self.writer.log_extra_metrics(run_id, current, first_new)
                 self._mutable_seen[tid] = current
+
+    # ------------------------------------------------------------ Tune hooks
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._child(trial)
+        if self.progress:
+            self.progress.update(trial, "RUNNING", None)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        run_id = self._child(trial)
+        tid = trial.trial_id
+        for payload in take_payloads(self.inbox, tid, result):  # this report's chunk, and any orphan before it
+            self._journal_chunk(run_id, tid, payload)
         if result.get(DIVERGED_KEY) and not self.trial_info[tid].get("diverged"):
             where = f"at step {result.get('step')} of {result.get('total_steps')}"
             self.writer.set_tags(run_id, {DIVERGED_TAG: where})
@@ -143,6 +162,7 @@ class MlflowTraceCallback(Callback):
             self.progress.update(trial, "RUNNING", result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        drop_payloads(self.inbox, trial.trial_id)
         rid = self.run_ids.get(trial.trial_id)
         if rid:
             # a trial a scheduler stopped early (ASHA) also "completes": mark it KILLED
@@ -161,6 +181,7 @@ class MlflowTraceCallback(Callback):
             self.progress.update(trial, "TERMINATED", None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        drop_payloads(self.inbox, trial.trial_id)
         if trial.trial_id in self.run_ids:
             self.writer.terminate(self.run_ids[trial.trial_id], "FAILED")
         if self.progress:

@@ -1,0 +1,143 @@
+"""The trace channel: how a trial's non-scalar report payload reaches the driver's writer
+without passing through Tune's results.
+
+A trial's report has two parts (`trainables.reporting.report_metrics` builds both): scalars
+(step, loss, knobs, val metrics, ...) and the payload (``trace``: the chunk of steps since
+the last report, ``settings``: the controller settings it ran with, ``params``: in the
+first report). Tune copies every result into ``trial.last_result``, its JSON logger, the
+experiment state and its schedulers, so `send_report` hands only the scalars to
+``tune.report``; the payload goes first to the sweep's *inbox*, a small Ray actor
+(``num_cpus=0``, pinned to the driver's node, one per sweep, named after the experiment
+folder) that the driver's `MlflowTraceCallback` empties when it processes the report.
+
+Order: the trial waits for its ``put`` before it calls ``tune.report``, so when the driver
+handles a report, that report's chunk (and every earlier one) is already in the inbox;
+`take` returns the trial's chunks up to the report's step, in the order they were put.
+A worker killed between ``put`` and ``tune.report`` leaves a chunk with no report; the
+restarted trial replays its steps from its checkpoint, the orphan is taken with the first
+replayed report at or past its step, and the writer drops the steps it already holds
+(one point per step).
+
+The inbox's name reaches trials through ``tune.with_parameters`` (which ``Tuner.restore``
+re-supplies) and the callback pickles it with itself, so a resumed sweep that opens the
+inbox again under `inbox_name` of the same experiment folder is found by both.
+
+Imports ray; imports neither engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from trainables.reporting import PAYLOAD_KEYS
+
+_handles: dict[str, Any] = {}  # inbox name -> actor handle, per process
+
+
+class Inbox:
+    """Payloads put by trials and not yet taken by the driver, per trial id."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+
+    def put(self, trial_id: str, step: int, payload: dict[str, Any]) -> None:
+        self._pending.setdefault(trial_id, []).append((int(step), payload))
+
+    def take(self, trial_id: str, upto: int) -> list[dict[str, Any]]:
+        """The trial's payloads put for steps <= ``upto``, oldest first (removed)."""
+        mine = self._pending.get(trial_id, [])
+        out = [p for s, p in mine if s <= upto]
+        rest = [(s, p) for s, p in mine if s > upto]
+        if rest:
+            self._pending[trial_id] = rest
+        else:
+            self._pending.pop(trial_id, None)
+        return out
+
+    def drop(self, trial_id: str) -> int:
+        """Forget the trial's payloads (it ended); returns how many there were."""
+        return len(self._pending.pop(trial_id, []))
+
+    def pending(self) -> dict[str, int]:
+        """Trial id -> payloads waiting (for tests and diagnostics)."""
+        return {t: len(p) for t, p in self._pending.items()}
+
+
+def inbox_name(folder_name: str) -> str:
+    """The inbox name of the sweep whose experiment folder is ``folder_name`` (stable, so
+    a resumed sweep opens the inbox its pickled callbacks name)."""
+    return f"metalearner-inbox-{folder_name}"
+
+
+def open_inbox(name: str) -> str:
+    """Start the inbox actor ``name`` on this (the driver's) node, or reuse a live one;
+    returns ``name``. Call after ``ray.init``."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(num_cpus=0)(Inbox).options(
+        name=name, get_if_exists=True, max_restarts=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+    ).remote()
+    ray.get(actor.pending.remote())  # started and reachable before any trial looks for it
+    _handles[name] = actor
+    return name
+
+
+def close_inbox(name: str) -> None:
+    """End the inbox actor ``name`` (what it still holds is dropped)."""
+    actor = _handles.pop(name, None)
+    if actor is None:
+        try:
+            actor = ray.get_actor(name)
+        except ValueError:
+            return
+    ray.kill(actor)
+
+
+def _inbox(name: str) -> Any:
+    if name not in _handles:
+        _handles[name] = ray.get_actor(name)
+    return _handles[name]
+
+
+def split_report(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(scalars for ``tune.report``, payload for the inbox) of a `report_metrics` dict."""
+    scalars = {k: v for k, v in metrics.items() if k not in PAYLOAD_KEYS}
+    payload = {k: metrics[k] for k in PAYLOAD_KEYS if k in metrics}
+    return scalars, payload
+
+
+def send_report(inbox: str | None, metrics: dict[str, Any], checkpoint: Any = None) -> None:
+    """Report from inside a trial: the payload to the inbox (waited for), then the scalars
+    (and ``checkpoint``) to Tune.
+
+    Args:
+        inbox: the sweep's inbox name; None sends everything through ``tune.report``
+            (a trainable run without a sweep runner's inbox).
+        metrics: a `trainables.reporting.report_metrics` dict (``step`` included).
+        checkpoint: a ``tune.Checkpoint`` or None.
+    """
+    from ray import tune
+
+    if inbox is not None:
+        metrics, payload = split_report(metrics)
+        trial_id = tune.get_context().get_trial_id()
+        ray.get(_inbox(inbox).put.remote(trial_id, int(metrics["step"]), payload))
+    tune.report(metrics, checkpoint=checkpoint)
+
+
+def take_payloads(inbox: str | None, trial_id: str, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """On the driver: the payloads of ``result`` and of any earlier report of the trial
+    still waiting, oldest first. Without an inbox the result carries its own payload."""
+    if inbox is None:
+        return [{k: result[k] for k in PAYLOAD_KEYS if k in result}]
+    return ray.get(_inbox(inbox).take.remote(trial_id, int(result.get("step") or 0)))
+
+
+def drop_payloads(inbox: str | None, trial_id: str) -> None:
+    """On the driver: forget what an ended trial left in the inbox."""
+    if inbox is not None:
+        _inbox(inbox).drop.remote(trial_id)
