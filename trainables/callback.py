@@ -3,7 +3,8 @@ trials is `trainables.progress.ProgressTable`, which this callback feeds).
 
 Trials never talk to MLflow. Each report's trace chunk (of the steps since the last
 report) waits in the sweep's inbox (`trainables.channel`; Tune's results carry scalars
-only); this callback (on the driver) takes it when it handles the report and journals it through one
+only; a report names its inbox); this callback (on the driver) takes it when it handles
+the report and journals it through one
 `MlflowWriter`, whose own thread delivers it with batched ``log_batch`` calls, so
 parallel trials cannot lock the SQLite store and Tune's event loop never waits on the
 store (a child run is a local run key ``trial-TRIAL_ID`` until the writer has created it).
@@ -59,14 +60,12 @@ class MlflowTraceCallback(Callback):
         colours: arm -> ``#rrggbb`` for the UI (tag ``mlflow.runColor``; search-phase
             trials are grey); None: no colour tag.
         scheduler: the scheduler's name, for the description of a trial it stops early.
-        inbox: the name of the sweep's inbox (`trainables.channel`) the trials put their
-            trace chunks in; None: the chunks ride in the results.
     """
 
     def __init__(self, writer: MlflowWriter, experiment: str, parent_run_id: str,
                  mutable_keys: list[str] | None = None, progress: ProgressTable | None = None,
                  tags: dict[str, str] | None = None, colours: dict[str, str] | None = None,
-                 scheduler: str = "", inbox: str | None = None) -> None:
+                 scheduler: str = "") -> None:
         self.writer = writer
         self.experiment = experiment
         self.parent_run_id = parent_run_id
@@ -75,7 +74,6 @@ class MlflowTraceCallback(Callback):
         self.tags = dict(tags or {})
         self.colours = colours
         self.scheduler = scheduler
-        self.inbox = inbox
         self.run_ids: dict[str, str] = {}
         self.trial_info: dict[str, dict[str, Any]] = {}
         self._params_logged: set[str] = set()
@@ -143,7 +141,7 @@ class MlflowTraceCallback(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         run_id = self._child(trial)
         tid = trial.trial_id
-        for payload in take_payloads(self.inbox, tid, result):  # this report's chunk, and any orphan before it
+        for payload in take_payloads(tid, result):  # this report's chunk, and any orphan before it
             self._journal_chunk(run_id, tid, payload)
         if result.get(DIVERGED_KEY) and not self.trial_info[tid].get("diverged"):
             where = f"at step {result.get('step')} of {result.get('total_steps')}"
@@ -162,7 +160,7 @@ class MlflowTraceCallback(Callback):
             self.progress.update(trial, "RUNNING", result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        drop_payloads(self.inbox, trial.trial_id)
+        drop_payloads(trial)
         rid = self.run_ids.get(trial.trial_id)
         if rid:
             # a trial a scheduler stopped early (ASHA) also "completes": mark it KILLED
@@ -181,7 +179,7 @@ class MlflowTraceCallback(Callback):
             self.progress.update(trial, "TERMINATED", None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        drop_payloads(self.inbox, trial.trial_id)
+        drop_payloads(trial)
         if trial.trial_id in self.run_ids:
             self.writer.terminate(self.run_ids[trial.trial_id], "FAILED")
         if self.progress:

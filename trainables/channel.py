@@ -7,8 +7,9 @@ the last report, ``settings``: the controller settings it ran with, ``params``: 
 first report). Tune copies every result into ``trial.last_result``, its JSON logger, the
 experiment state and its schedulers, so `send_report` hands only the scalars to
 ``tune.report``; the payload goes first to the sweep's *inbox*, a small Ray actor
-(``num_cpus=0``, pinned to the driver's node, one per sweep, named after the experiment
-folder) that the driver's `MlflowTraceCallback` empties when it processes the report.
+(``num_cpus=0``, pinned to the driver's node, one per sweep) that the driver's
+`MlflowTraceCallback` empties when it processes the report. The report names its inbox
+(``inbox``: a short string among the scalars), so the callback needs no configuration.
 
 Order: the trial waits for its ``put`` before it calls ``tune.report``, so when the driver
 handles a report, that report's chunk (and every earlier one) is already in the inbox;
@@ -18,9 +19,11 @@ restarted trial replays its steps from its checkpoint, the orphan is taken with 
 replayed report at or past its step, and the writer drops the steps it already holds
 (one point per step).
 
-The inbox's name reaches trials through ``tune.with_parameters`` (which ``Tuner.restore``
-re-supplies) and the callback pickles it with itself, so a resumed sweep that opens the
-inbox again under `inbox_name` of the same experiment folder is found by both.
+The inbox's name reaches trials through ``tune.with_parameters``, which ``Tuner.restore``
+re-supplies: a resumed sweep's driver opens a new inbox and passes its name with the
+trainable; its callbacks (unpickled with the experiment) read the name from each report.
+What the old inbox held died with the old driver, and so did the reports it was waiting
+for: the restarted trials replay those steps from their checkpoints.
 
 Imports ray; imports neither engine.
 """
@@ -31,7 +34,7 @@ from typing import Any
 
 import ray
 
-from trainables.reporting import PAYLOAD_KEYS
+from trainables.reporting import INBOX_KEY, PAYLOAD_KEYS
 
 _handles: dict[str, Any] = {}  # inbox name -> actor handle, per process
 
@@ -66,8 +69,8 @@ class Inbox:
 
 
 def inbox_name(folder_name: str) -> str:
-    """The inbox name of the sweep whose experiment folder is ``folder_name`` (stable, so
-    a resumed sweep opens the inbox its pickled callbacks name)."""
+    """The inbox name of the sweep whose experiment folder is ``folder_name`` (unique on a
+    cluster: the folder name holds the sweep's name and start time)."""
     return f"metalearner-inbox-{folder_name}"
 
 
@@ -111,8 +114,8 @@ def split_report(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
 
 
 def send_report(inbox: str | None, metrics: dict[str, Any], checkpoint: Any = None) -> None:
-    """Report from inside a trial: the payload to the inbox (waited for), then the scalars
-    (and ``checkpoint``) to Tune.
+    """Report from inside a trial: the payload to the inbox (waited for), then the scalars,
+    the inbox's name among them, and ``checkpoint`` to Tune.
 
     Args:
         inbox: the sweep's inbox name; None sends everything through ``tune.report``
@@ -126,18 +129,21 @@ def send_report(inbox: str | None, metrics: dict[str, Any], checkpoint: Any = No
         metrics, payload = split_report(metrics)
         trial_id = tune.get_context().get_trial_id()
         ray.get(_inbox(inbox).put.remote(trial_id, int(metrics["step"]), payload))
+        metrics[INBOX_KEY] = inbox
     tune.report(metrics, checkpoint=checkpoint)
 
 
-def take_payloads(inbox: str | None, trial_id: str, result: dict[str, Any]) -> list[dict[str, Any]]:
+def take_payloads(trial_id: str, result: dict[str, Any]) -> list[dict[str, Any]]:
     """On the driver: the payloads of ``result`` and of any earlier report of the trial
-    still waiting, oldest first. Without an inbox the result carries its own payload."""
+    still waiting, oldest first. A result that names no inbox carries its own payload."""
+    inbox = result.get(INBOX_KEY)
     if inbox is None:
         return [{k: result[k] for k in PAYLOAD_KEYS if k in result}]
     return ray.get(_inbox(inbox).take.remote(trial_id, int(result.get("step") or 0)))
 
 
-def drop_payloads(inbox: str | None, trial_id: str) -> None:
-    """On the driver: forget what an ended trial left in the inbox."""
+def drop_payloads(trial: Any) -> None:
+    """On the driver: forget what an ended Tune trial left in its inbox."""
+    inbox = (trial.last_result or {}).get(INBOX_KEY)
     if inbox is not None:
-        _inbox(inbox).drop.remote(trial_id)
+        _inbox(inbox).drop.remote(trial.trial_id)

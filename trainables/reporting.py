@@ -20,6 +20,7 @@ TRACE_KEY = "trace"  # the trace chunk in a report
 SETTINGS_KEY = "settings"  # the controller settings a chunk ran with
 PARAMS_KEY = "params"  # the flattened params, in a trial's first report
 PAYLOAD_KEYS = (TRACE_KEY, SETTINGS_KEY, PARAMS_KEY)  # the non-scalar part: never a Tune result
+INBOX_KEY = "inbox"  # the name of the inbox holding a report's payload (`trainables.channel`)
 DIVERGED_KEY = "diverged"  # True in the last report of a run ended by train.max_nonfinite
 NODE_KEY = "node_id"  # the Ray node a report came from (the driver tags the child run metalearner.node_id)
 LATEST_KEYS = ("step", "loss", "rope_base", "window", "val_loss")  # what the driver shows per trial

@@ -162,7 +162,7 @@ class SweepRunner:
         self.num_cpus = num_cpus
         self.stamp = time.strftime("%Y%m%d-%H%M%S")
         self.folder = sweep_folder(self.storage, f"{spec.name}-{self.stamp}")  # the sweep's own files
-        self.inbox: str | None = None  # the trace inbox's name, once Ray is up (`_open_inbox`)
+        self.inbox: str | None = None  # the trace inbox's name, once a trainable is made (`_open_inbox`)
 
     # ------------------------------------------------------------ pieces
     def _init_ray(self) -> None:
@@ -179,8 +179,8 @@ class SweepRunner:
                      logging_level="WARNING", log_to_driver=False, configure_logging=True)
 
     def _open_inbox(self) -> str:
-        """Start the sweep's trace inbox (`trainables.channel`) on the driver's node; trials
-        and callbacks find it by name (stable per experiment folder: a resume reopens it)."""
+        """Start the sweep's trace inbox (`trainables.channel`) on the driver's node (Ray
+        is up); the trainable gets its name, and each report names it to the callback."""
         from trainables.channel import inbox_name, open_inbox
 
         self.inbox = open_inbox(inbox_name(self.folder.name))
@@ -207,7 +207,7 @@ class SweepRunner:
 
         r = self.spec.resources
         fn = tune.with_parameters(train_trial, task=task, task_key=key, threads=max(1, int(r.cpus_per_trial)),
-                                  inbox=self.inbox)
+                                  inbox=self.inbox or self._open_inbox())
         return tune.with_resources(fn, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
 
     def _tuner(self, trainable: Any, param_space: dict[str, Any], name: str, callback: Any,
@@ -278,7 +278,6 @@ class SweepRunner:
         progress: ProgressTable | None = None
         try:
             self._init_ray()
-            self._open_inbox()
             task, task_key = self._shared_task()
             trainable = self._trainable(task, task_key)
             steps = load_run_config(spec.run_config(spec.arms[0], spec.seeds[0])).train.steps
@@ -295,7 +294,7 @@ class SweepRunner:
                 cb = MlflowTraceCallback(writer, spec.name, parent,
                                          mutable_keys=list(s.space) if s.population_based else [],
                                          progress=progress, tags={"metalearner.sweep": spec.name},
-                                         colours=colours, scheduler=s.scheduler.name, inbox=self.inbox)
+                                         colours=colours, scheduler=s.scheduler.name)
                 space = {**copy.deepcopy(base), "meta": {"arm": arm.name, "phase": "search"}}
                 for key, dom in _nested_space(s.space).items():
                     space[key] = _merge(space.get(key, {}), dom)
@@ -329,8 +328,7 @@ class SweepRunner:
 
                 progress = self._progress(ProgressTable, steps, f"{spec.name}: comparison at equal steps")
                 cb = MlflowTraceCallback(writer, spec.name, parent, progress=progress,
-                                         tags={"metalearner.sweep": spec.name}, colours=colours,
-                                         inbox=self.inbox)
+                                         tags={"metalearner.sweep": spec.name}, colours=colours)
                 tuner = self._tuner(trainable, {"cell": tune.grid_search(cells)},
                                     f"{spec.name}-compare-{self.stamp}", cb)
                 grid = tuner.fit()
