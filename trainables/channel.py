@@ -90,14 +90,15 @@ def open_inbox(name: str) -> str:
 
 
 def close_inbox(name: str) -> None:
-    """End the inbox actor ``name`` (what it still holds is dropped)."""
+    """End the inbox actor ``name`` (what it still holds is dropped); nothing to do when
+    Ray is already down (the actor went with it)."""
     actor = _handles.pop(name, None)
-    if actor is None:
-        try:
-            actor = ray.get_actor(name)
-        except ValueError:
-            return
-    ray.kill(actor)
+    if not ray.is_initialized():
+        return
+    try:
+        ray.kill(actor if actor is not None else ray.get_actor(name))
+    except ValueError:  # no such actor (any more)
+        pass
 
 
 def _inbox(name: str) -> Any:
