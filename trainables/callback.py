@@ -109,29 +109,6 @@ class MlflowTraceCallback(Callback):
                                     "run_key": self.run_ids[tid]}
         return self.run_ids[tid]
 
-    def _journal_chunk(self, run_id: str, tid: str, payload: dict[str, Any]) -> None:
-        """Journal one report's payload: params (once), the trace rows (the writer drops
-        steps it holds) and, with a population-based scheduler, changed settings."""
-        if PARAMS_KEY in payload and tid not in self._params_logged:
-            self.writer.log_params(run_id, payload[PARAMS_KEY])
-            self._params_logged.add(tid)
-        trace = payload.get(TRACE_KEY) or {}
-        steps = trace.get("step", [])
-        keys = [k for k in trace if k != "step"]
-        first_new = None
-        for i, step in enumerate(steps):
-            row = {k: trace[k][i] for k in keys if trace[k][i] is not None}
-            if self.writer.log_metrics(run_id, row, int(step)) and first_new is None:
-                first_new = int(step)
-        if self.mutable_keys and first_new is not None:
-            # the settings the trial's process ran this chunk with (not trial.config, which
-            # PBT may already have changed for the next restart); logged where they change
-            ran = payload.get(SETTINGS_KEY) or {}
-            current = {k: float(ran[k]) for k in self.mutable_keys if k in ran}
-            if current != self._mutable_seen.get(tid):
-                self.writer.log_extra_metrics(run_id, current, first_new)
-                self._mutable_seen[tid] = current
-
     # ------------------------------------------------------------ Tune hooks
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._child(trial)
@@ -194,3 +171,27 @@ class MlflowTraceCallback(Callback):
         self.writer.flush()
         if self.progress:
             self.progress.render(final=True)
+
+    # ------------------------------------------------------------ chunk intake
+    def _journal_chunk(self, run_id: str, tid: str, payload: dict[str, Any]) -> None:
+        """Journal one report's payload: params (once), the trace rows (the writer drops
+        steps it holds) and, with a population-based scheduler, changed settings."""
+        if PARAMS_KEY in payload and tid not in self._params_logged:
+            self.writer.log_params(run_id, payload[PARAMS_KEY])
+            self._params_logged.add(tid)
+        trace = payload.get(TRACE_KEY) or {}
+        steps = trace.get("step", [])
+        keys = [k for k in trace if k != "step"]
+        first_new = None
+        for i, step in enumerate(steps):
+            row = {k: trace[k][i] for k in keys if trace[k][i] is not None}
+            if self.writer.log_metrics(run_id, row, int(step)) and first_new is None:
+                first_new = int(step)
+        if self.mutable_keys and first_new is not None:
+            # the settings the trial's process ran this chunk with (not trial.config, which
+            # PBT may already have changed for the next restart); logged where they change
+            ran = payload.get(SETTINGS_KEY) or {}
+            current = {k: float(ran[k]) for k in self.mutable_keys if k in ran}
+            if current != self._mutable_seen.get(tid):
+                self.writer.log_extra_metrics(run_id, current, first_new)
+                self._mutable_seen[tid] = current
