@@ -16,8 +16,9 @@ handles a report, that report's chunk (and every earlier one) is already in the 
 `take` returns the trial's chunks up to the report's step, in the order they were put.
 A worker killed between ``put`` and ``tune.report`` leaves a chunk with no report; the
 restarted trial replays its steps from its checkpoint, the orphan is taken with the first
-replayed report at or past its step, and the writer drops the steps it already holds
-(one point per step).
+replayed report at or past its step (ahead of that report's own chunk), and the writer
+drops the steps it already holds: one point per step, the orphan's (a replay from a
+checkpoint repeats the same values).
 
 The inbox's name reaches trials through ``tune.with_parameters``, which ``Tuner.restore``
 re-supplies: a resumed sweep's driver opens a new inbox and passes its name with the
