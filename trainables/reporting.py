@@ -12,9 +12,10 @@ cadence both trainables share; it imports neither engine, neither trainable, nor
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from metalearner.tasks import Task
+if TYPE_CHECKING:  # torch stays out of the processes that only move reports (the inbox actor)
+    from metalearner.tasks import Task
 
 TRACE_KEY = "trace"  # the trace chunk in a report
 SETTINGS_KEY = "settings"  # the controller settings a chunk ran with
