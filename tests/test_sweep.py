@@ -15,6 +15,7 @@ import psutil
 import pytest
 import yaml
 from conftest import children, history
+from test_payload import payload_leaks
 
 from metalearner.experiment import load_experiment, parse_experiment
 from trainables.callback import MlflowTraceCallback
@@ -72,6 +73,7 @@ def test_quickstart_smoke_sweep_end_to_end(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False).run()
     assert not result.errors
+    assert payload_leaks(tmp_path / "ray") == []  # Tune's results carry scalars only
     # 3 fixed arms x 1 seed + 2 search trials + the best re-trained on 1 seed
     client, runs = audit(uri, result.parent_run_id, 6)
     phases = sorted((r.data.tags["metalearner.arm"], r.data.tags["metalearner.phase"]) for r in runs)
@@ -99,6 +101,7 @@ def test_pbt_perturbation_reaches_the_controller(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False).run()
     assert not result.errors
+    assert payload_leaks(tmp_path / "ray") == []  # PBT's settings travel in the inbox too
     client, runs = audit(uri, result.parent_run_id, 2)
     changed = 0
     for r in runs:
@@ -168,6 +171,7 @@ def test_restored_trial_continues_with_an_identical_trace(tmp_path, engine):
         crashed = history(client, by_arm["crashed"], key)
         assert [s for s, _ in crashed] == [s for s, _ in clean]
         assert crashed == clean, key
+    assert payload_leaks(tmp_path / "ray") == []  # both engines report scalars only
 
 
 def _free_port():

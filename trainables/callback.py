@@ -1,8 +1,10 @@
 """Driver-side Tune callback: the sweep's single MLflow writer (the live display of the
 trials is `trainables.progress.ProgressTable`, which this callback feeds).
 
-Trials never talk to MLflow. Each ``tune.report`` carries the trace chunk of the steps
-since the last report; this callback (on the driver) journals it through one
+Trials never talk to MLflow. Each report's trace chunk (of the steps since the last
+report) waits in the sweep's inbox (`trainables.channel`; Tune's results carry scalars
+only; a report names its inbox); this callback (on the driver) takes it when it handles
+the report and journals it through one
 `MlflowWriter`, whose own thread delivers it with batched ``log_batch`` calls, so
 parallel trials cannot lock the SQLite store and Tune's event loop never waits on the
 store (a child run is a local run key ``trial-TRIAL_ID`` until the writer has created it).
@@ -36,8 +38,17 @@ from metalearner.tracking import (
     MlflowWriter,
     run_colour,
 )
+from trainables.channel import drop_payloads, take_payloads
 from trainables.progress import ProgressTable
-from trainables.reporting import DIVERGED_KEY, LATEST_KEYS, NODE_KEY, SETTINGS_KEY, TRACE_KEY, cell_config
+from trainables.reporting import (
+    DIVERGED_KEY,
+    LATEST_KEYS,
+    NODE_KEY,
+    PARAMS_KEY,
+    SETTINGS_KEY,
+    TRACE_KEY,
+    cell_config,
+)
 
 NODE_TAG = "metalearner.node_id"  # the Ray node that ran the trial (the latest, if it moved)
 
@@ -151,25 +162,8 @@ class MlflowTraceCallback(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         run_id = self._child(trial)
         tid = trial.trial_id
-        if "params" in result and tid not in self._params_logged:
-            self.writer.log_params(run_id, result["params"])
-            self._params_logged.add(tid)
-        trace = result.get(TRACE_KEY) or {}
-        steps = trace.get("step", [])
-        keys = [k for k in trace if k != "step"]
-        first_new = None
-        for i, step in enumerate(steps):
-            row = {k: trace[k][i] for k in keys if trace[k][i] is not None}
-            if self.writer.log_metrics(run_id, row, int(step)) and first_new is None:
-                first_new = int(step)
-        if self.mutable_keys and first_new is not None:
-            # the settings the trial's process ran this chunk with (not trial.config, which
-            # PBT may already have changed for the next restart); logged where they change
-            ran = result.get(SETTINGS_KEY) or {}
-            current = {k: float(ran[k]) for k in self.mutable_keys if k in ran}
-            if current != self._mutable_seen.get(tid):
-                self.writer.log_extra_metrics(run_id, current, first_new)
-                self._mutable_seen[tid] = current
+        for payload in take_payloads(tid, result):  # this report's chunk, and any orphan before it
+            self._journal_chunk(run_id, tid, payload)
         if result.get(DIVERGED_KEY) and not self.trial_info[tid].get("diverged"):
             where = f"at step {result.get('step')} of {result.get('total_steps')}"
             self.writer.set_tags(run_id, {DIVERGED_TAG: where})
@@ -202,6 +196,7 @@ class MlflowTraceCallback(Callback):
         self.settled.add(trial.trial_id)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        drop_payloads(trial)
         rid = self.run_ids.get(trial.trial_id)
         if rid:
             self._complete(trial, rid)
@@ -209,6 +204,7 @@ class MlflowTraceCallback(Callback):
             self.progress.update(trial, "TERMINATED", None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        drop_payloads(trial)
         if trial.trial_id in self.run_ids:
             self.writer.terminate(self.run_ids[trial.trial_id], "FAILED")
             self.settled.add(trial.trial_id)
@@ -245,3 +241,27 @@ class MlflowTraceCallback(Callback):
         self.writer.flush()
         if self.progress:
             self.progress.render(final=True)
+
+    # ------------------------------------------------------------ chunk intake
+    def _journal_chunk(self, run_id: str, tid: str, payload: dict[str, Any]) -> None:
+        """Journal one report's payload: params (once), the trace rows (the writer drops
+        steps it holds) and, with a population-based scheduler, changed settings."""
+        if PARAMS_KEY in payload and tid not in self._params_logged:
+            self.writer.log_params(run_id, payload[PARAMS_KEY])
+            self._params_logged.add(tid)
+        trace = payload.get(TRACE_KEY) or {}
+        steps = trace.get("step", [])
+        keys = [k for k in trace if k != "step"]
+        first_new = None
+        for i, step in enumerate(steps):
+            row = {k: trace[k][i] for k in keys if trace[k][i] is not None}
+            if self.writer.log_metrics(run_id, row, int(step)) and first_new is None:
+                first_new = int(step)
+        if self.mutable_keys and first_new is not None:
+            # the settings the trial's process ran this chunk with (not trial.config, which
+            # PBT may already have changed for the next restart); logged where they change
+            ran = payload.get(SETTINGS_KEY) or {}
+            current = {k: float(ran[k]) for k in self.mutable_keys if k in ran}
+            if current != self._mutable_seen.get(tid):
+                self.writer.log_extra_metrics(run_id, current, first_new)
+                self._mutable_seen[tid] = current

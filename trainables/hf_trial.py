@@ -2,9 +2,10 @@
 
 Same reports as `trainables.trial.train_trial`, so the driver's `MlflowTraceCallback`
 and the sweep runner need not know which engine ran: every ``train.report_every`` steps
-(and at the end) the step is evaluated and ``tune.report`` carries the metrics, the trace
-chunk of the steps since the last report (``trace``: dict of lists) and, in the first
-report, the flattened ``params``. A checkpoint goes with every report, or with every
+(and at the end) the step is evaluated and reported through `trainables.channel.send_report`:
+the scalars to ``tune.report``; the trace chunk of the steps since the last report
+(``trace``: dict of lists) and, in the first report, the flattened ``params``, to the
+sweep's inbox. A checkpoint goes with every report, or with every
 ``train.checkpoint_every`` steps when that is a multiple of it; it is the Trainer's
 ``checkpoint-<step>`` folder (``controller.json`` included). On (re)start the trial resumes
 from ``tune.get_checkpoint()``: weights, optimizer, schedule, RNG, step and controller
@@ -25,12 +26,14 @@ from ray import tune
 from metalearner.config import load_run_config
 from metalearner.hf import StepReport, run_hf
 from metalearner.tasks import Task
+from trainables.channel import send_report
 from trainables.reporting import NODE_KEY, cadence, cell_config, report_metrics, shared_task
 
 
 def train_trial_hf(config: dict[str, Any], task: Task | None = None, task_key: tuple | None = None,
-                   threads: int = 1) -> None:
-    """Ray Tune function trainable (wrapped with `tune.with_parameters`), HF engine."""
+                   threads: int = 1, inbox: str | None = None) -> None:
+    """Ray Tune function trainable (wrapped with `tune.with_parameters`), HF engine;
+    ``inbox`` as in `trainables.trial.train_trial`."""
     torch.set_num_threads(max(1, int(threads)))
     run_dict, meta = cell_config(config)
     cfg = load_run_config(run_dict)
@@ -45,9 +48,9 @@ def train_trial_hf(config: dict[str, Any], task: Task | None = None, task_key: t
         first = False
         metrics[NODE_KEY] = ray.get_runtime_context().get_node_id()
         if rep.checkpoint is not None:
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(rep.checkpoint)))
+            send_report(inbox, metrics, checkpoint=tune.Checkpoint.from_directory(str(rep.checkpoint)))
         else:
-            tune.report(metrics)
+            send_report(inbox, metrics)
 
     mine = shared_task(task, task_key, cfg)
     with tempfile.TemporaryDirectory(prefix="metalearner-hf-trial-") as out:

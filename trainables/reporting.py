@@ -1,21 +1,27 @@
 """What a trial reports, for both engines' trainables and for the driver's callback.
 
-One trial's ``tune.report`` carries the latest values, the trace chunk of the steps since
+One trial's report holds the latest values (scalars), the trace chunk of the steps since
 the last report (``trace``: dict of lists, stored by the driver's `MlflowTraceCallback`),
 the controller settings the chunk ran with (``settings``) and, in the first report, the
-flattened ``params``. This module holds that format and the cadence both trainables
-share; it imports neither engine, neither trainable, nor ray.
+flattened ``params``. Only the scalars go to ``tune.report``; the three ``PAYLOAD_KEYS``
+travel through the sweep's inbox (`trainables.channel`), so Tune's results, loggers and
+experiment state never hold a copy of the traces. This module holds that format and the
+cadence both trainables share; it imports neither engine, neither trainable, nor ray.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from metalearner.tasks import Task
+if TYPE_CHECKING:  # torch stays out of the processes that only move reports (the inbox actor)
+    from metalearner.tasks import Task
 
 TRACE_KEY = "trace"  # the trace chunk in a report
 SETTINGS_KEY = "settings"  # the controller settings a chunk ran with
+PARAMS_KEY = "params"  # the flattened params, in a trial's first report
+PAYLOAD_KEYS = (TRACE_KEY, SETTINGS_KEY, PARAMS_KEY)  # the non-scalar part: never a Tune result
+INBOX_KEY = "inbox"  # the name of the inbox holding a report's payload (`trainables.channel`)
 DIVERGED_KEY = "diverged"  # True in the last report of a run ended by train.max_nonfinite
 NODE_KEY = "node_id"  # the Ray node a report came from (the driver tags the child run metalearner.node_id)
 LATEST_KEYS = ("step", "loss", "rope_base", "window", "val_loss")  # what the driver shows per trial
@@ -66,7 +72,8 @@ def cadence(cfg: Any) -> tuple[int, int]:
 def report_metrics(step: int, cfg: Any, records: list[dict[str, float]], last_val: dict[str, float],
                    train_seconds: float, meta: dict[str, Any], params: dict[str, Any] | None = None,
                    diverged: bool = False) -> dict[str, Any]:
-    """What a trial reports: the latest values, the trace chunk of ``records`` (dict of
+    """What a trial reports (split by `trainables.channel.send_report` into the scalars
+    Tune gets and the ``PAYLOAD_KEYS`` the inbox gets): the latest values, the trace chunk of ``records`` (dict of
     lists, read by the driver's MLflow writer; ``nonfinite_steps`` rides in it), the
     controller settings this process ran the chunk with (``settings``: PBT may have
     changed the trial's config since), ``diverged`` (the run ended by
@@ -98,7 +105,7 @@ def report_metrics(step: int, cfg: Any, records: list[dict[str, float]], last_va
         **last_val,
     }
     if params is not None:
-        metrics["params"] = {k: v for k, v in params.items() if v is not None}
+        metrics[PARAMS_KEY] = {k: v for k, v in params.items() if v is not None}
     return metrics
 
 

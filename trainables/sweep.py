@@ -190,6 +190,7 @@ class SweepRunner:
             self.storage, self.stamp, self.folder = state.storage, state.stamp, self.resume_dir
         self._stop = threading.Event()
         self._in_fit = False
+        self.inbox: str | None = None  # the trace inbox's name, once a trainable is made (`_open_inbox`)
 
     # ------------------------------------------------------------ pieces
     def _init_ray(self) -> None:
@@ -204,6 +205,14 @@ class SweepRunner:
         else:
             ray.init(num_cpus=self.num_cpus, include_dashboard=False,  # None: Ray's own (cgroup-aware) count
                      logging_level="WARNING", log_to_driver=False, configure_logging=True)
+
+    def _open_inbox(self) -> str:
+        """Start the sweep's trace inbox (`trainables.channel`) on the driver's node (Ray
+        is up); the trainable gets its name, and each report names it to the callback."""
+        from trainables.channel import inbox_name, open_inbox
+
+        self.inbox = open_inbox(inbox_name(self.folder.name))
+        return self.inbox
 
     def _shared_task(self) -> tuple[Any, tuple | None]:
         """Load the data once on the driver (shipped to trials with tune.with_parameters)."""
@@ -225,7 +234,8 @@ class SweepRunner:
             from trainables.trial import train_trial
 
         r = self.spec.resources
-        fn = tune.with_parameters(train_trial, task=task, task_key=key, threads=max(1, int(r.cpus_per_trial)))
+        fn = tune.with_parameters(train_trial, task=task, task_key=key, threads=max(1, int(r.cpus_per_trial)),
+                                  inbox=self.inbox or self._open_inbox())
         return tune.with_resources(fn, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
 
     def _tuner(self, trainable: Any, param_space: dict[str, Any], name: str, callback: Any,
@@ -470,6 +480,10 @@ class SweepRunner:
             if progress is not None:
                 progress.stop()
             result.seconds = time.perf_counter() - t0
+            if self.inbox is not None:
+                from trainables.channel import close_inbox
+
+                close_inbox(self.inbox)
             writer.terminate(parent, status)
             writer.close()  # what is left undelivered stays in the journal: the CLI counts it
             result.parent_run_id = writer.run_id(parent) or ""

@@ -2,8 +2,9 @@
 
 It builds task, model and controller from the trial config and drives the one train
 loop (`metalearner.train.TrainingRun`). Every ``train.report_every`` steps it evaluates
-and calls ``tune.report`` with the metrics and the trace chunk of the steps since the
-last report (the driver's MLflow writer stores it); a checkpoint goes with every report,
+and reports: the scalars to ``tune.report``, the trace chunk of the steps since the last
+report to the sweep's inbox (`trainables.channel.send_report`; the driver's MLflow writer
+stores it); a checkpoint goes with every report,
 or with every ``train.checkpoint_every`` steps when that is a multiple of it. On (re)start it restores
 from ``tune.get_checkpoint()`` — model, optimizer, controller *state*, RNG and step —
 while the controller's *settings* always come from the trial config, so a PBT/PB2
@@ -27,14 +28,17 @@ from ray import tune
 from metalearner.config import load_run_config
 from metalearner.tasks import Task
 from metalearner.train import TrainingRun
+from trainables.channel import send_report
 from trainables.reporting import NODE_KEY, cadence, cell_config, report_metrics, shared_task
 
 
 def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tuple | None = None,
-                threads: int = 1) -> None:
+                threads: int = 1, inbox: str | None = None) -> None:
     """Ray Tune function trainable (wrapped with `tune.with_parameters`), PyTorch engine.
 
     The sweep runner picks it, or `trainables.hf_trial.train_trial_hf`, by ``train.engine``.
+    ``inbox`` names the sweep's trace inbox (`trainables.channel`); None: the trace
+    chunks ride in the Tune results.
     """
     torch.set_num_threads(max(1, int(threads)))
     run_dict, meta = cell_config(config)
@@ -58,6 +62,6 @@ def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tupl
         if run.step % ckpt_every == 0 or run.done:
             with tempfile.TemporaryDirectory() as d:
                 run.save(d)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+                send_report(inbox, metrics, checkpoint=tune.Checkpoint.from_directory(d))
         else:
-            tune.report(metrics)
+            send_report(inbox, metrics)

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 HOP_LENGTH = 160  # 10 ms frames at 16 kHz
 N_FFT = 400
 FRAME_MULTIPLE = 16  # batches pad their frame axis to a multiple of this (fewer shapes)
-FEATURE_DTYPE = torch.float16  # how the log-mel features are kept (batches are float32)
+FEATURE_DTYPE = np.float16  # how the log-mel features are kept (batches are float32)
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 N_SPECIAL = 3
 
@@ -173,8 +173,11 @@ class SpeechTask:
 
     Every clip is decoded, resampled to 16 kHz and turned into Whisper log-mel features
     (``transformers.WhisperFeatureExtractor``, built locally) once, at construction, and
-    stored as float16 (half the bytes a worker holds and Ray ships; batches are float32);
-    the task then holds only tensors and is cheap to pickle (Ray ships it to workers).
+    stored as float16 (half the bytes a worker holds and Ray ships; batches are float32)
+    in one numpy array, not a tensor: Ray's serializer hands numpy arrays to every worker
+    of a node as read-only views of the one copy in its object store (zero-copy), while a
+    tensor would be unpickled into each worker's own memory. Batches copy their clips out
+    of it (`collate`), so a read-only view is all the task needs.
 
     Batches: ``features`` (B, n_mels, F) float32 with F the longest clip of the batch
     rounded up to a multiple of 16 (shorter clips padded with their own silence level, the
@@ -251,8 +254,8 @@ class SpeechTask:
             if len(wave) < N_FFT:  # too short for one STFT window: pad with silence
                 wave = np.pad(wave, (0, N_FFT - len(wave)))
             mel = extractor(wave, sampling_rate=SAMPLE_RATE, padding="longest", return_tensors="np")
-            mel = torch.from_numpy(np.ascontiguousarray(mel["input_features"][0], dtype=np.float32))
-            mel = mel.to(FEATURE_DTYPE)  # stored in half: Whisper's log-mels lie in about [-1, 1.5]
+            # stored in half: Whisper's log-mels lie in about [-1, 1.5]
+            mel = np.asarray(mel["input_features"][0], dtype=np.float32).astype(FEATURE_DTYPE)
             feats.append(mel)  # (n_mels, frames)
             floors.append(float(mel.min()))
             texts.append(text)
@@ -272,7 +275,8 @@ class SpeechTask:
         self.texts = texts
         self.n_frames = torch.tensor([f.shape[1] for f in feats], dtype=torch.long)
         self._offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.n_frames.cumsum(0)])
-        self._features = torch.cat(feats, dim=1)  # (n_mels, total frames): one tensor pickles fast
+        # (n_mels, total frames): one numpy array, zero-copy out of Ray's object store
+        self._features = np.ascontiguousarray(np.concatenate(feats, axis=1))
         self._floors = torch.tensor(floors)
         self._text_ids = [torch.tensor([self._char_id[c] for c in t], dtype=torch.long) for t in texts]
 
@@ -290,19 +294,20 @@ class SpeechTask:
     def collate(self, idx: list[int]) -> Batch:
         """The batch of utterances ``idx`` (indices into ``names``/``texts``)."""
         frames = _round_up(int(self.n_frames[idx].max()), FRAME_MULTIPLE)
-        features = self._floors[idx].view(-1, 1, 1).repeat(1, self.cfg.n_mels, frames)
+        features = np.empty((len(idx), self.cfg.n_mels, frames), dtype=np.float32)  # (B, n_mels, F)
         t_len = max(len(self._text_ids[i]) for i in idx) + 1
         tokens = torch.full((len(idx), t_len), PAD_ID, dtype=torch.long)
         targets = torch.full((len(idx), t_len), IGNORE_INDEX, dtype=torch.long)
         for row, i in enumerate(idx):
             start, end = int(self._offsets[i]), int(self._offsets[i + 1])
-            features[row, :, : end - start] = self._features[:, start:end]
+            features[row, :, end - start :] = float(self._floors[i])  # padding: the clip's silence level
+            features[row, :, : end - start] = self._features[:, start:end]  # float16 -> float32, exact
             ids = self._text_ids[i]
             tokens[row, 0] = BOS_ID
             tokens[row, 1 : len(ids) + 1] = ids
             targets[row, : len(ids)] = ids
             targets[row, len(ids)] = EOS_ID
-        return {"features": features, "tokens": tokens, "targets": targets}
+        return {"features": torch.from_numpy(features), "tokens": tokens, "targets": targets}
 
     def train_batch(self, step: int) -> Batch:
         """The batch of optimizer step ``step``: ``batch_size`` training utterances drawn
