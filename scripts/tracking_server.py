@@ -66,8 +66,11 @@ def start_postgres(folder: Path, port: int, timeout: float = 60) -> subprocess.P
         shutil.chown(folder, PG_USER)
         shutil.chown(sockets, PG_USER)
     if not (data / "PG_VERSION").exists():
-        subprocess.run(_as_pg_user([pg_program("initdb"), "-D", str(data), "-U", PG_USER, "--auth=trust",
-                                    "-E", "UTF8"]), check=True, capture_output=True)
+        made = subprocess.run(_as_pg_user([pg_program("initdb"), "-D", str(data), "-U", PG_USER, "--auth=trust",
+                                           "-E", "UTF8"]), capture_output=True, text=True)
+        if made.returncode != 0:  # e.g. a parent folder the postgres user cannot enter
+            raise RuntimeError(f"initdb -D {data}: exit code {made.returncode}, expected 0: "
+                               f"{(made.stderr or made.stdout).strip().splitlines()[-1:]}")
     log = open(folder / "postgres.log", "a")
     proc = subprocess.Popen(_as_pg_user([pg_program("postgres"), "-D", str(data), "-p", str(port),
                                          "-h", "127.0.0.1", "-k", str(sockets)]),
