@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run ..." per terminated run
 
 import mlflow  # noqa: E402
 import tracking_server  # noqa: E402  (scripts/tracking_server.py)
@@ -136,6 +137,27 @@ def run_load(uri: str, folder: Path, connections: int, trials: int, steps: int, 
     return load
 
 
+def store_ceiling(pg_port: int, folder: Path, trials: int, steps: int) -> float:
+    """points/s of MLflow's own SQLAlchemy store on the same PostgreSQL, called in this
+    process on one thread with full 1000-point batches per run: what one server worker
+    can do per core at best (no HTTP, no JSON, no journal)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = SqlAlchemyStore(f"postgresql+psycopg2://{tracking_server.PG_USER}@127.0.0.1:{pg_port}/mlflow",
+                            str(folder / "ceiling-artifacts"))
+    exp = store.create_experiment(f"ceiling-{time.time_ns()}")
+    keys = list(TRACE_KEYS)
+    Metric = mlflow.entities.Metric
+    ids = [store.create_run(exp, "bench", 0, [], f"t{i}").info.run_id for i in range(trials)]
+    per_batch = 1000 // len(keys)
+    t0 = time.perf_counter()
+    for start in range(1, steps + 1, per_batch):
+        for i, rid in enumerate(ids):
+            store.log_batch(rid, [Metric(k, 1.0 / (s + i), 0, s) for s in range(start, min(start + per_batch, steps + 1))
+                                  for k in keys], [], [])
+    return trials * steps * len(keys) / (time.perf_counter() - t0)
+
+
 def audit(uri: str, experiment: str, trials: int, steps: int) -> None:
     """Every trial run holds ``loss`` at steps 1..N exactly once (REST client)."""
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -176,7 +198,11 @@ def main() -> None:
                       f"{time.perf_counter() - t0:.1f} s (not timed); load "
                       f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
                 results: dict[int, list[Load]] = {c: [] for c in variants}
+                ceiling: list[float] = []
                 for r in range(a.repeats):
+                    ceiling.append(store_ceiling(pg_port, folder, a.trials, a.steps))
+                    print(f"  round {r} store ceiling (in-process SQLAlchemy store, 1 thread): "
+                          f"{ceiling[-1]:8.0f} points/s", flush=True)
                     order = variants[r % len(variants):] + variants[: r % len(variants)]
                     for c in order:
                         res = run_load(uri, folder, c, a.trials, a.steps, a.chunk, f"c{c}-r{r}")
@@ -190,6 +216,8 @@ def main() -> None:
             tracking_server.stop(pg)
     print(f"\n{a.trials} trials x {a.steps} steps x {len(TRACE_KEYS)} keys, chunks of {a.chunk} steps "
           f"(median of {a.repeats}):")
+    print(f"  store ceiling: {statistics.median(ceiling):8.0f} points/s on one core (MLflow's SQLAlchemy store "
+          "called in-process: the server's own cost per point, no HTTP)")
     best = 0.0
     for c, runs in results.items():
         rate = statistics.median(r.rate for r in runs)

@@ -149,6 +149,7 @@ class _Run:
     todo: deque = field(default_factory=deque)  # records read from the journal, not delivered
     verify: bool = True  # ask the store what it holds before sending metrics (after a restart/failure)
     failed: str | None = None  # a permanent error: delivery of this run stopped
+    create_tried: bool = False  # a create request was sent: the run may exist although no id came back
 
 
 def _lower_priority() -> None:
@@ -228,6 +229,8 @@ class MlflowWriter:
         self._exp_ids: dict[str, str] = {}
         self._progress_lock = threading.Lock()  # delivery workers: watermarks, counters, experiment ids
         self._pool: ThreadPoolExecutor | None = None
+        # records up to this number were journaled by an earlier process: their runs may exist already
+        self._journaled_before = max((r["n"] for r in self.journal.records_at_open), default=0)
         self._wake = threading.Condition()
         self._closing = False
         self._outage_since: float | None = None
@@ -524,10 +527,12 @@ class MlflowWriter:
                 return None
             tags[PARENT_TAG] = pid
         exp_id = self._experiment_id(rec["experiment"])
-        found = self.client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{tags[RUN_KEY_TAG]}'",
-                                        max_results=1)
-        if found:  # created before a crash or a lost response
-            return found[0].info.run_id
+        if run.create_tried or rec["n"] <= self._journaled_before:  # a lost response, or an earlier process
+            found = self.client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{tags[RUN_KEY_TAG]}'",
+                                            max_results=1)
+            if found:  # created before a crash or a lost response
+                return found[0].info.run_id
+        run.create_tried = True
         created = self.client.create_run(exp_id, tags=tags, run_name=rec.get("name")).info.run_id
         run.verify = False  # a run made just now holds nothing
         return created
