@@ -1,10 +1,11 @@
 """The 2-node sweep's figures, and the sizes behind the cluster guide (issue 9).
 
-Runs the same small sweep twice through the real command line, interleaved when
-``--repeats`` > 1: on a 2-node local Ray cluster (``ray start --head`` + a second
-``ray start --address`` with its own temp dir, one CPU each, started here in their own
-process groups and ended by them) through ``metalearner sweep --address``, and on one
-node (``--num-cpus 2``: the same total CPUs). On this 2-core machine both run two trials
+Runs the same small sweep twice through the real command line (``metalearner sweep
+--address``), interleaved when ``--repeats`` > 1: on a 2-node local Ray cluster
+(``ray start --head`` + a second ``ray start --address`` with its own temp dir, one CPU
+each) and on a 1-node cluster (``ray start --head --num-cpus=2``: the same total CPUs).
+Both clusters are started here before the sweep (not timed), in their own process groups,
+and ended by them. On this 2-core machine both run two trials
 at a time on the same cores, so the ratio measures what a second node *costs* (two
 raylets, trials placed across nodes, task data and results crossing node object stores
 over TCP), not what it gains.
@@ -83,22 +84,23 @@ def end_group(proc: subprocess.Popen, timeout: float = 30) -> None:
 
 
 class Cluster:
-    """A 2-node Ray cluster on 127.0.0.1, one CPU per node (a context manager)."""
+    """A Ray cluster on 127.0.0.1 (a context manager): one node per entry of ``cpus``,
+    with that many CPUs; the first is the head."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, cpus: list[int]) -> None:
+        self.folder, self.cpus = folder, cpus
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: list[tuple[subprocess.Popen, Path]] = []
 
-    def _node(self, name: str, *args: str) -> None:
+    def _node(self, name: str, cpus: int, *args: str) -> None:
         temp = Path("/tmp") / f"mlb-{os.getpid()}-{name}"  # Ray's socket paths must stay short
         shutil.rmtree(temp, ignore_errors=True)
         ports = [a for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                                 "--metrics-export-port", "--runtime-env-agent-port", "--node-manager-port",
                                 "--object-manager-port") for a in (flag, str(free_port()))]
         log = open(self.folder / f"ray-{name}.log", "w")
-        proc = subprocess.Popen(["ray", "start", "--block", "--num-cpus=1", "--num-gpus=0", "--temp-dir", str(temp),
+        proc = subprocess.Popen(["ray", "start", "--block", f"--num-cpus={cpus}", "--num-gpus=0", "--temp-dir", str(temp),
                                  "--disable-usage-stats", *args, *ports], stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **RAY_ENV, "PYTHONPATH": str(ROOT)}, start_new_session=True)
         self.nodes.append((proc, temp))
@@ -119,11 +121,12 @@ class Cluster:
 
     def __enter__(self) -> Cluster:
         try:
-            self._node("head", "--head", "--node-ip-address=127.0.0.1", f"--port={self.port}",
+            self._node("head", self.cpus[0], "--head", "--node-ip-address=127.0.0.1", f"--port={self.port}",
                        "--include-dashboard=false")
             self._wait(1)  # the head first: a worker joins a running GCS
-            self._node("worker", f"--address={self.address}", "--node-ip-address=127.0.0.1")
-            self._wait(2)
+            for i, cpus in enumerate(self.cpus[1:], start=2):
+                self._node(f"worker{i}", cpus, f"--address={self.address}", "--node-ip-address=127.0.0.1")
+                self._wait(i)
         except BaseException:
             self.__exit__()
             raise
@@ -260,11 +263,8 @@ def main() -> None:
                 spec = folder / "spec.yaml"
                 spec.write_text(SPEC.format(name=f"bench_{mode.replace(' ', '')}", steps=a.steps, every=a.every,
                                             seeds=list(range(a.seeds))))
-                if mode == "2 nodes":
-                    with Cluster(folder) as cluster:
-                        res = run_sweep(spec, folder, ["--address", cluster.address])
-                else:
-                    res = run_sweep(spec, folder, ["--num-cpus", "2"])
+                with Cluster(folder, [1, 1] if mode == "2 nodes" else [2]) as cluster:
+                    res = run_sweep(spec, folder, ["--address", cluster.address])
                 res["per_node"] = audit(res["uri"])
                 res["eff"] = res["wall"] / (res["train"] / 2)
                 runs[mode].append(res)

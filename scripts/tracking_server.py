@@ -75,7 +75,11 @@ def start_postgres(folder: Path, port: int, timeout: float = 60) -> subprocess.P
     proc = subprocess.Popen(_as_pg_user([pg_program("postgres"), "-D", str(data), "-p", str(port),
                                          "-h", "127.0.0.1", "-k", str(sockets)]),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_port(port, proc, "postgres", timeout)
+    try:
+        _wait_port(port, proc, "postgres", timeout)
+    except BaseException:
+        stop(proc)
+        raise
     import psycopg2
 
     deadline = time.time() + timeout
@@ -106,7 +110,11 @@ def start_mlflow(folder: Path, port: int, pg_port: int, workers: int = 1, timeou
          "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", str(workers)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_port(port, proc, "mlflow server", timeout)
+    try:
+        _wait_port(port, proc, "mlflow server", timeout)
+    except BaseException:
+        stop(proc)  # never leave a half-started server behind
+        raise
     return proc
 
 
