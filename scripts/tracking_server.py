@@ -108,7 +108,10 @@ def start_mlflow(folder: Path, port: int, pg_port: int, workers: int = 1, timeou
         [sys.executable, "-m", "mlflow", "server",
          "--backend-store-uri", f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{pg_port}/mlflow",
          "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", str(workers)],
+         "--workers", str(workers),
+         # uvicorn restarts a worker that misses a 5 s health check: on a busy host a worker
+         # still importing MLflow misses it, forever
+         *(["--uvicorn-opts", "--timeout-worker-healthcheck 120"] if workers > 1 else [])],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_port(port, proc, "mlflow server", timeout)
