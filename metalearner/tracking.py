@@ -3,7 +3,8 @@
 Write path. Every write of a process goes through one `MlflowWriter`: producers append
 records to a durable journal (`metalearner.journal`, fsync'd per batch) and never wait on
 the store, run creation included; one writer thread delivers the journal with batched
-``log_batch`` calls (at most 1000 points per call), retrying through outages, and records
+``log_batch`` calls (at most 1000 points per call; to a tracking server, several runs at
+once over parallel requests, each run in journal order), retrying through outages, and records
 its progress durably, so a restart neither rewrites nor skips a point; ``metalearner
 sync`` delivers what an outage left. With a single writer per store, the embedded SQLite
 default cannot raise "database is locked": in a sweep, Ray trials do not touch MLflow at
@@ -227,7 +228,8 @@ class MlflowWriter:
         self._delivered = 0
         self._dirty = False
         self._exp_ids: dict[str, str] = {}
-        self._progress_lock = threading.Lock()  # delivery workers: watermarks, counters, experiment ids
+        self._progress_lock = threading.Lock()  # delivery workers: watermarks and counters
+        self._experiment_lock = threading.Lock()  # delivery workers: experiment ids
         self._pool: ThreadPoolExecutor | None = None
         # records up to this number were journaled by an earlier process: their runs may exist already
         self._journaled_before = max((r["n"] for r in self.journal.records_at_open), default=0)
@@ -538,7 +540,7 @@ class MlflowWriter:
         return created
 
     def _experiment_id(self, name: str) -> str:
-        with self._progress_lock:  # two workers must not both create it
+        with self._experiment_lock:  # two workers must not both create it
             if name not in self._exp_ids:
                 exp = self.client.get_experiment_by_name(name)
                 self._exp_ids[name] = exp.experiment_id if exp else self.client.create_experiment(
