@@ -105,15 +105,19 @@ class Cluster:
                                 env={**os.environ, **RAY_ENV, "PYTHONPATH": str(ROOT)}, start_new_session=True)
         self.nodes.append((proc, temp))
 
-    def _wait(self, n: int, timeout: float = 180) -> None:
+    def _wait(self, n: int, timeout: float = 600) -> None:
         code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
                 "print(sum(1 for x in ray.nodes() if x['Alive']))")
         deadline = time.time() + timeout
         while time.time() < deadline:
             if any(p.poll() is not None for p, _ in self.nodes):
-                raise RuntimeError(f"a ray node exited; see {self.folder}/ray-*.log")
-            out = subprocess.run([sys.executable, "-c", code, self.address], capture_output=True, text=True,
-                                 env={**os.environ, **RAY_ENV}, timeout=60)
+                tails = [f.read_text()[-1500:] for f in sorted(self.folder.glob("ray-*.log"))]
+                raise RuntimeError("a ray node exited:\n" + "\n".join(tails))
+            try:
+                out = subprocess.run([sys.executable, "-c", code, self.address], capture_output=True, text=True,
+                                     env={**os.environ, **RAY_ENV}, timeout=120)
+            except subprocess.TimeoutExpired:  # a busy machine: ask again
+                continue
             if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
                 return
             time.sleep(2)
