@@ -9,8 +9,9 @@ one journal append + fsync per chunk), exactly as the sweep's Tune callback does
 result. Producers report flat out (no training between chunks): the writer sees the
 heaviest load it can get.
 
-Printed, per writer variant (``--connections 1`` = the pre-change writer: one request at
-a time; the default list also runs the parallel writer, side by side, interleaved):
+Printed, per writer variant (``--connections 1``: one request at a time, the delivery of
+the writer before this change less its search request per new run; the default list also
+runs the parallel writer, side by side, the order rotating each round):
 
 * delivered points/s end to end: from the first point journaled to ``close()`` returning
   with every point stored on the server and its watermark saved;
