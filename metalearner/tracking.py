@@ -3,7 +3,8 @@
 Write path. Every write of a process goes through one `MlflowWriter`: producers append
 records to a durable journal (`metalearner.journal`, fsync'd per batch) and never wait on
 the store, run creation included; one writer thread delivers the journal with batched
-``log_batch`` calls (at most 1000 points per call), retrying through outages, and records
+``log_batch`` calls (at most 1000 points per call; to a tracking server, several runs at
+once over parallel requests, each run in journal order), retrying through outages, and records
 its progress durably, so a restart neither rewrites nor skips a point; ``metalearner
 sync`` delivers what an outage left. With a single writer per store, the embedded SQLite
 default cannot raise "database is locked": in a sweep, Ray trials do not touch MLflow at
@@ -65,6 +66,7 @@ MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_CHARS = 6000
 WRITER_NICE = 10
 READ_CHUNK = 4 << 20  # bytes of journal the delivery thread reads at a time
+SERVER_CONNECTIONS = 8  # runs delivered in parallel to a tracking server (bench_tracking_load.py)
 
 
 def _mlflow() -> Any:
@@ -149,6 +151,15 @@ class _Run:
     todo: deque = field(default_factory=deque)  # records read from the journal, not delivered
     verify: bool = True  # ask the store what it holds before sending metrics (after a restart/failure)
     failed: str | None = None  # a permanent error: delivery of this run stopped
+    create_tried: bool = False  # a create request was sent: the run may exist although no id came back
+
+
+def _lower_priority() -> None:
+    """Linux schedules threads individually: let the training threads win the cores."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed
+        pass
 
 
 class MlflowWriter:
@@ -179,11 +190,14 @@ class MlflowWriter:
         flush_every: producer side: journal buffered records once this many points wait.
         flush_seconds: ...or once the oldest waiting record is this old.
         max_queue: undelivered points the delivery thread holds in memory.
+        connections: runs delivered at once, each over its own request (a run's records
+            stay in order, one request at a time). None: `SERVER_CONNECTIONS` for a
+            tracking server, 1 for a local store (SQLite gains nothing from threads).
     """
 
     def __init__(self, tracking_uri: str, journal_dir: str | Path | None = None, outage_s: float = DEFAULT_OUTAGE_S,
                  flush_every: int = MAX_METRICS_PER_BATCH, flush_seconds: float = 2.0,
-                 max_queue: int = 100_000, backoff_cap: float = 10.0) -> None:
+                 max_queue: int = 100_000, backoff_cap: float = 10.0, connections: int | None = None) -> None:
         mlflow = _mlflow()
         self.tracking_uri = tracking_uri
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
@@ -192,6 +206,8 @@ class MlflowWriter:
         self.flush_seconds = flush_seconds
         self.max_queue = max_queue
         self.backoff_cap = backoff_cap
+        remote = tracking_uri.startswith(("http://", "https://"))
+        self.connections = max(1, connections or (SERVER_CONNECTIONS if remote else 1))
         self._temp = journal_dir is None
         self.journal_dir = Path(tempfile.mkdtemp(prefix="metalearner-journal-") if journal_dir is None else journal_dir)
         self.journal = Journal(self.journal_dir, tracking_uri)
@@ -214,6 +230,11 @@ class MlflowWriter:
         self._delivered = 0
         self._dirty = False
         self._exp_ids: dict[str, str] = {}
+        self._progress_lock = threading.Lock()  # delivery workers: watermarks and counters
+        self._experiment_lock = threading.Lock()  # delivery workers: experiment ids
+        self._pool: ThreadPoolExecutor | None = None
+        # records up to this number were journaled by an earlier process: their runs may exist already
+        self._journaled_before = max((r["n"] for r in self.journal.records_at_open), default=0)
         self._wake = threading.Condition()
         self._closing = False
         self._outage_since: float | None = None
@@ -378,11 +399,14 @@ class MlflowWriter:
 
     # ------------------------------------------------------------ delivery thread
     def _loop(self) -> None:
-        # Linux schedules threads individually: let the training threads win the cores
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
-        except (AttributeError, OSError):  # not Linux, or not allowed
-            pass
+            self._deliver_until_closed()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def _deliver_until_closed(self) -> None:
+        _lower_priority()
         backoff = 0.0
         while True:
             self._read_journal()
@@ -446,29 +470,50 @@ class MlflowWriter:
             # records read past the bound stay in memory; the next read waits for room
 
     def _deliver_all(self) -> bool:
-        """One pass over the runs; True if anything was delivered."""
+        """One pass over the runs with work, up to ``connections`` of them at once (each
+        run by one worker: its records stay in journal order); True if anything was
+        delivered. Raises the first outage error after every run of the pass has ended."""
         before = self._delivered
-        for run in list(self._runs.values()):
-            if run.failed or not run.todo:
-                continue
-            try:
-                self._deliver(run)
-            except Exception as e:
-                run.verify = True  # the last request may or may not have landed
-                if not _permanent(e):
-                    raise
-                run.failed = f"run {run.key}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                self.errors.append(run.failed)
-                self._dirty = True
-                log.error("MLflow rejected a write, delivery of run %s stopped: %s", run.key, e)
+        runs = [r for r in list(self._runs.values()) if r.todo and not r.failed]
+        if self.connections > 1 and len(runs) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.connections, thread_name_prefix="mlflow-deliver",
+                                                initializer=_lower_priority)
+            outages = [e for e in self._pool.map(self._deliver_run, runs) if e is not None]
+        else:
+            outages = []
+            for run in runs:
+                err = self._deliver_run(run)
+                if err is not None:
+                    outages.append(err)
+                    break  # the store is down: the next pass retries after the backoff
+        if outages:
+            raise outages[0]
         return self._delivered != before
 
-    def _done(self, run: _Run, n: int, cost: int) -> None:
+    def _deliver_run(self, run: _Run) -> BaseException | None:
+        """Deliver one run's records; returns an outage error (retried), None otherwise.
+        A permanent rejection stops this run's delivery and is recorded."""
+        try:
+            self._deliver(run)
+        except Exception as e:  # noqa: BLE001 - sorted below
+            run.verify = True  # the last request may or may not have landed
+            if not _permanent(e):
+                return e
+            run.failed = f"run {run.key}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.errors.append(run.failed)
+            self._dirty = True
+            log.error("MLflow rejected a write, delivery of run %s stopped: %s", run.key, e)
+        return None
+
+    def _done(self, run: _Run, n: int, cost: int, points: int = 0) -> None:
         run.seq = n
-        self._delivered += 1
-        self._dirty = True
-        self.state.runs[run.key] = RunProgress(run.run_id, n)
-        self._in_memory -= cost
+        with self._progress_lock:
+            self._delivered += 1
+            self._dirty = True
+            self.state.runs[run.key] = RunProgress(run.run_id, n)
+            self._in_memory -= cost
+            self.points_written += points
 
     def _deliver(self, run: _Run) -> None:
         while run.todo:
@@ -519,20 +564,23 @@ class MlflowWriter:
                 return None
             tags[PARENT_TAG] = pid
         exp_id = self._experiment_id(rec["experiment"])
-        found = self.client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{tags[RUN_KEY_TAG]}'",
-                                        max_results=1)
-        if found:  # created before a crash or a lost response
-            return found[0].info.run_id
+        if run.create_tried or rec["n"] <= self._journaled_before:  # a lost response, or an earlier process
+            found = self.client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{tags[RUN_KEY_TAG]}'",
+                                            max_results=1)
+            if found:  # created before a crash or a lost response
+                return found[0].info.run_id
+        run.create_tried = True
         created = self.client.create_run(exp_id, tags=tags, run_name=rec.get("name")).info.run_id
         run.verify = False  # a run made just now holds nothing
         return created
 
     def _experiment_id(self, name: str) -> str:
-        if name not in self._exp_ids:
-            exp = self.client.get_experiment_by_name(name)
-            self._exp_ids[name] = exp.experiment_id if exp else self.client.create_experiment(
-                name, artifact_location=artifact_location(self.tracking_uri, name))
-        return self._exp_ids[name]
+        with self._experiment_lock:  # two workers must not both create it
+            if name not in self._exp_ids:
+                exp = self.client.get_experiment_by_name(name)
+                self._exp_ids[name] = exp.experiment_id if exp else self.client.create_experiment(
+                    name, artifact_location=artifact_location(self.tracking_uri, name))
+            return self._exp_ids[name]
 
     def _send_batch(self, run: _Run) -> None:
         """One ``log_batch`` of the run's leading params/tags/metrics records."""
@@ -567,10 +615,9 @@ class MlflowWriter:
             chunk = params[i: i + MAX_PARAMS_PER_BATCH]
             self.client.log_batch(run.run_id, metrics=metrics if i == 0 else [], params=chunk,
                                   tags=tags if i == 0 else [])
-        self.points_written += len(metrics)
         for _ in taken:
             run.todo.popleft()
-        self._done(run, taken[-1]["n"], sum(len(r.get("v", ())) or 1 for r in taken))
+        self._done(run, taken[-1]["n"], sum(len(r.get("v", ())) or 1 for r in taken), len(metrics))
 
     def _save_state(self) -> None:
         self._dirty = False

@@ -66,13 +66,20 @@ def start_postgres(folder: Path, port: int, timeout: float = 60) -> subprocess.P
         shutil.chown(folder, PG_USER)
         shutil.chown(sockets, PG_USER)
     if not (data / "PG_VERSION").exists():
-        subprocess.run(_as_pg_user([pg_program("initdb"), "-D", str(data), "-U", PG_USER, "--auth=trust",
-                                    "-E", "UTF8"]), check=True, capture_output=True)
+        made = subprocess.run(_as_pg_user([pg_program("initdb"), "-D", str(data), "-U", PG_USER, "--auth=trust",
+                                           "-E", "UTF8"]), capture_output=True, text=True)
+        if made.returncode != 0:  # e.g. a parent folder the postgres user cannot enter
+            raise RuntimeError(f"initdb -D {data}: exit code {made.returncode}, expected 0: "
+                               f"{(made.stderr or made.stdout).strip().splitlines()[-1:]}")
     log = open(folder / "postgres.log", "a")
     proc = subprocess.Popen(_as_pg_user([pg_program("postgres"), "-D", str(data), "-p", str(port),
                                          "-h", "127.0.0.1", "-k", str(sockets)]),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_port(port, proc, "postgres", timeout)
+    try:
+        _wait_port(port, proc, "postgres", timeout)
+    except BaseException:
+        stop(proc)
+        raise
     import psycopg2
 
     deadline = time.time() + timeout
@@ -101,9 +108,16 @@ def start_mlflow(folder: Path, port: int, pg_port: int, workers: int = 1, timeou
         [sys.executable, "-m", "mlflow", "server",
          "--backend-store-uri", f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{pg_port}/mlflow",
          "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", str(workers)],
+         "--workers", str(workers),
+         # uvicorn restarts a worker that misses a 5 s health check: on a busy host a worker
+         # still importing MLflow misses it, forever
+         *(["--uvicorn-opts", "--timeout-worker-healthcheck 120"] if workers > 1 else [])],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_port(port, proc, "mlflow server", timeout)
+    try:
+        _wait_port(port, proc, "mlflow server", timeout)
+    except BaseException:
+        stop(proc)  # never leave a half-started server behind
+        raise
     return proc
 
 
