@@ -201,7 +201,6 @@ def test_run_creation_does_not_wait_for_an_unreachable_server(tmp_path, server):
 # ---------------------------------------------------------------- scenarios 4 and 5
 
 
-@pytest.mark.slow
 def test_server_down_30s_mid_sweep_then_back(tmp_path, server):
     """Scenario 4: SIGKILL of the server's process group mid-sweep, 30 s without it,
     restarted on the same store and port: exit 0, every point once."""
@@ -225,7 +224,6 @@ def test_server_down_30s_mid_sweep_then_back(tmp_path, server):
     assert (lost, dup) == (0, 0)
 
 
-@pytest.mark.slow
 def test_server_gone_for_good_then_sync(tmp_path, server):
     """Scenario 5: the server dies mid-sweep and stays away: exit 1 with the pending count
     and the sync command; a server on the same store, then ``metalearner sync``: exit 0,
