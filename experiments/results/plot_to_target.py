@@ -1,6 +1,6 @@
 """Compute-to-target plot of a study, from the report folder `metalearner compare --out` wrote.
 
-    python experiments/results/plot_to_target.py REPORT_DIR OUT.png
+    python experiments/results/plot_to_target.py REPORT_DIR OUT.png [TITLE]
 
 Left: attention FLOPs each run spent to reach the target val loss (one dot per seed; runs
 that never reached it are drawn at the right edge as crosses). Right: the same in training
@@ -20,12 +20,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def plot(report_dir: Path, out: Path) -> Path:
+def plot(report_dir: Path, out: Path, title: str = "") -> Path:
     """Write the two-panel compute-to-target figure.
 
     Args:
         report_dir: a folder holding ``to_target.csv`` and ``comparison.csv``.
         out: the PNG to write.
+        title: the study's name for the title (default: the report folder's name).
     Returns:
         ``out``.
     """
@@ -51,7 +52,7 @@ def plot(report_dir: Path, out: Path) -> Path:
         ax.set_xlabel(label + "  (x: never reached)")
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(arms)), arms)
-    fig.suptitle(f"{report_dir.parent.name}: compute to the target val loss, one dot per seed")
+    fig.suptitle(f"{title or report_dir.name}: compute to the target val loss, one dot per seed")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -60,4 +61,4 @@ def plot(report_dir: Path, out: Path) -> Path:
 
 
 if __name__ == "__main__":
-    print(plot(Path(sys.argv[1]), Path(sys.argv[2])))
+    print(plot(Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:4]))
