@@ -7,6 +7,7 @@ import mlflow
 import pytest
 import yaml
 
+from metalearner.config import ConfigError
 from metalearner.experiment import load_experiment
 from trainables.phases import best_member, plan_populations
 
@@ -80,16 +81,27 @@ def test_best_member_by_mode_skips_missing_and_breaks_ties_by_id():
     assert best_member({"x": None}, "min") is None
 
 
-@pytest.mark.parametrize("extra,message", [
+BAD_PER_SEED = [
     ({"scheduler": {"name": "asha"}, "searcher": "random"},
      "arms[1].search.per_seed: got true with scheduler 'asha', expected scheduler 'pbt' or 'pb2'"),
     ({"confirm": True}, "arms[1].search.confirm: got true with per_seed true, expected false"),
     ({"per_seed": "yes"}, "arms[1].search.per_seed: got 'yes', expected true or false"),
-])
-def test_bad_per_seed_exits_2_with_one_line(cli, tmp_path, extra, message):
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_PER_SEED)
+def test_bad_per_seed_names_the_field(tmp_path, extra, message):
+    with pytest.raises(ConfigError) as err:
+        load_experiment(_spec(tmp_path, extra))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_per_seed_exits_2_before_ray_starts(cli, tmp_path):
+    extra, message = BAD_PER_SEED[1]
     res = cli("sweep", _spec(tmp_path, extra), "--tracking-uri", f"sqlite:///{tmp_path}/m.db", cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
     assert message in res.stderr, res.stderr
+    assert not (tmp_path / "m.db").exists()  # nothing started
 
 
 def test_per_seed_pbt_promotes_each_populations_best_member(cli, tmp_path):
