@@ -98,6 +98,9 @@ class Search:
     num_samples: Annotated[int, Field(ge=1, le=MAX_SAMPLES)] = 4
     seed: Annotated[int, Field(ge=0, lt=2**32)] = 1000  # the tuning seed: kept apart from the comparison seeds
     confirm: bool = True  # re-train the best configuration on every comparison seed
+    # pbt/pb2: one population per comparison seed; each population's best member at the
+    # end (by `metric`) is that seed's compare-phase result (`trainables.phases`)
+    per_seed: bool = False
 
     @property
     def population_based(self) -> bool:
@@ -300,6 +303,12 @@ def _load_search(data: Any, where: str) -> tuple[Search, dict[str, Domain]]:
         if scheduler.name == "pb2" and kinds - {"uniform", "loguniform", "randint"}:
             raise ConfigError(f"{where}.space: got {sorted(kinds)}, expected continuous ranges "
                               "(uniform/loguniform/randint) for pb2")
+    if search.per_seed and not search.population_based:
+        raise ConfigError(f"{where}.per_seed: got true with scheduler {scheduler.name!r}, expected scheduler 'pbt' "
+                          "or 'pb2' (a population per seed; other searches tune on search.seed, then confirm)")
+    if search.per_seed and search.confirm:
+        raise ConfigError(f"{where}.confirm: got true with per_seed true, expected false: each seed's population "
+                          "already gives that seed's result, there is nothing to re-train")
     if search.searcher in ("optuna", "hyperopt") and "grid" in kinds:
         raise ConfigError(f"{where}.space: got a 'grid' with searcher {search.searcher!r}, expected choice "
                           "('grid' works with searcher 'random' only)")

@@ -179,12 +179,17 @@ class TrainingRun:
 
     # ------------------------------------------------------------ params
     def params(self) -> dict[str, Any]:
-        """The whole resolved config, flattened with dots, for MLflow params."""
+        """The whole resolved config, flattened with dots, for MLflow params.
+
+        Returns:
+            dotted key -> value; a setting whose value is None (an unset optional, e.g. a
+            static controller's absent bounds) is left out, never logged as "null".
+        """
         ctrl = {"name": self.controller.name, **self.controller.settings()}
         task = {**asdict(self.cfg.task), **self.task.params()}
         model = {"preset": self.cfg.model.preset, **asdict(self.model_config)}
         flat = flatten({"task": task, "model": model, "train": asdict(self.cfg.train), "controller": ctrl})
-        return {k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in flat.items()}
+        return {k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in flat.items() if v is not None}
 
     # ------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:

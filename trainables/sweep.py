@@ -7,6 +7,8 @@ Layout of a sweep:
    arm's tuning seed; the best configuration is then, if ``search.confirm``, re-trained
    on every comparison seed, so that it is compared with the other arms on seeds it was
    not tuned on;
+   an arm with ``search.per_seed`` runs one population per comparison seed instead, and
+   each population's best member is that seed's comparison run (`trainables.phases`);
 3. one grid Tuner over (fixed arms + confirmed tuned arms) x seeds, all at equal steps.
 Every trial is a child MLflow run written by the driver (`MlflowTraceCallback`).
 
@@ -46,6 +48,7 @@ from metalearner.experiment import Arm, ExperimentSpec
 from metalearner.journal import JOURNAL_DIR
 from metalearner.sweep_state import PARENT_KEY, SPEC_FILE, SweepState
 from metalearner.tracking import INTERRUPTED_TAG, KIND_TAG, MlflowWriter, arm_colours, ui_features
+from trainables.phases import run_per_seed_populations
 from trainables.reporting import DIVERGED_KEY, cell_config, task_key
 from trainables.storage import is_uri, publish, storage_root, sweep_folder
 
@@ -390,6 +393,12 @@ class SweepRunner:
                 if arm.search is None:
                     cells += [{**spec.run_config(arm, s), "meta": {"arm": arm.name, "phase": "compare"}}
                               for s in spec.seeds]
+                    continue
+                if arm.search.per_seed:  # one population per seed, its best member is the seed's run
+                    if run_per_seed_populations(self, arm, trainable, writer, parent, colours, steps, result,
+                                                error_log, state, set_right):
+                        result.interrupted = True
+                        break
                     continue
                 s = arm.search
                 phase = f"search:{arm.name}"

@@ -1,0 +1,187 @@
+"""Per-seed populations: a population-based arm (PBT/PB2) paired with the study's seeds.
+
+Without ``search.per_seed`` a PBT arm runs one population on its tuning seed, and its
+trials stay search-phase runs that `metalearner compare` does not pair with the other
+arms. With ``search.per_seed: true`` the sweep runs one population per comparison seed
+(every member trains on that seed), and the member with the best final ``metric`` is
+promoted to that seed's compare-phase run (tags ``metalearner.phase = compare`` and the
+arm's colour); the other members stay search-phase runs.
+
+Why the best member: it is the model PBT hands back, so it is what a user of the
+meta-learner gets. It is chosen on the same validation loss the comparison reads, out of
+``num_samples`` members, and the population trained ``num_samples`` models; both favour
+PBT. A null result for this arm is therefore conservative; an advantage must be read
+next to that selection and the population's ``num_samples``-fold training cost (its
+compute to target counts only the promoted member's own lineage; a member that cloned
+another's checkpoint continues that member's trace).
+
+This module plans and runs that phase; `trainables.sweep` calls `run_per_seed_populations`
+for such an arm. Imports ray only inside the function that runs Tune.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from metalearner.experiment import Arm, ExperimentSpec
+
+
+@dataclass(frozen=True)
+class Population:
+    """One population of a per-seed arm.
+
+    Attributes:
+        arm: the arm's name.
+        seed: the comparison seed every member trains on.
+        config: the nested run config of the members (search domains not yet merged).
+        meta: the trial meta (``arm``, ``phase`` = ``search``, ``population_seed``).
+    """
+
+    arm: str
+    seed: int
+    config: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def plan_populations(spec: ExperimentSpec, arm: Arm) -> list[Population]:
+    """The populations of a ``per_seed`` arm, one per comparison seed, in seed order.
+
+    Args:
+        spec: the validated experiment.
+        arm: an arm whose ``search.per_seed`` is true.
+    Returns:
+        One `Population` per seed of ``spec.seeds``.
+    """
+    if arm.search is None or not arm.search.per_seed:
+        raise ValueError(f"arm {arm.name!r}: expected search.per_seed true")
+    return [Population(arm=arm.name, seed=seed, config=spec.run_config(arm, seed),
+                       meta={"arm": arm.name, "phase": "search", "population_seed": seed})
+            for seed in spec.seeds]
+
+
+def best_member(finals: dict[str, float | None], mode: str) -> str | None:
+    """The trial id with the best final metric; None if no member has a finite one.
+
+    Args:
+        finals: trial id -> the metric at the member's last report (None or NaN if missing).
+        mode: ``"min"`` or ``"max"``.
+    Returns:
+        The best trial id (ties: the smallest id, so the choice is deterministic), or None.
+    """
+    ok = {t: float(v) for t, v in finals.items() if v is not None and math.isfinite(float(v))}
+    if not ok:
+        return None
+    sign = 1.0 if mode == "min" else -1.0
+    return min(sorted(ok), key=lambda t: sign * ok[t])
+
+
+def run_per_seed_populations(runner: Any, arm: Arm, trainable: Any, writer: Any, parent: str,
+                             colours: dict[str, str] | None, steps: int, result: Any,
+                             error_log: Any, state: Any, set_right: set[str]) -> bool:
+    """Run one population per seed for ``arm`` and promote each one's best member.
+
+    Each population is a phase of the sweep's state (``search:ARM:sSEED``): a resumed
+    sweep skips the populations that finished and restores the one that was running.
+
+    Args:
+        runner: the `trainables.sweep.SweepRunner` (its phases, progress, spec and stop flag).
+        arm: an arm with ``search.per_seed``.
+        trainable: the sweep's trainable.
+        writer: the sweep's `MlflowWriter`.
+        parent: the parent run's key.
+        colours: arm -> colour for the UI, or None.
+        steps: training steps of a trial.
+        result: the `SweepResult`; its ``trials``, ``errors``, ``best``, ``spec_files`` and
+            ``failed_arms`` are updated (``best[arm]``: the final settings of the best seed's
+            promoted member; every seed's are in ``best_ARM_per_seed.yaml``, logged to the parent).
+        error_log: the sweep's file of failed trials' errors.
+        state: the sweep's `SweepState`.
+        set_right: run keys a resume set KILLED (handed to the callback).
+    Returns:
+        True if a stop request interrupted the arm (no later phase may start).
+    """
+    from metalearner.config import load_run_config
+    from metalearner.tracking import PHASE_TAG, RUN_COLOR_TAG, run_colour
+    from trainables.callback import MlflowTraceCallback
+    from trainables.progress import ProgressTable
+    from trainables.reporting import cell_config
+    from trainables.sweep import _log_errors, _merge, _nested_space, make_scheduler, make_searcher
+
+    spec, s = runner.spec, arm.search
+    assert s is not None
+    chosen: dict[int, tuple[float, dict[str, Any]]] = {}
+    first_error = None
+    for pop in plan_populations(spec, arm):
+        phase = f"search:{arm.name}:s{pop.seed}"
+        done = state.phase(phase)
+        if not done.get("done"):
+            if runner._stop.is_set():
+                return True
+            report_every = load_run_config(pop.config).train.report_every
+            progress = runner._progress(ProgressTable, steps, f"{spec.name}: {arm.name} population, seed {pop.seed}")
+            cb = MlflowTraceCallback(writer, spec.name, parent, mutable_keys=list(s.space), progress=progress,
+                                     tags={"metalearner.sweep": spec.name}, colours=colours,
+                                     scheduler=s.scheduler.name, state=state, phase=phase, set_right=set_right)
+            space = {**copy.deepcopy(pop.config), "meta": dict(pop.meta)}
+            for key, dom in _nested_space(s.space).items():
+                space[key] = _merge(space.get(key, {}), dom)
+            grid, interrupted = runner._fit(
+                state, phase, f"{spec.name}-{arm.name}-s{pop.seed}-{runner.stamp}", trainable, space, cb,
+                search_alg=make_searcher(arm, spec), scheduler=make_scheduler(arm, steps, report_every),
+                num_samples=s.num_samples, reuse=False, keep=4)
+            if progress is not None:
+                progress.stop()
+            result.trials.update(cb.trial_info)
+            if interrupted:
+                runner._mark_interrupted(writer, cb)
+                return True
+            errors, first = _log_errors(grid, error_log)
+            finals: dict[str, float | None] = {}
+            configs: dict[str, dict[str, Any]] = {}
+            for r in grid:
+                tid = (r.metrics or {}).get("trial_id")
+                if r.error is not None or tid is None or tid not in cb.run_ids \
+                        or cb.trial_info.get(tid, {}).get("diverged"):
+                    continue
+                finals[tid] = (r.metrics or {}).get(spec.metric)
+                configs[tid] = cell_config(r.config or {})[0]
+            best = best_member(finals, spec.mode)
+            promoted = None
+            if best is not None:
+                tags = {PHASE_TAG: "compare"}
+                colour = run_colour(arm.name, "compare", colours) if colours is not None else None
+                if colour:
+                    tags[RUN_COLOR_TAG] = colour
+                writer.set_tags(cb.run_ids[best], tags)
+                result.trials[best]["phase"] = "compare"
+                promoted = {"trial": best, "metric": float(finals[best]),  # type: ignore[arg-type]
+                            "controller": dict(configs[best].get("controller", {}))}
+            done = {"errors": errors + cb.diverged, "best": promoted, "first_error": first}
+            state.finish_phase(phase, **done)
+        result.errors += done.get("errors", [])
+        first_error = first_error or done.get("first_error")
+        if done.get("best"):
+            chosen[pop.seed] = (float(done["best"]["metric"]), dict(done["best"]["controller"]))
+    if not chosen:
+        result.failed_arms[arm.name] = first_error or (
+            f"no population member reported a finite {spec.metric} (each diverged or was stopped)")
+        return False
+    # the settings in force at the end, per seed; the best seed's as the arm's spec file
+    _, top = min(chosen.values(), key=lambda fc: fc[0] if spec.mode == "min" else -fc[0])
+    result.best[arm.name] = top
+    folder = runner.folder
+    best_file = folder / f"best_{arm.name}.yaml"
+    seeds_file = folder / f"best_{arm.name}_per_seed.yaml"
+    result.spec_files[arm.name] = best_file
+    if not best_file.is_file():  # a resumed sweep has written and logged them already
+        best_file.write_text(yaml.safe_dump({"controller": top}, sort_keys=False))
+        seeds_file.write_text(yaml.safe_dump({seed: {spec.metric: f, "controller": c}
+                                              for seed, (f, c) in sorted(chosen.items())}, sort_keys=False))
+        writer.log_artifact(parent, best_file)
+        writer.log_artifact(parent, seeds_file)
+    return False
