@@ -219,6 +219,7 @@ class MlflowWriter:
         self._last_key_step: dict[tuple[str, str], int] = {}  # (run key, metric) -> last step journaled
         self._keys: dict[str, dict[str, Any]] = {}  # run key -> its create record
         self._status: dict[str, str] = {}  # run key -> RUNNING, or the status of its last "end"
+        self._param_names: dict[str, set[str]] = {}  # run key -> param names journaled (the first value wins)
         for rec in self.journal.records_at_open:
             self._note(rec)
         # delivery side (the thread)
@@ -255,6 +256,8 @@ class MlflowWriter:
             self._status[key] = "RUNNING"
         elif op == "end":
             self._status[key] = rec["status"]
+        elif op == "params":
+            self._param_names.setdefault(key, set()).update(rec["params"])
         elif op in METRIC_OPS:
             step = int(rec["step"])
             if op == "m":
@@ -348,7 +351,15 @@ class MlflowWriter:
             time.sleep(0.05)
 
     def log_params(self, key: str, params: dict[str, Any]) -> None:
-        self._add({"op": "params", "run": key, "params": params_to_strings(params)})
+        """Journal run ``key``'s params, less the names it already has: MLflow keeps a
+        param's first value and refuses a change (a 400 that would stop the run's
+        delivery), e.g. a trial of a resumed PBT sweep re-sending its mutated settings."""
+        with self._lock:
+            seen = self._param_names.setdefault(key, set())
+            new = {k: v for k, v in params_to_strings(params).items() if k not in seen}
+            seen.update(new)  # claimed now: concurrent producers cannot both send a name
+        if new:
+            self._add({"op": "params", "run": key, "params": new})
 
     def set_tags(self, key: str, tags: dict[str, Any]) -> None:
         self._add({"op": "tags", "run": key, "tags": {k: str(v) for k, v in tags.items()}})

@@ -6,6 +6,7 @@ second value makes the real run diverge (NaN loss from step 2).
 """
 
 import math
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -54,3 +55,32 @@ def test_a_diverging_trial_is_a_tagged_failure_not_a_crash(tmp_path, capfd):
     assert good.info.status == "FINISHED" and "metalearner.diverged" not in good.data.tags
     assert [s for s, _ in history(good, "loss")] == list(range(1, 13))
     assert history(good, "nonfinite_steps") == []
+
+
+_KEEPS_HANDLER = """
+import os, signal, sys, types
+from trainables.sweep import SweepRunner
+
+signal.signal(signal.SIGTERM, lambda *a: os._exit(130))  # the CLI's handler: stop, then exit 130
+SweepRunner._init_ray(types.SimpleNamespace(address=sys.argv[1], num_cpus=None))
+os.kill(os.getpid(), signal.SIGTERM)  # ray.init's own handler would exit 15
+os._exit(3)
+"""
+
+
+def test_ray_init_leaves_the_faces_sigterm_handler_in_force(tmp_path):
+    """``ray.init`` installs its own SIGTERM handler (``sys.exit(15)``): the sweep's Ray
+    start must leave the CLI's in force, or SIGTERM ends a sweep with 15 and a FAILED parent.
+    A real ``ray.init`` in a child process, attached to this module's local Ray."""
+    import os
+    import subprocess
+    import sys
+
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's code, as the test's own
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", _KEEPS_HANDLER, address], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 130, proc.stderr[-2000:]

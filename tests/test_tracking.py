@@ -66,6 +66,29 @@ def test_resume_run_knows_the_last_stored_step(sqlite_uri):
     assert [s for s, _ in steps_of(sqlite_uri, run_id, "loss")] == list(range(1, 22))
 
 
+
+def test_a_param_the_journal_holds_is_not_sent_again_with_another_value(sqlite_uri, tmp_path):
+    """A resumed PBT trial re-sends its params with mutated settings: MLflow refuses a changed
+    param (a 400 that would stop the run's delivery), so the first value wins, also across
+    a reopened journal."""
+    journal = tmp_path / "tracking"
+    w = MlflowWriter(sqlite_uri, journal_dir=journal)
+    key = w.create_run("exp", "r", key="trial-a")
+    w.log_params(key, {"controller.factor": 1.1, "train.seed": 0})
+    w.log_params(key, {"controller.factor": 1.3})  # the same process: dropped too
+    w.log_metrics(key, {"loss": 1.0}, 1)
+    assert w.close().complete
+    w2 = MlflowWriter(sqlite_uri, journal_dir=journal)  # the resumed driver
+    w2.create_run("exp", "r", key="trial-a")  # reopens it
+    w2.log_params(key, {"controller.factor": 1.32, "controller.window": 64})
+    w2.log_metrics(key, {"loss": 0.5}, 2)
+    left = w2.close()
+    assert left.complete and not w2.errors, w2.errors
+    run = mlflow.MlflowClient(sqlite_uri).get_run(w2.run_id(key))
+    assert run.data.params == {"controller.factor": "1.1", "train.seed": "0", "controller.window": "64"}
+    assert [s for s, _ in steps_of(sqlite_uri, w2.run_id(key), "loss")] == [1, 2]  # delivery went on
+
+
 def test_many_producer_threads_one_sqlite_store(writer, sqlite_uri):
     runs = [writer.create_run("exp", f"r{i}") for i in range(4)]
 

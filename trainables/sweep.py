@@ -203,11 +203,19 @@ class SweepRunner:
         set_defaults(TUNE_QUIET, HF_OFFLINE)
         if ray.is_initialized():
             return
-        if self.address:
-            ray.init(address=self.address, include_dashboard=False, logging_level="WARNING")
-        else:
-            ray.init(num_cpus=self.num_cpus, include_dashboard=False,  # None: Ray's own (cgroup-aware) count
-                     logging_level="WARNING", log_to_driver=False, configure_logging=True)
+        # ray.init installs a SIGTERM handler of its own (sys.exit(15)); the face's (the
+        # CLI's stop_on_signals: stop the sweep, exit 130) stays in force
+        main = threading.current_thread() is threading.main_thread()
+        term = signal.getsignal(signal.SIGTERM) if main else None
+        try:
+            if self.address:
+                ray.init(address=self.address, include_dashboard=False, logging_level="WARNING")
+            else:
+                ray.init(num_cpus=self.num_cpus, include_dashboard=False,  # None: Ray's own (cgroup-aware) count
+                         logging_level="WARNING", log_to_driver=False, configure_logging=True)
+        finally:
+            if main and term is not None:
+                signal.signal(signal.SIGTERM, term)
 
     def _open_inbox(self) -> str:
         """Start the sweep's trace inbox (`trainables.channel`) on the driver's node (Ray
