@@ -91,7 +91,6 @@ class MlflowTraceCallback(Callback):
         self.trial_info: dict[str, dict[str, Any]] = {}
         self._params_logged: set[str] = set()
         self._mutable_seen: dict[str, dict[str, Any]] = {}
-        self.diverged: list[str] = []  # one line per diverged trial: failures of the sweep
         self.state = state
         self.phase = phase
         self.set_right = set(set_right or ())
@@ -167,10 +166,7 @@ class MlflowTraceCallback(Callback):
         if result.get(DIVERGED_KEY) and not self.trial_info[tid].get("diverged"):
             where = f"at step {result.get('step')} of {result.get('total_steps')}"
             self.writer.set_tags(run_id, {DIVERGED_TAG: where})
-            self.trial_info[tid]["diverged"] = True
-            info = self.trial_info[tid]
-            self.diverged.append(f"trial {tid} (arm {info['arm']}, seed {info['seed']}) diverged {where}: "
-                                 "train.max_nonfinite non-finite steps in a row")
+            self.trial_info[tid]["diverged"] = True  # the sweep's error line comes from the grid
         node = result.get(NODE_KEY)
         if node and self.trial_info[tid].get("node_id") != node:
             self.writer.set_tags(run_id, {NODE_TAG: str(node)})

@@ -141,7 +141,13 @@ def take_payloads(trial_id: str, result: dict[str, Any]) -> list[dict[str, Any]]
     inbox = result.get(INBOX_KEY)
     if inbox is None:
         return [{k: result[k] for k in PAYLOAD_KEYS if k in result}]
-    return ray.get(_inbox(inbox).take.remote(trial_id, int(result.get("step") or 0)))
+    step = int(result.get("step") or 0)
+    try:
+        return ray.get(_inbox(inbox).take.remote(trial_id, step))
+    except Exception as e:  # gone (Ray down, actor killed) or unreachable: say which inbox
+        raise RuntimeError(f"trace inbox {inbox!r} (actor on the driver's node): got {type(e).__name__}: "
+                           f"{(str(e).strip().splitlines() or [''])[0]}, expected it to hand over trial "
+                           f"{trial_id}'s chunks up to step {step}") from e
 
 
 def drop_payloads(trial: Any) -> None:

@@ -28,6 +28,7 @@ confirmed for it.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import random
 import re
@@ -52,6 +53,7 @@ from trainables.phases import run_per_seed_populations
 from trainables.reporting import DIVERGED_KEY, cell_config, task_key
 from trainables.storage import is_uri, publish, storage_root, sweep_folder
 
+log = logging.getLogger(__name__)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its worker names
 
 
@@ -440,7 +442,7 @@ class SweepRunner:
                         break
                     errors, first_error = _log_errors(grid, error_log)
                     best = best_result(grid, spec.metric, spec.mode)
-                    done = {"errors": errors + cb.diverged,
+                    done = {"errors": errors + diverged_errors(grid),
                             "best": dict(cell_config(best.config)[0]["controller"]) if best is not None else None,
                             "failed": None if best is not None else (
                                 first_error or f"no trial reported a finite {spec.metric} "
@@ -479,7 +481,7 @@ class SweepRunner:
                         self._mark_interrupted(writer, cb)
                         result.interrupted = True
                     else:
-                        done = {"errors": _log_errors(grid, error_log)[0] + cb.diverged}
+                        done = {"errors": _log_errors(grid, error_log)[0] + diverged_errors(grid)}
                         state.finish_phase("compare", **done)
                 result.errors += done.get("errors", [])
             if result.errors or result.failed_arms:
@@ -497,13 +499,17 @@ class SweepRunner:
             if progress is not None:
                 progress.stop()
             result.seconds = time.perf_counter() - t0
-            if self.inbox is not None:
-                from trainables.channel import close_inbox
-
-                close_inbox(self.inbox)
             writer.terminate(parent, status)
             writer.close()  # what is left undelivered stays in the journal: the CLI counts it
             result.parent_run_id = writer.run_id(parent) or ""
+            if self.inbox is not None:  # last: a failure here must not hide the sweep's outcome
+                from trainables.channel import close_inbox
+
+                try:
+                    close_inbox(self.inbox)
+                except Exception as e:  # e.g. Ray went down under it (the actor went with it)
+                    log.warning("could not close the trace inbox %r: %s: %s", self.inbox, type(e).__name__,
+                                (str(e).strip().splitlines() or [""])[0])
         return result
 
 
@@ -524,6 +530,29 @@ def best_result(grid: Any, metric: str, mode: str) -> Any:
         return None
     pick = min if mode == "min" else max
     return pick(ok, key=lambda t: t[0])[1]
+
+
+def diverged_errors(grid: Any) -> list[str]:
+    """One line per trial of ``grid`` that diverged (its last report carries
+    ``DIVERGED_KEY``), read from the grid, so that a divergence an earlier (interrupted)
+    driver saw counts as well; each trial once.
+
+    Args:
+        grid: a phase's Tune result grid.
+    Returns:
+        ``trial ID (arm ARM, seed SEED) diverged at step S of T: ...`` lines, in grid order.
+    """
+    lines = []
+    for r in grid:
+        metrics = r.metrics or {}
+        if not metrics.get(DIVERGED_KEY):
+            continue
+        run_cfg, meta = cell_config(r.config or {})
+        seed = run_cfg.get("train", {}).get("seed", "")
+        lines.append(f"trial {metrics.get('trial_id')} (arm {meta.get('arm', 'trial')}, seed {seed}) diverged "
+                     f"at step {metrics.get('step')} of {metrics.get('total_steps')}: "
+                     "train.max_nonfinite non-finite steps in a row")
+    return lines
 
 
 def _log_errors(grid: Any, path: Path) -> tuple[list[str], str | None]:
