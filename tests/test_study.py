@@ -130,3 +130,40 @@ def test_per_seed_pbt_promotes_each_populations_best_member(cli, tmp_path):
     df = pd.read_csv(next(iter(table)))
     row = df[(df["arm"] == "pbt") & (df["phase"] == "compare")].iloc[0]
     assert int(row["n_seeds"]) == 2 and int(row["n_paired"]) == 2, df.to_string()  # both seeds paired with static
+
+
+# ---------------------------------------------------------------- resume: read from the grid
+
+
+def _result(tid, val, error=None, diverged=False, factor=1.05, step=20):
+    """A Tune result as the grid of a restored phase holds it (metrics, error, config)."""
+    from types import SimpleNamespace
+
+    metrics = {"trial_id": tid, "val_loss": val, "step": step, "total_steps": 20, "diverged": diverged}
+    config = {"controller": {"name": "ewma", "factor": factor}, "train": {"seed": 1},
+              "meta": {"arm": "pbt", "phase": "search"}}
+    return SimpleNamespace(metrics=metrics, error=error, config=config)
+
+
+def test_members_finished_in_an_earlier_driver_are_eligible():
+    """A resumed population's grid holds members the dead driver ran (their run keys are in
+    the sweep state, not in this driver's callback); failed and diverged ones are not."""
+    from trainables.phases import eligible_members
+
+    grid = [_result("a", 0.9), _result("b", 0.4, factor=1.08), _result("c", 0.1, error=RuntimeError("x")),
+            _result("d", 0.2, diverged=True, step=8), _result("e", float("nan"))]
+    keys = {"a": "trial-a", "b": "trial-b", "c": "trial-c", "d": "trial-d", "e": "trial-e"}  # state + this driver
+    members = eligible_members(grid, "val_loss", keys)
+    assert sorted(members) == ["a", "b", "e"]
+    best = best_member({t: m.final for t, m in members.items()}, "min")
+    assert best == "b" and members[best].key == "trial-b" and members[best].config["controller"]["factor"] == 1.08
+    # a member without a child run (never reported) cannot be promoted
+    assert sorted(eligible_members(grid, "val_loss", {"a": "trial-a"})) == ["a"]
+
+
+def test_a_divergence_before_an_interrupt_is_counted_from_the_grid():
+    from trainables.sweep import diverged_errors
+
+    grid = [_result("a", 0.9), _result("d", 0.2, diverged=True, step=8), _result("c", 0.1, error=RuntimeError("x"))]
+    (line,) = diverged_errors(grid)
+    assert line.startswith("trial d (arm pbt, seed 1) diverged at step 8 of 20: train.max_nonfinite"), line

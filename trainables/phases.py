@@ -80,6 +80,50 @@ def best_member(finals: dict[str, float | None], mode: str) -> str | None:
     return min(sorted(ok), key=lambda t: sign * ok[t])
 
 
+@dataclass(frozen=True)
+class Member:
+    """A population member that may be promoted.
+
+    Attributes:
+        final: its metric at its last report (None or NaN if missing).
+        config: its nested run config at the end (PBT's last settings).
+        key: its child run's key in the sweep's journal.
+    """
+
+    final: float | None
+    config: dict[str, Any]
+    key: str
+
+
+def eligible_members(grid: Any, metric: str, run_keys: dict[str, str]) -> dict[str, Member]:
+    """The members of a population's result grid that may be promoted: ended without an
+    error and not diverged (as `trainables.sweep.best_result` decides), with a child run.
+    Read from the grid, so a member that finished in an earlier (interrupted) driver
+    process counts as one that finished in this one.
+
+    Args:
+        grid: the population's Tune result grid (iterable of results with ``metrics``,
+            ``error`` and ``config``).
+        metric: the spec's metric.
+        run_keys: trial id -> its child run key (this driver's, else the sweep state's).
+    Returns:
+        trial id -> `Member`, in grid order.
+    """
+    from trainables.reporting import DIVERGED_KEY, cell_config
+
+    out: dict[str, Member] = {}
+    for r in grid:
+        metrics = r.metrics or {}
+        tid = metrics.get("trial_id")
+        if r.error is not None or metrics.get(DIVERGED_KEY) or tid is None:
+            continue
+        key = run_keys.get(tid)
+        if key is None:
+            continue
+        out[tid] = Member(metrics.get(metric), cell_config(r.config or {})[0], key)
+    return out
+
+
 def run_per_seed_populations(runner: Any, arm: Arm, trainable: Any, writer: Any, parent: str,
                              colours: dict[str, str] | None, steps: int, result: Any,
                              error_log: Any, state: Any, set_right: set[str]) -> bool:
@@ -109,8 +153,7 @@ def run_per_seed_populations(runner: Any, arm: Arm, trainable: Any, writer: Any,
     from metalearner.tracking import PHASE_TAG, RUN_COLOR_TAG, run_colour
     from trainables.callback import MlflowTraceCallback
     from trainables.progress import ProgressTable
-    from trainables.reporting import cell_config
-    from trainables.sweep import _log_errors, _merge, _nested_space, make_scheduler, make_searcher
+    from trainables.sweep import _log_errors, _merge, _nested_space, diverged_errors, make_scheduler, make_searcher
 
     spec, s = runner.spec, arm.search
     assert s is not None
@@ -141,27 +184,27 @@ def run_per_seed_populations(runner: Any, arm: Arm, trainable: Any, writer: Any,
                 runner._mark_interrupted(writer, cb)
                 return True
             errors, first = _log_errors(grid, error_log)
-            finals: dict[str, float | None] = {}
-            configs: dict[str, dict[str, Any]] = {}
-            for r in grid:
-                tid = (r.metrics or {}).get("trial_id")
-                if r.error is not None or tid is None or tid not in cb.run_ids \
-                        or cb.trial_info.get(tid, {}).get("diverged"):
-                    continue
-                finals[tid] = (r.metrics or {}).get(spec.metric)
-                configs[tid] = cell_config(r.config or {})[0]
-            best = best_member(finals, spec.mode)
+            errors += diverged_errors(grid)  # from the grid: also those an earlier driver saw
+            # run keys: this driver's, and those of members an earlier (interrupted) driver ran
+            keys = {**{t: c["key"] for t, c in state.children(phase).items()}, **cb.run_ids}
+            members = eligible_members(grid, spec.metric, keys)
+            best = best_member({t: m.final for t, m in members.items()}, spec.mode)
             promoted = None
             if best is not None:
                 tags = {PHASE_TAG: "compare"}
                 colour = run_colour(arm.name, "compare", colours) if colours is not None else None
                 if colour:
                     tags[RUN_COLOR_TAG] = colour
-                writer.set_tags(cb.run_ids[best], tags)
+                m = members[best]
+                writer.set_tags(m.key, tags)
+                result.trials.setdefault(best, {"arm": arm.name, "seed": pop.seed, "run_key": m.key})
                 result.trials[best]["phase"] = "compare"
-                promoted = {"trial": best, "metric": float(finals[best]),  # type: ignore[arg-type]
-                            "controller": dict(configs[best].get("controller", {}))}
-            done = {"errors": errors + cb.diverged, "best": promoted, "first_error": first}
+                promoted = {"trial": best, "metric": float(m.final),  # type: ignore[arg-type]
+                            "controller": dict(m.config.get("controller", {}))}
+            else:  # every member failed, diverged or ended without a finite metric: this seed has no run
+                errors.append(f"arm {arm.name}, seed {pop.seed}: no population member reported a finite "
+                              f"{spec.metric} (each failed, diverged or was stopped); the seed has no compare run")
+            done = {"errors": errors, "best": promoted, "first_error": first}
             state.finish_phase(phase, **done)
         result.errors += done.get("errors", [])
         first_error = first_error or done.get("first_error")
