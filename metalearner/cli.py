@@ -245,13 +245,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     runner = SweepRunner(spec, uri, storage=args.storage, address=args.address, num_cpus=args.num_cpus,
                          progress=None,  # the face shows the trials: live on a terminal, plain lines elsewhere
                          resume=args.resume)
-    resume = " ".join(["metalearner", "sweep", "--resume", shlex.quote(str(runner.experiment_dir)),
-                       *(["--tracking-uri", shlex.quote(args.tracking_uri)] if args.tracking_uri else [])])
+    resume = resume_command(runner.experiment_dir, args)
     print(f"metalearner sweep '{spec.name}'{' (smoke test)' if args.smoke_test else ''}"
           f"{' resumed' if args.resume else ''}: {len(spec.arms)} arm(s) x {len(spec.seeds)} seed(s); "
           f"MLflow: {uri}\n  folder: {runner.experiment_dir}", flush=True)
-    with stop_on_signals(runner.request_stop, resume):
-        result = runner.run()
+    from metalearner.journal import JournalError
+
+    try:
+        with stop_on_signals(runner.request_stop, resume):
+            result = runner.run()
+    except JournalError as e:  # e.g. a --resume while another process holds the sweep's journal
+        fail(str(e))
     from metalearner.journal import JOURNAL_DIR, pending
 
     journal = runner.folder / JOURNAL_DIR
@@ -293,6 +297,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"\nreport: {out}  (also logged to the parent run under report/)")
     print(f"view it: {ui_command(uri)}\n  then open {report.url}")
     return EXIT_FAILURE if result.errors or result.failed_arms else 0
+
+
+def resume_command(experiment_dir: Path, args: argparse.Namespace) -> str:
+    """The command that continues the sweep of ``experiment_dir``, with the flags of this
+    one that a resume needs again (tracking store, Ray cluster, local Ray's CPUs)."""
+    words = ["metalearner", "sweep", "--resume", str(experiment_dir)]
+    for flag, value in (("--tracking-uri", args.tracking_uri), ("--address", args.address),
+                        ("--num-cpus", args.num_cpus)):
+        if value is not None:
+            words += [flag, str(value)]
+    return shlex.join(words)
 
 
 @contextmanager

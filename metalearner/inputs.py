@@ -288,6 +288,10 @@ def resume_spec(args: argparse.Namespace) -> Any:
     if args.storage is not None:
         raise ConfigError(f"--storage: got {args.storage!r} with --resume, expected none (a resumed sweep keeps "
                           "the storage it started with)")
+    started = SweepState.load(folder).tracking_uri
+    if args.tracking_uri is not None and not same_store(args.tracking_uri, started):
+        raise ConfigError(f"--tracking-uri: got {args.tracking_uri!r} with --resume, expected {started!r} or none "
+                          "(a resumed sweep delivers to the tracking store it started with)")
     saved_file = folder / SPEC_FILE
     saved = load_experiment(saved_file)
     given = load_experiment(args.experiment or saved_file, overrides=args.set, smoke=args.smoke_test)
@@ -295,6 +299,15 @@ def resume_spec(args: argparse.Namespace) -> Any:
         raise ConfigError(f"{key}: got {short(new)}, expected {short(old)} as in the sweep being resumed "
                           f"({saved_file}); a resume runs the spec it started with")
     return saved
+
+
+def same_store(a: str, b: str) -> bool:
+    """Whether tracking URIs ``a`` and ``b`` name the same store (a SQLite file by its
+    resolved path, anything else by its text, trailing slashes aside)."""
+    prefix = "sqlite:///"
+    if a.startswith(prefix) and b.startswith(prefix):
+        return Path(a[len(prefix):]).resolve() == Path(b[len(prefix):]).resolve()
+    return a.rstrip("/") == b.rstrip("/")
 
 
 _MISSING = "<missing>"

@@ -159,6 +159,8 @@ CASES = [
      ["sweep", "--resume", "d", "--set", "arms[1].search.num_samples=3"], "arms[1].search.num_samples: got 3"),
     ("resume-with-storage", {"d/sweep_state.json": STATE, "d/experiment.yaml": SPEC},
      ["sweep", "--resume", "d", "--storage", "elsewhere"], "--storage"),
+    ("resume-other-tracking-store", {"d/sweep_state.json": STATE, "d/experiment.yaml": SPEC},
+     ["sweep", "--resume", "d", "--tracking-uri", "sqlite:///other.db"], "--tracking-uri: got 'sqlite:///other.db'"),
     # ---- train: flags, --config, --controller-spec, --set, files
     ("train-steps-zero", {}, ["train", "--steps", "0"], "--steps"),
     ("train-steps-text", {}, ["train", "--steps", "x"], "--steps"),
@@ -317,3 +319,36 @@ def test_parser_namespace_defaults_leave_task_and_controller_unset():
     """--task/--controller default to None so that a --config can be told apart from a flag."""
     args = _args(["train"])
     assert isinstance(args, argparse.Namespace) and args.task is None and args.controller is None
+
+
+def test_resume_accepts_the_same_store_and_prints_every_flag_it_needs(workdir):
+    from metalearner.cli import resume_command
+
+    (workdir / "d").mkdir()
+    write(workdir / "d" / "experiment.yaml", SPEC)
+    write(workdir / "d" / "sweep_state.json", STATE)
+    for uri in ("sqlite:///m.db", f"sqlite:///{workdir / 'm.db'}"):  # the state's store, by either path
+        assert sweep_inputs(_args(["sweep", "--resume", "d", "--tracking-uri", uri])).name == "probe"
+    args = _args(["sweep", "spec.yaml", "--tracking-uri", "sqlite:///m.db", "--address", "ray://head:10001",
+                  "--num-cpus", "4"])
+    assert resume_command(Path("sweeps/a b"), args) == ("metalearner sweep --resume 'sweeps/a b' --tracking-uri "
+                                                        "sqlite:///m.db --address ray://head:10001 --num-cpus 4")
+    assert resume_command(Path("d"), _args(["sweep", "spec.yaml"])) == "metalearner sweep --resume d"
+
+
+def test_resume_while_the_journal_is_held_exits_2_with_one_line(workdir, capsys, monkeypatch):
+    """A second ``--resume`` of a sweep still running (its journal locked): one line, no traceback."""
+    from metalearner.journal import JOURNAL_DIR, Journal
+
+    monkeypatch.setenv("TUNE_DISABLE_SIGINT_HANDLER", "1")  # the CLI sets it; restored after the test
+    (workdir / "d").mkdir()
+    write(workdir / "d" / "experiment.yaml", SPEC)
+    write(workdir / "d" / "sweep_state.json", STATE)
+    held = Journal(workdir / "d" / JOURNAL_DIR, "sqlite:///m.db")  # the running sweep's
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--resume", "d"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "in use by another process" in err[0], err
+    held.close()
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()
