@@ -16,7 +16,8 @@ LAYERS = [
     ["metalearner.tasks"],
     ["metalearner.config", "metalearner.experiment"],
     ["metalearner.train", "metalearner.hf"],
-    ["metalearner.tracking", "metalearner.journal", "metalearner.report"],  # journal: stdlib only, no mlflow
+    ["metalearner.tracking", "metalearner.journal", "metalearner.report",
+     "metalearner.sweep_state"],  # journal, sweep_state: stdlib only, no mlflow
     ["trainables"],
     ["metalearner.cli", "metalearner.inputs"],  # the face: the CLI and its input checks
     ["metalearner"],  # the package's own __init__ (re-exports)

@@ -97,7 +97,7 @@ class Member:
 
 def eligible_members(grid: Any, metric: str, run_keys: dict[str, str]) -> dict[str, Member]:
     """The members of a population's result grid that may be promoted: ended without an
-    error and not diverged (as `trainables.sweep.best_result` decides), with a child run.
+    error and not diverged (as `trainables.tuning.best_result` decides), with a child run.
     Read from the grid, so a member that finished in an earlier (interrupted) driver
     process counts as one that finished in this one.
 
@@ -153,7 +153,7 @@ def run_per_seed_populations(runner: Any, arm: Arm, trainable: Any, writer: Any,
     from metalearner.tracking import PHASE_TAG, RUN_COLOR_TAG, run_colour
     from trainables.callback import MlflowTraceCallback
     from trainables.progress import ProgressTable
-    from trainables.sweep import _log_errors, _merge, _nested_space, diverged_errors, make_scheduler, make_searcher
+    from trainables.tuning import _log_errors, _merge, _nested_space, diverged_errors, make_scheduler, make_searcher
 
     spec, s = runner.spec, arm.search
     assert s is not None

@@ -1,0 +1,190 @@
+"""What a sweep's phases hand to Ray Tune and read back from it: search domains,
+searchers and schedulers from a spec's ``search`` block, and the reading of a phase's
+result grid (the best completed trial, failed and diverged trials as error lines).
+`trainables.sweep` and `trainables.phases` both use it. Imports ray only inside functions.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import traceback
+from pathlib import Path
+from typing import Any
+
+from metalearner.config import set_dotted
+from metalearner.experiment import Arm, ExperimentSpec
+from trainables.reporting import DIVERGED_KEY, cell_config
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its worker names
+
+
+def to_tune_domain(spec: dict[str, Any]) -> Any:
+    """``{"loguniform": [a, b]}`` -> ``tune.loguniform(a, b)`` (Ray's own domains)."""
+    from ray import tune
+
+    (kind, args), = spec.items()
+    if kind == "grid":
+        return tune.grid_search(list(args))
+    if kind == "choice":
+        return tune.choice(list(args))
+    if kind == "uniform":
+        return tune.uniform(*args)
+    if kind == "loguniform":
+        return tune.loguniform(*args)
+    if kind == "randint":
+        return tune.randint(int(args[0]), int(args[1]))  # high exclusive, as in Ray
+    raise ValueError(f"search.space: unknown domain {kind!r}")
+
+
+def _nested_space(space: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        set_dotted(out, key, to_tune_domain(spec))
+    return out
+
+
+def make_searcher(arm: Arm, spec: ExperimentSpec) -> Any:
+    s = arm.search
+    assert s is not None
+    if s.searcher == "optuna":
+        try:
+            import optuna
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as e:
+            raise RuntimeError("searcher 'optuna' needs optuna: pip install optuna") from e
+        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=spec.seed))
+    if s.searcher == "hyperopt":
+        try:
+            from ray.tune.search.hyperopt import HyperOptSearch
+        except ImportError as e:
+            raise RuntimeError("searcher 'hyperopt' needs hyperopt: pip install hyperopt") from e
+        return HyperOptSearch(random_state_seed=spec.seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # a search algorithm of our own makes Tune ignore max_concurrent_trials: pass it here
+    return BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.resources.max_concurrent)
+
+
+def make_scheduler(arm: Arm, steps: int, report_every: int) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers.pb2 import PB2
+
+    s = arm.search
+    assert s is not None
+    sc = s.scheduler
+    if sc.name == "asha":
+        return ASHAScheduler(time_attr="step", max_t=steps, grace_period=sc.grace_period or 2 * report_every,
+                             reduction_factor=sc.reduction_factor)
+    interval = sc.perturbation_interval or 4 * report_every
+    if sc.name == "pbt":
+        return PopulationBasedTraining(
+            time_attr="step", perturbation_interval=interval, hyperparam_mutations=_nested_space(s.space),
+            quantile_fraction=sc.quantile_fraction, resample_probability=sc.resample_probability, synch=sc.synch,
+            custom_explore_fn=ClampToSpace(s.space),
+        )
+    if sc.name == "pb2":
+        bounds: dict[str, Any] = {}
+        for key, dom in s.space.items():
+            (kind, args), = dom.items()
+            high = float(args[1]) - (1 if kind == "randint" else 0)  # randint's high is exclusive
+            set_dotted(bounds, key, [float(args[0]), high])
+        return PB2(time_attr="step", perturbation_interval=interval, hyperparam_bounds=bounds,
+                   quantile_fraction=sc.quantile_fraction, synch=sc.synch)
+    return FIFOScheduler()
+
+
+class ClampToSpace:
+    """PBT's explore step multiplies values by 1.2 or 0.8 without looking at the domain;
+    this puts each mutated value back inside its range (a factor of 1.001 * 0.8 would
+    otherwise be an invalid controller)."""
+
+    def __init__(self, space: dict[str, Any]) -> None:
+        self.bounds = {}
+        for key, dom in space.items():
+            (kind, args), = dom.items()
+            if kind in ("uniform", "loguniform"):
+                self.bounds[key] = (float(args[0]), float(args[1]), float)
+            elif kind == "randint":
+                self.bounds[key] = (int(args[0]), int(args[1]) - 1, int)
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        for key, (lo, hi, kind) in self.bounds.items():
+            parts = key.split(".")
+            node = config.get("cell", config)
+            for p in parts[:-1]:
+                node = node.get(p, {})
+            if parts[-1] in node:
+                node[parts[-1]] = kind(min(max(node[parts[-1]], lo), hi))
+        return config
+
+
+def best_result(grid: Any, metric: str, mode: str) -> Any:
+    """The best of the trials that completed (ended without an error, not diverged) by
+    their last ``metric``; None when none did. A failed trial's partial results never
+    win, and nothing here swallows an error (Ray's ``get_best_result`` ranks failed
+    trials too, and raises when nothing has the metric)."""
+    ok = []
+    for r in grid:
+        metrics = r.metrics or {}
+        if r.error is not None or metrics.get(DIVERGED_KEY):  # a diverged run is a failure too
+            continue
+        value = metrics.get(metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            ok.append((float(value), r))
+    if not ok:
+        return None
+    pick = min if mode == "min" else max
+    return pick(ok, key=lambda t: t[0])[1]
+
+
+def diverged_errors(grid: Any) -> list[str]:
+    """One line per trial of ``grid`` that diverged (its last report carries
+    ``DIVERGED_KEY``), read from the grid, so that a divergence an earlier (interrupted)
+    driver saw counts as well; each trial once.
+
+    Args:
+        grid: a phase's Tune result grid.
+    Returns:
+        ``trial ID (arm ARM, seed SEED) diverged at step S of T: ...`` lines, in grid order.
+    """
+    lines = []
+    for r in grid:
+        metrics = r.metrics or {}
+        if not metrics.get(DIVERGED_KEY):
+            continue
+        run_cfg, meta = cell_config(r.config or {})
+        seed = run_cfg.get("train", {}).get("seed", "")
+        lines.append(f"trial {metrics.get('trial_id')} (arm {meta.get('arm', 'trial')}, seed {seed}) diverged "
+                     f"at step {metrics.get('step')} of {metrics.get('total_steps')}: "
+                     "train.max_nonfinite non-finite steps in a row")
+    return lines
+
+
+def _log_errors(grid: Any, path: Path) -> tuple[list[str], str | None]:
+    """Append each failed trial's full error (the trial's remote traceback) and its trial
+    folder to ``path``; returns one line per failure (the error's own type and message)
+    and the first failure's full text (None if no trial failed)."""
+    lines = []
+    first = None
+    with open(path, "a", encoding="utf-8") as fh:
+        for r in grid:
+            if r.error is None:
+                continue
+            text = _ANSI.sub("", "".join(traceback.format_exception(r.error))).rstrip()
+            first = first or f"trial folder {r.path}\n{text}"
+            fh.write(f"==== trial folder {r.path}\n{text}\n\n")
+            cause = getattr(r.error, "cause", None) or r.error  # a RayTaskError wraps the trial's own
+            message = (str(cause).strip().splitlines() or [""])[0]
+            lines.append(f"{type(cause).__name__}: {message}" if message else type(cause).__name__)
+    return lines, first
+
+
+def _merge(base: Any, dom: Any) -> Any:
+    """Put the search domains of a nested space into the base config section."""
+    if isinstance(base, dict) and isinstance(dom, dict):
+        out = dict(base)
+        for k, v in dom.items():
+            out[k] = _merge(base.get(k), v)
+        return out
+    return dom
