@@ -200,6 +200,9 @@ class MlflowWriter:
                  max_queue: int = 100_000, backoff_cap: float = 10.0, connections: int | None = None) -> None:
         mlflow = _mlflow()
         self.tracking_uri = tracking_uri
+        self._temp = journal_dir is None
+        self.journal_dir = Path(tempfile.mkdtemp(prefix="metalearner-journal-") if journal_dir is None else journal_dir)
+        self.journal = Journal(self.journal_dir, tracking_uri)  # first: a busy journal touches no store
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
         self.outage_s = float(outage_s)
         self.flush_every = flush_every
@@ -208,9 +211,6 @@ class MlflowWriter:
         self.backoff_cap = backoff_cap
         remote = tracking_uri.startswith(("http://", "https://"))
         self.connections = max(1, connections or (SERVER_CONNECTIONS if remote else 1))
-        self._temp = journal_dir is None
-        self.journal_dir = Path(tempfile.mkdtemp(prefix="metalearner-journal-") if journal_dir is None else journal_dir)
-        self.journal = Journal(self.journal_dir, tracking_uri)
         self._lock = threading.Lock()  # producer side: buffer, journal appends, step watermarks
         self._buffer: list[dict[str, Any]] = []
         self._n_buffered = 0
