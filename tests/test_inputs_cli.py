@@ -345,10 +345,13 @@ def test_resume_while_the_journal_is_held_exits_2_with_one_line(workdir, capsys,
     write(workdir / "d" / "experiment.yaml", SPEC)
     write(workdir / "d" / "sweep_state.json", STATE)
     held = Journal(workdir / "d" / JOURNAL_DIR, "sqlite:///m.db")  # the running sweep's
-    with pytest.raises(SystemExit) as exit_info:
-        main(["sweep", "--resume", "d"])
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sweep", "--resume", "d"])
+    finally:
+        held.close()
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "in use by another process" in err[0], err
-    held.close()
+    assert not (workdir / "m.db").exists()  # the store is not touched
     ray = sys.modules.get("ray")
     assert ray is None or not ray.is_initialized()
