@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+from tracking_server import free_port, stop  # noqa: E402  (scripts/tracking_server.py)
 
 SPEC = """\
 name: {name}
@@ -56,31 +58,6 @@ arms:
 resources: {{cpus_per_trial: 1}}
 """
 RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
-
-
-def free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not 10002 <= port <= 19999:  # Ray's worker port range
-            return port
-
-
-def end_group(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """End a process started here, with its children, by its process group."""
-    import signal
-
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=timeout)
-    except ProcessLookupError:
-        pass
 
 
 class Cluster:
@@ -138,7 +115,7 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         for proc, temp in reversed(self.nodes):
-            end_group(proc, timeout=20)
+            stop(proc, timeout=20)
             shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -170,7 +147,7 @@ def run_sweep(spec: Path, folder: Path, where: list[str]) -> dict:
     try:
         out, _ = proc.communicate(timeout=1800)
     finally:
-        end_group(proc)
+        stop(proc)
     wall = time.perf_counter() - t0
     watcher.join()
     if proc.returncode != 0:

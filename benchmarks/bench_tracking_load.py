@@ -73,17 +73,6 @@ class Load:
         return self.points / self.total_s
 
 
-def free_port() -> int:
-    import socket
-
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not 10002 <= port <= 19999:  # Ray's worker port range
-            return port
-
-
 def run_load(uri: str, folder: Path, connections: int, trials: int, steps: int, chunk: int, tag: str) -> Load:
     """``trials`` producer threads into one writer; returns the figures (audited)."""
     writer = MlflowWriter(uri, journal_dir=folder / f"journal-{tag}", connections=connections)
@@ -187,7 +176,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-load-") as d:
         folder = Path(d)
         folder.chmod(0o755)  # as root, PostgreSQL runs as the postgres user: it must reach its folder
-        port, pg_port = free_port(), free_port()
+        port, pg_port = tracking_server.free_port(), tracking_server.free_port()
         t0 = time.perf_counter()
         pg = tracking_server.start_postgres(folder / "server", pg_port)
         try:

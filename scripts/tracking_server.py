@@ -121,6 +121,16 @@ def start_mlflow(folder: Path, port: int, pg_port: int, workers: int = 1, timeou
     return proc
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 outside Ray's worker-port range (10002-19999)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not 10002 <= port <= 19999:
+            return port
+
+
 def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
     """End a server started here, with its children, by its process group."""
     if proc.poll() is not None:
