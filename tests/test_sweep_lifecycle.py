@@ -1,5 +1,6 @@
 """Sweeps that survive: real ``metalearner sweep`` processes, real signals, a real local Ray
-(2 CPUs) and a real SQLite MLflow store. Faults come from outside (signals to the driver,
+(2 CPUs) and a real MLflow store: the chained-fault sweep writes to a real `mlflow server` on
+127.0.0.1 (the failed-arm sweep to SQLite). Faults come from outside (signals to the driver,
 or to a trial's worker process found by the pid its results carry, checked to be a
 descendant of the sweep this test started), then every child run is audited through the
 MLflow client: steps exactly 1..N for each trace key, nothing lost, nothing duplicated.
@@ -26,6 +27,7 @@ import mlflow
 import psutil
 import yaml
 from conftest import history
+from test_outage import Server, _free_port
 
 from metalearner.trace import STEP_KEYS as TRACE_KEYS
 
@@ -170,8 +172,11 @@ def worker_pid(tmp: Path, trial: str) -> int | None:
     return None
 
 
+SERVERS: dict[Path, str] = {}  # test folder -> the URI of the `mlflow server` its sweep writes to
+
+
 def uri(tmp: Path) -> str:
-    return f"sqlite:///{tmp / 'mlflow.db'}"
+    return SERVERS.get(tmp, f"sqlite:///{tmp / 'mlflow.db'}")
 
 
 def sweep_runs(tmp: Path):
@@ -212,6 +217,18 @@ def test_worker_kill_interrupt_and_driver_kill_lose_and_duplicate_nothing(tmp_pa
     spec.write_text(yaml.safe_dump(SPEC))
     runs_of: dict[str, set[str]] = {}  # scenario -> the trial ids its fault hit
 
+    # the sweep writes to a real `mlflow server` on 127.0.0.1 (SQLite behind it), its own process group
+    server = Server(tmp_path / "server", _free_port())
+    server.start()
+    SERVERS[tmp_path] = server.uri
+    try:
+        _chained_faults(tmp_path, spec, runs_of)
+    finally:
+        server.kill()
+        SERVERS.pop(tmp_path, None)
+
+
+def _chained_faults(tmp_path: Path, spec: Path, runs_of: dict[str, set[str]]) -> None:
     # ---- 1: SIGKILL of a search trial's worker: Tune restarts it from its checkpoint
     first = Sweep(tmp_path, str(spec), "--storage", str(tmp_path / "ray"), "--tracking-uri", uri(tmp_path))
     try:
