@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from metalearner.config import ConfigError
 from metalearner.inputs import OneLineParser, compare_inputs, data_inputs, sweep_inputs, train_inputs
@@ -244,7 +245,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     runner = SweepRunner(spec, uri, storage=args.storage, address=args.address, num_cpus=args.num_cpus,
                          progress=None,  # the face shows the trials: live on a terminal, plain lines elsewhere
-                         resume=args.resume)
+                         resume=args.resume, metrics_db=args.metrics_db)
     resume = resume_command(runner.experiment_dir, args)
     print(f"metalearner sweep '{spec.name}'{' (smoke test)' if args.smoke_test else ''}"
           f"{' resumed' if args.resume else ''}: {len(spec.arms)} arm(s) x {len(spec.seeds)} seed(s); "
@@ -307,6 +308,8 @@ def resume_command(experiment_dir: Path, args: argparse.Namespace) -> str:
                         ("--num-cpus", args.num_cpus)):
         if value is not None:
             words += [flag, str(value)]
+    if getattr(args, "metrics_db", None) and urlsplit(args.metrics_db).password is None and not os.environ.get("METALEARNER_METRICS_DB"):
+        words += ["--metrics-db", args.metrics_db]  # a password is never printed: set $METALEARNER_METRICS_DB
     return shlex.join(words)
 
 
@@ -454,6 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", help="folder for the comparison report (default: STORAGE/NAME-TIMESTAMP/report; for a URI "
                     "storage written to ./sweeps/NAME-TIMESTAMP/report and copied to the URI)")
     sw.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: Ray's own count)")
+    sw.add_argument("--metrics-db", default=os.environ.get("METALEARNER_METRICS_DB") or None, metavar="URI",
+                    help="the tracking server's PostgreSQL backend (postgresql://USER@HOST:PORT/DB): trace points "
+                         "are written there in bulk, everything else through the server; for sweeps that log faster "
+                         "than the server can take (default: $METALEARNER_METRICS_DB, else all through the server)")
     sw.set_defaults(func=cmd_sweep)
 
     cp = sub.add_parser("compare", help="compare the policies of a sweep: table, plots, paired tests",

@@ -261,16 +261,40 @@ def sweep_inputs(args: argparse.Namespace) -> Any:
         if need > cpus:
             raise ConfigError(f"resources.cpus_per_trial: got {need:g}, expected at most the {cpus} CPUs of the "
                               "local Ray (--num-cpus); no trial could start")
+    tracking_uri = args.tracking_uri
     if args.resume is None:
         storage_location(args.storage, "--storage")
-        tracking_location(args.tracking_uri)
     else:
         from metalearner.sweep_state import SweepState
 
-        tracking_location(args.tracking_uri or SweepState.load(args.resume).tracking_uri)
+        tracking_uri = tracking_uri or SweepState.load(args.resume).tracking_uri
+    tracking_location(tracking_uri)
     if args.out:
         writable_path(args.out, "--out", folder=True)
+    if getattr(args, "metrics_db", None):
+        metrics_db_location(args.metrics_db, tracking_uri)
     return spec
+
+
+def metrics_db_location(uri: str, tracking_uri: str | None) -> None:
+    """``--metrics-db``: the PostgreSQL backend of a tracking server, reachable, with the
+    MLflow tables this path writes (checked now: a wrong database exits 2 before Ray)."""
+    from metalearner.metrics_db import MetricsDb, MetricsDbError, redact
+
+    tracking = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if not tracking.startswith(("http://", "https://")):
+        raise ConfigError(f"--metrics-db: got it with the tracking store {tracking!r}, expected a tracking server "
+                          "(--tracking-uri http://HOST:PORT) whose backend store it is")
+    try:
+        db = MetricsDb(uri, connect_timeout=5)
+        try:
+            db.check_schema()
+        finally:
+            db.close()
+    except MetricsDbError as e:
+        raise ConfigError(str(e)) from None
+    except ConnectionError as e:
+        raise ConfigError(f"--metrics-db: got {redact(uri)!r}, expected a reachable database; {e}") from None
 
 
 def resume_spec(args: argparse.Namespace) -> Any:

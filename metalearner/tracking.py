@@ -8,7 +8,9 @@ once over parallel requests, each run in journal order), retrying through outage
 its progress durably, so a restart neither rewrites nor skips a point; ``metalearner
 sync`` delivers what an outage left. With a single writer per store, the embedded SQLite
 default cannot raise "database is locked": in a sweep, Ray trials do not touch MLflow at
-all — they send their trace chunks with ``tune.report`` and the driver's writer stores them.
+all — they send their trace chunks to the sweep's inbox (`trainables.channel`) and the
+driver's writer stores them. With ``--metrics-db`` (the server's PostgreSQL), the trace
+points skip the server and go into its tables in bulk (`metalearner.metrics_db`).
 
 Exactly one point per step per key: a `MlflowWriter` remembers the last step journaled
 for each run (also across restarts: it is read back from the journal) and drops records
@@ -45,6 +47,7 @@ from metalearner.journal import (
     read_lines,
     save_state,
 )
+from metalearner.metrics_db import MetricsDb, MetricsDbError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ MAX_PARAM_CHARS = 6000
 WRITER_NICE = 10
 READ_CHUNK = 4 << 20  # bytes of journal the delivery thread reads at a time
 SERVER_CONNECTIONS = 8  # runs delivered in parallel to a tracking server (bench_tracking_load.py)
+BULK_POINTS = 5000  # points per transaction on the --metrics-db path (bench_tracking_load.py)
 
 
 def _mlflow() -> Any:
@@ -129,7 +133,7 @@ def _permanent(e: BaseException) -> bool:
     """A failure that retrying cannot fix: the store rejected the request (HTTP 4xx other
     than 429), or a file to upload is gone. Everything else (refused connections, 5xx,
     a locked database, timeouts) is an outage and is retried."""
-    if isinstance(e, FileNotFoundError):
+    if isinstance(e, (FileNotFoundError, MetricsDbError)):
         return True
     code = getattr(e, "get_http_status_code", None)
     if code is None:
@@ -193,11 +197,15 @@ class MlflowWriter:
         connections: runs delivered at once, each over its own request (a run's records
             stay in order, one request at a time). None: `SERVER_CONNECTIONS` for a
             tracking server, 1 for a local store (SQLite gains nothing from threads).
+        metrics_db: the tracking server's PostgreSQL backend (``--metrics-db``): trace
+            points go there in bulk (`metalearner.metrics_db`), everything else through
+            the server. None: all through the server.
     """
 
     def __init__(self, tracking_uri: str, journal_dir: str | Path | None = None, outage_s: float = DEFAULT_OUTAGE_S,
                  flush_every: int = MAX_METRICS_PER_BATCH, flush_seconds: float = 2.0,
-                 max_queue: int = 100_000, backoff_cap: float = 10.0, connections: int | None = None) -> None:
+                 max_queue: int = 100_000, backoff_cap: float = 10.0, connections: int | None = None,
+                 metrics_db: str | None = None) -> None:
         mlflow = _mlflow()
         self.tracking_uri = tracking_uri
         self._temp = journal_dir is None
@@ -210,6 +218,7 @@ class MlflowWriter:
         self.max_queue = max_queue
         self.backoff_cap = backoff_cap
         remote = tracking_uri.startswith(("http://", "https://"))
+        self.metrics_db = MetricsDb(metrics_db) if metrics_db else None
         self.connections = max(1, connections or (SERVER_CONNECTIONS if remote else 1))
         self._lock = threading.Lock()  # producer side: buffer, journal appends, step watermarks
         self._buffer: list[dict[str, Any]] = []
@@ -415,6 +424,8 @@ class MlflowWriter:
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
+            if self.metrics_db is not None:
+                self.metrics_db.close()
 
     def _deliver_until_closed(self) -> None:
         _lower_priority()
@@ -594,9 +605,13 @@ class MlflowWriter:
             return self._exp_ids[name]
 
     def _send_batch(self, run: _Run) -> None:
-        """One ``log_batch`` of the run's leading params/tags/metrics records."""
+        """One ``log_batch`` of the run's leading params/tags/metrics records; with
+        ``metrics_db``, the points of up to `BULK_POINTS` go to the database instead and
+        the server gets the params and tags alone."""
         entities = _mlflow().entities
-        metrics: list[Any] = []
+        bulk = self.metrics_db is not None
+        limit = BULK_POINTS if bulk else MAX_METRICS_PER_BATCH
+        points: list[tuple[str, float, int, int]] = []  # (key, value, timestamp, step)
         params: list[Any] = []
         tags: list[Any] = []
         taken: list[dict[str, Any]] = []
@@ -605,7 +620,7 @@ class MlflowWriter:
             if op not in ("params", "tags", *METRIC_OPS):
                 break
             size = len(rec.get("v") or rec.get("params") or rec.get("tags") or ())
-            if taken and (len(metrics) + len(params) + len(tags) + size > MAX_METRICS_PER_BATCH
+            if taken and (len(points) + len(params) + len(tags) + size > limit
                           or (op == "params" and len(params) + size > MAX_PARAMS_PER_BATCH)
                           or (op == "tags" and len(tags) + size > MAX_PARAMS_PER_BATCH)
                           or (op == "params" and any(p.key in rec["params"] for p in params))):
@@ -615,20 +630,25 @@ class MlflowWriter:
             elif op == "tags":
                 tags += [entities.RunTag(k, v) for k, v in rec["tags"].items()]
             else:
-                metrics += [entities.Metric(k, v, rec["ts"], rec["step"]) for k, v in rec["v"].items()]
+                ts, step = rec["ts"], rec["step"]
+                points += [(k, v, ts, step) for k, v in rec["v"].items()]
             taken.append(rec)
-        if run.verify and metrics:
+        if run.verify and points:
             stored = {k: max((m.step for m in self.client.get_metric_history(run.run_id, k)), default=0)
-                      for k in {m.key for m in metrics}}
-            metrics = [m for m in metrics if m.step > stored[m.key]]
+                      for k in {p[0] for p in points}}
+            points = [p for p in points if p[3] > stored[p[0]]]
         run.verify = False
+        metrics = [] if bulk else [entities.Metric(*p) for p in points]
         for i in range(0, max(len(params), 1), MAX_PARAMS_PER_BATCH):  # params alone may exceed one batch
             chunk = params[i: i + MAX_PARAMS_PER_BATCH]
-            self.client.log_batch(run.run_id, metrics=metrics if i == 0 else [], params=chunk,
-                                  tags=tags if i == 0 else [])
+            if chunk or (i == 0 and (tags or metrics)):
+                self.client.log_batch(run.run_id, metrics=metrics if i == 0 else [], params=chunk,
+                                      tags=tags if i == 0 else [])
+        if bulk and points:
+            self.metrics_db.log_points(run.run_id, points)
         for _ in taken:
             run.todo.popleft()
-        self._done(run, taken[-1]["n"], sum(len(r.get("v", ())) or 1 for r in taken), len(metrics))
+        self._done(run, taken[-1]["n"], sum(len(r.get("v", ())) or 1 for r in taken), len(points))
 
     def _save_state(self) -> None:
         self._dirty = False

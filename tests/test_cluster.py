@@ -280,9 +280,14 @@ def _has_postgres():
     return True
 
 
-@pytest.mark.skipif(not _has_postgres(), reason="needs PostgreSQL's server programs (apt-get install postgresql) "
-                                                "and psycopg2 (pip install 'metalearner[server]')")
-def test_sweep_tracked_on_an_mlflow_server_over_postgresql(tmp_path):
+needs_postgres = pytest.mark.skipif(not _has_postgres(), reason="needs PostgreSQL's server programs (apt-get install "
+                                   "postgresql) and psycopg2 (pip install 'metalearner[server]')")
+
+
+@pytest.fixture(scope="module")
+def pg_server():
+    """PostgreSQL + ``mlflow server`` on it, once for this module's tests: (tracking URI,
+    the backend's postgresql:// URI, the folder)."""
     ts = _tracking_server_module()
     folder = Path("/tmp") / f"ml-pg-{os.getpid()}"  # postgres (another user) must reach it: not under pytest's 0700
     shutil.rmtree(folder, ignore_errors=True)
@@ -291,33 +296,151 @@ def test_sweep_tracked_on_an_mlflow_server_over_postgresql(tmp_path):
     try:
         pg = ts.start_postgres(folder, pg_port)
         server = ts.start_mlflow(folder, port, pg_port)
-        uri = f"http://127.0.0.1:{port}"
-        spec = tmp_path / "pg.yaml"
-        spec.write_text(TWO_NODE_SPEC.replace("name: two_nodes", "name: on_postgres").replace("[0, 1]", "[0]"))
-        swept = run_cli("sweep", spec, "--num-cpus", "2", "--tracking-uri", uri, "--storage", tmp_path / "ray",
-                        cwd=tmp_path)
-        assert swept.returncode == 0, (swept.stdout[-3000:], swept.stderr[-3000:])
-        client = mlflow.MlflowClient(tracking_uri=uri)  # the REST client
-        parent = client.search_runs([client.get_experiment_by_name("on_postgres").experiment_id],
-                                    "tags.`metalearner.kind` = 'sweep'")[0]
-        runs = audit(uri, parent.info.run_id)
-        assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-        assert "experiment.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
-        assert (folder / "artifacts").is_dir() and any((folder / "artifacts").rglob("experiment.yaml"))
-        # the points are in PostgreSQL's tables: 20 steps of loss per child
-        import psycopg2
-
-        with psycopg2.connect(host="127.0.0.1", port=pg_port, user="postgres", dbname="mlflow") as conn:
-            with conn.cursor() as cur:
-                cur.execute("SELECT run_uuid, count(*) FROM metrics WHERE key = 'loss' GROUP BY run_uuid")
-                counts = dict(cur.fetchall())
-        assert {r.info.run_id: counts.get(r.info.run_id) for r in runs} == {r.info.run_id: 20 for r in runs}
+        yield f"http://127.0.0.1:{port}", f"postgresql://{ts.PG_USER}@127.0.0.1:{pg_port}/mlflow", folder
     finally:
         if server is not None:
             ts.stop(server)
         if pg is not None:
             ts.stop(pg)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@needs_postgres
+def test_sweep_tracked_on_an_mlflow_server_over_postgresql(tmp_path, pg_server):
+    """Issue 9's test 2, with the bulk path on: runs, params and tags through the server,
+    trace points straight into its PostgreSQL (``--metrics-db``); audited through REST."""
+    uri, pg_uri, folder = pg_server
+    spec = tmp_path / "pg.yaml"
+    spec.write_text(TWO_NODE_SPEC.replace("name: two_nodes", "name: on_postgres").replace("[0, 1]", "[0]"))
+    swept = run_cli("sweep", spec, "--num-cpus", "2", "--tracking-uri", uri, "--storage", tmp_path / "ray",
+                    "--metrics-db", pg_uri, cwd=tmp_path)
+    assert swept.returncode == 0, (swept.stdout[-3000:], swept.stderr[-3000:])
+    client = mlflow.MlflowClient(tracking_uri=uri)  # the REST client
+    parent = client.search_runs([client.get_experiment_by_name("on_postgres").experiment_id],
+                                "tags.`metalearner.kind` = 'sweep'")[0]
+    runs = audit(uri, parent.info.run_id)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    for r in runs:  # latest_metrics, written by the bulk path, is what the runs table shows
+        assert r.data.metrics["loss"] == client.get_metric_history(r.info.run_id, "loss")[-1].value
+        assert r.data.params["controller.name"] and r.data.tags["metalearner.arm"]  # through the server
+    assert "experiment.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    assert (folder / "artifacts").is_dir() and any((folder / "artifacts").rglob("experiment.yaml"))
+    # the points are in PostgreSQL's tables: 20 steps of loss per child
+    import psycopg2
+
+    with psycopg2.connect(pg_uri) as conn, conn.cursor() as cur:
+        cur.execute("SELECT run_uuid, count(*) FROM metrics WHERE key = 'loss' GROUP BY run_uuid")
+        counts = dict(cur.fetchall())
+    assert {r.info.run_id: counts.get(r.info.run_id) for r in runs} == {r.info.run_id: 20 for r in runs}
+
+
+def _rows(pg_uri, run_id):
+    import psycopg2
+
+    with psycopg2.connect(pg_uri) as conn, conn.cursor() as cur:
+        cur.execute("SELECT key, value, timestamp, step, is_nan FROM metrics WHERE run_uuid = %s "
+                    "ORDER BY key, step, timestamp, value", (run_id,))
+        points = cur.fetchall()
+        cur.execute("SELECT key, value, timestamp, step, is_nan FROM latest_metrics WHERE run_uuid = %s ORDER BY key",
+                    (run_id,))
+        return points, cur.fetchall()
+
+
+@needs_postgres
+def test_bulk_metrics_path_stores_what_mlflow_stores_and_survives_a_dropped_connection(tmp_path, pg_server):
+    """The same points through the server (MLflow's own store code) and through the bulk
+    path give the same rows in ``metrics`` and ``latest_metrics`` (NaN, ±inf, an
+    out-of-order step included); a redelivered point is not stored twice; the database
+    dropping the writer's connections mid-delivery (pg_terminate_backend, from another
+    session) loses nothing."""
+    import psycopg2
+
+    from metalearner.metrics_db import APPLICATION_NAME, MetricsDb, MetricsDbError
+    from metalearner.tracking import MlflowWriter
+
+    uri, pg_uri, _ = pg_server
+    trace = [(s, {"loss": 3.0 - s / 100, "window": 8.0 + s // 10}) for s in range(1, 121)]
+    trace[49][1]["loss"] = float("nan")
+    trace[59][1]["window"] = float("inf")
+    trace[60][1]["window"] = float("-inf")
+    ids = {}
+    for name, bulk in (("rest", None), ("bulk", pg_uri)):
+        w = MlflowWriter(uri, journal_dir=tmp_path / name, metrics_db=bulk)
+        key = w.create_run("bulk-vs-rest", name, {"metalearner.kind": "train"})
+        w.log_params(key, {"x": 1})
+        for step, values in trace:
+            w.log_metrics(key, values, step, timestamp_ms=1_700_000_000_000 + step)
+        w.terminate(key)
+        assert w.close().complete and not w.errors, w.errors
+        ids[name] = w.run_id(key)
+    rest, bulk = _rows(pg_uri, ids["rest"]), _rows(pg_uri, ids["bulk"])
+    assert len(rest[0]) == 2 * 120 and bulk == rest
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert str(client.get_run(ids["bulk"]).data.metrics) == str(client.get_run(ids["rest"]).data.metrics)
+    assert client.get_run(ids["bulk"]).data.params == {"x": "1"}
+
+    db = MetricsDb(pg_uri)
+    try:
+        # batches out of step order, ties on step broken by timestamp then value: MLflow's latest rule
+        batches = [[("v", 2.5, 10, 200), ("u", 1.0, 10, 5)], [("v", 2.0, 10, 100), ("v", 9.0, 5, 200)],
+                   [("u", 3.0, 11, 5), ("u", 2.0, 11, 5), ("w", 1.0, 10, 1)]]
+        exp = client.get_experiment_by_name("bulk-vs-rest").experiment_id
+        by_rest, by_db = client.create_run(exp).info.run_id, client.create_run(exp).info.run_id
+        Metric = mlflow.entities.Metric
+        for batch in batches:
+            client.log_batch(by_rest, [Metric(*p) for p in batch])
+            db.log_points(by_db, batch)
+        assert _rows(pg_uri, by_db) == _rows(pg_uri, by_rest)
+        assert {k: v for k, v, *_ in _rows(pg_uri, by_db)[1]} == {"u": 3.0, "v": 2.5, "w": 1.0}
+        # a redelivery: nothing new, nothing twice
+        assert db.log_points(ids["bulk"], [("loss", 2.99, rest[0][0][2], 1), ("loss", 2.99, rest[0][0][2], 1)]) <= 1
+        before = len(_rows(pg_uri, ids["bulk"])[0])
+        again = [(k, v, ts, s) for k, v, ts, s, nan in _rows(pg_uri, ids["bulk"])[0] if not nan]
+        assert db.log_points(ids["bulk"], again) == 0 and len(_rows(pg_uri, ids["bulk"])[0]) == before
+        with pytest.raises(MetricsDbError, match="not in"):
+            db.log_points("0" * 32, [("loss", 1.0, 0, 1)])  # a run of another store: an error, no write
+        with pytest.raises(MetricsDbError, match="has no table 'metrics'"):
+            MetricsDb(pg_uri.rsplit("/", 1)[0] + "/postgres").check_schema()  # not MLflow's database
+    finally:
+        db.close()
+
+    # the database drops the writer's connections while it delivers: it reconnects, loses nothing
+    w = MlflowWriter(uri, journal_dir=tmp_path / "dropped", metrics_db=pg_uri, flush_every=60)
+    key = w.create_run("bulk-vs-rest", "dropped", {"metalearner.kind": "train"})
+    killed = 0
+    with psycopg2.connect(pg_uri) as admin:
+        admin.autocommit = True
+        for step in range(1, 601):
+            w.log_metrics(key, {"loss": 1.0 / step, "window": 8.0}, step)
+            if step % 100 == 0:
+                w.flush()
+                deadline = time.time() + 30
+                while w.points_written < 2 * step - 120 and time.time() < deadline:
+                    time.sleep(0.05)
+                with admin.cursor() as cur:
+                    cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                "WHERE application_name = %s", (APPLICATION_NAME,))
+                    killed += cur.fetchone()[0]
+    w.terminate(key)
+    assert w.close().complete and not w.errors, w.errors
+    assert killed >= 3  # the writer's connection was there to drop, and it came back each time
+    points, latest = _rows(pg_uri, w.run_id(key))
+    assert sorted(s for k, v, ts, s, nan in points if k == "loss") == list(range(1, 601))
+    assert dict((k, s) for k, v, ts, s, nan in latest) == {"loss": 600, "window": 600}
+
+
+@needs_postgres
+def test_metrics_db_that_is_not_the_servers_backend_exits_2_before_ray(tmp_path, pg_server):
+    uri, pg_uri, _ = pg_server
+    spec = tmp_path / "pg.yaml"
+    spec.write_text(TWO_NODE_SPEC.replace("name: two_nodes", "name: wrong_db"))
+    wrong = pg_uri.rsplit("/", 1)[0] + "/postgres"
+    r = run_cli("sweep", spec, "--tracking-uri", uri, "--storage", tmp_path / "ray", "--metrics-db", wrong, cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    assert r.stderr.strip().count("\n") == 0 and "--metrics-db" in r.stderr and "'metrics'" in r.stderr, r.stderr
+    assert not (tmp_path / "ray").exists()
+    r = run_cli("sweep", spec, "--storage", tmp_path / "ray", "--metrics-db", pg_uri, cwd=tmp_path)  # SQLite store
+    assert r.returncode == 2 and "--metrics-db" in r.stderr and "tracking server" in r.stderr, r.stderr
 
 
 # ---------------------------------------------------------------- spec paths (no services)

@@ -176,7 +176,7 @@ def run_per_seed_populations(runner: Any, arm: Arm, trainable: Any, writer: Any,
             grid, interrupted = runner._fit(
                 state, phase, f"{spec.name}-{arm.name}-s{pop.seed}-{runner.stamp}", trainable, space, cb,
                 search_alg=make_searcher(arm, spec), scheduler=make_scheduler(arm, steps, report_every),
-                num_samples=s.num_samples, reuse=False, keep=4)
+                num_samples=s.num_samples, reuse=False, keep=None)
             if progress is not None:
                 progress.stop()
             result.trials.update(cb.trial_info)

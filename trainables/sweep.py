@@ -86,8 +86,9 @@ class SweepRunner:
 
     def __init__(self, spec: ExperimentSpec, tracking_uri: str, storage: str | None = None,
                  address: str | None = None, progress: bool | None = False, num_cpus: int | None = None,
-                 resume: str | Path | None = None) -> None:
+                 resume: str | Path | None = None, metrics_db: str | None = None) -> None:
         self.spec = spec
+        self.metrics_db = metrics_db  # trace points in bulk into the server's PostgreSQL (MlflowWriter)
         self.tracking_uri = tracking_uri
         self.address = address
         self.progress = progress
@@ -160,10 +161,14 @@ class SweepRunner:
 
     def _tuner(self, trainable: Any, param_space: dict[str, Any], name: str, callback: Any,
                search_alg: Any = None, scheduler: Any = None, num_samples: int = 1, reuse: bool = True,
-               keep: int = 2) -> Any:
+               keep: int | None = 2) -> Any:
         from ray import tune
         from ray.tune.logger import JsonLoggerCallback
 
+        # keep=None for population-based phases: PBT restores a member from another's checkpoint of the
+        # last perturbation, and the donor keeps checkpointing while the recipient's actor restarts, so
+        # a pruned checkpoint fails the exploit (and with synch=True the population then waits forever;
+        # Ray issue #8441). Every checkpoint of a PBT trial is kept.
         set_defaults(TUNE_QUIET, HF_OFFLINE)  # the sweep's environment, also when Ray was started elsewhere
         r = self.spec.resources
         return tune.Tuner(
@@ -290,7 +295,7 @@ class SweepRunner:
         # every MLflow write is journaled in the experiment folder first (metalearner sync
         # delivers leftovers; a resume continues the journal, its run keys and last steps)
         writer = MlflowWriter(self.tracking_uri, journal_dir=out_dir / JOURNAL_DIR,
-                              outage_s=spec.tracking.outage_s)
+                              outage_s=spec.tracking.outage_s, metrics_db=self.metrics_db)
         parent = PARENT_KEY
         result = SweepResult(parent_run_id="", tracking_uri=self.tracking_uri, experiment=spec.name,
                              experiment_dir=out_dir, resumed=self.resume_dir is not None)
@@ -339,7 +344,7 @@ class SweepRunner:
                         state, phase, f"{spec.name}-{arm.name}-{self.stamp}", trainable, space, cb,
                         search_alg=make_searcher(arm, spec), scheduler=make_scheduler(arm, steps, report_every),
                         num_samples=s.num_samples, reuse=not s.population_based,
-                        keep=4 if s.population_based else 2)
+                        keep=None if s.population_based else 2)
                     if progress is not None:
                         progress.stop()
                     result.trials.update(cb.trial_info)
