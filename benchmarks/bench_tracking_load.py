@@ -9,12 +9,16 @@ one journal append + fsync per chunk), exactly as the sweep's Tune callback does
 result. Producers report flat out (no training between chunks): the writer sees the
 heaviest load it can get.
 
-Printed, per writer variant (``--connections 1``: one request at a time, the delivery of
-the writer before this change less its search request per new run; the default list also
-runs the parallel writer, side by side, the order rotating each round):
+Printed, per writer variant (``--variants``, side by side, the order rotating each round:
+``1`` = one request at a time, the delivery of the writer before issue 9 less its search
+request per new run; ``8`` = 8 parallel requests, the default for a tracking server;
+``8+db`` = the same with ``--metrics-db``, the trace points written straight into the
+server's PostgreSQL):
 
 * delivered points/s end to end: from the first point journaled to ``close()`` returning
-  with every point stored on the server and its watermark saved;
+  with every point stored on the server and its watermark saved; and while points flow:
+  from the first point stored to the last (the runs' creation and termination, one
+  request each to the server, left out);
 * the trial count, points, and the undelivered backlog's peak (points journaled but not
   yet stored) and the peak of the writer's in-memory queue;
 * the producers' time on tracking per chunk (median, max): the journal append + fsync
@@ -25,6 +29,7 @@ Every run ends with an audit through the REST client: every trial's ``loss`` at 
 1..N, once each.
 
     python benchmarks/bench_tracking_load.py            # 32 trials x 200 steps, ~5 min on a busy box
+    python benchmarks/bench_tracking_load.py --trials 32 --steps 2000 --variants 8+db,8   # the goal's run
     python benchmarks/bench_tracking_load.py --quick    # 8 trials x 100 steps: machinery only
 """
 
