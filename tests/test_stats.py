@@ -358,6 +358,10 @@ def test_compute_to_target_per_arm_counts_not_reached():
     assert np.isfinite(per_arm.loc["warm", "attention_low"])
     again = st.compute_to_target(pd.DataFrame(runs), traces, 1.5, baseline="static", n_boot=2000)[1]
     pd.testing.assert_frame_equal(per_arm, again)
+    # a baseline that misses the target on a seed is no unit: no ratio, not even 0x for an arm
+    # that reached it every time ("100% less compute" would be a false claim)
+    per_arm = st.compute_to_target(pd.DataFrame(runs), traces, 1.5, baseline="warm", n_boot=200)[1]
+    assert per_arm[["attention_rel", "seconds_rel"]].isna().all().all()
 
 
 def test_baseline_target():

@@ -253,8 +253,11 @@ def verdict_line(r: pd.Series, metric: str, static: str) -> str:
     rel, lo, hi = r.get("attention_rel", np.nan), r.get("attention_rel_low", np.nan), r.get("attention_rel_high", np.nan)
     if r["verdict"] != "baseline" and r.get("n_runs", 0) and r.get("n_reached", np.nan) == 0:
         line += "; never reached the target"
-    elif r["verdict"] != "baseline" and rel == np.inf:
+    elif r["verdict"] != "baseline" and (rel == np.inf or (not np.isfinite(rel) and r.get("n_reached", 0)
+                                                           and r["n_reached"] < r.get("n_runs", 0))):
         line += f"; only {int(r['n_reached'])}/{int(r['n_runs'])} runs reached the target"
+    elif r["verdict"] != "baseline" and not np.isfinite(rel) and r.get("n_reached", 0):
+        line += f"; reached the target on {int(r['n_reached'])}/{int(r['n_runs'])} runs, {static} did not on every seed"
     elif r["verdict"] != "baseline" and np.isfinite(rel):
         if np.isfinite(hi) and hi < 1:
             line += f"; reaches the target with {_pct(1 - rel)} less attention compute (95% CI {_pct(1 - hi)}–{_pct(1 - lo)})"
@@ -350,5 +353,9 @@ def compare_sweep(runs_df: pd.DataFrame, traces_df: pd.DataFrame, top_search: in
         if static is not None:
             out.verdicts = [verdict_line(r, metric, static) for _, r in base[base["phase"] == "compare"].iterrows()
                             if r["verdict"] != "baseline"]
+            b = base[(base["phase"] == "compare") & (base["verdict"] == "baseline")]
+            if len(b) and b.iloc[0].get("n_reached", 0) < b.iloc[0].get("n_runs", 0):
+                out.verdicts.append(f"{static} reached the target on {int(b.iloc[0]['n_reached'])}/"
+                                    f"{int(b.iloc[0]['n_runs'])} runs: compute relative to it is undefined")
     out.table = base[TABLE_COLUMNS].reset_index(drop=True)
     return out

@@ -883,15 +883,15 @@ def compute_to_target(
             row[f"{col}_rel"] = row[f"{col}_rel_low"] = row[f"{col}_rel_high"] = float("nan")
             if baseline is not None and arm != baseline and baseline in set(per_run_df["arm"]):
                 b = per_run_df.loc[per_run_df["arm"] == baseline, col].to_numpy(dtype=float)
-                if not (np.isnan(x).any() or np.isnan(b).any()):
+                if not (np.isnan(x).any() or np.isnan(b).any()) and np.isfinite(b).all():  # else no unit
                     with np.errstate(invalid="ignore", divide="ignore"):
                         row[f"{col}_rel"] = float(x.mean() / b.mean())
                     lo, hi = stratified_bootstrap_ci(
                         {"arm": x, "base": b}, lambda s: s["arm"].mean(axis=-1) / s["base"].mean(axis=-1),
                         confidence, n_boot, seed)
                     row[f"{col}_rel_low"], row[f"{col}_rel_high"] = lo, hi
-            elif baseline is not None and arm == baseline:
-                row[f"{col}_rel"] = 1.0
+            elif baseline is not None and arm == baseline and np.isfinite(x).all():
+                row[f"{col}_rel"] = 1.0  # a baseline that did not reach the target on every seed is no unit
         rows.append(row)
     per_arm = pd.DataFrame(rows).set_index("arm") if rows else pd.DataFrame()
     return per_run_df, per_arm
