@@ -193,3 +193,51 @@ def test_pb2_sweep_explores_the_controller_within_its_bounds(tmp_path, local_ray
         changed += len({f for _, f in factors}) > 1
     assert changed >= 1  # PB2 gave the exploited trial a new factor
     assert lo <= result.best["tuned"]["factor"] <= hi
+
+
+
+def test_synch_population_goes_on_when_a_member_ends_early(tmp_path, local_ray):
+    """PBT/PB2 with synch=True: a member that ends before the next sync point (here: stops
+    at step 3 while the other waits at step 4) must not leave the other waiting forever
+    (Ray's own scheduler does; the sweep uses `synch_safe`)."""
+    from ray import tune
+    from ray.tune.schedulers import PopulationBasedTraining
+    from ray.tune.schedulers.pb2 import PB2
+
+    from trainables.tuning import synch_safe
+
+    def _paced_member(config):  # defined here: Ray pickles it by value (workers cannot import tests/)
+        """A PBT member of a real Tune run: reports ``step`` 1..8 with a checkpoint each; the
+        member with ``ends_at`` stops there, after the other one has reached the sync point."""
+        import tempfile
+        import time
+        from pathlib import Path
+
+        from ray import tune
+
+        start = 0
+        ckpt = tune.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                start = int((Path(d) / "step").read_text())
+        for step in range(start + 1, 9):
+            if config["ends_at"] and step > config["ends_at"]:
+                time.sleep(4)  # the other member reports step 4 and waits at the sync point meanwhile
+                return
+            with tempfile.TemporaryDirectory() as d:
+                (Path(d) / "step").write_text(str(step))
+                tune.report({"step": step, "score": float(step)}, checkpoint=tune.Checkpoint.from_directory(d))
+            time.sleep(0.3 if config["ends_at"] else 0.05)
+
+    assert issubclass(synch_safe(PB2), PB2)  # PB2 is a PopulationBasedTraining: the same sync logic
+    scheduler = synch_safe(PopulationBasedTraining)(time_attr="step", perturbation_interval=4, synch=True,
+                                                    quantile_fraction=0.5, hyperparam_mutations={"lr": [0.1, 0.2]})
+    grid = tune.Tuner(
+        _paced_member,
+        param_space={"ends_at": tune.grid_search([0, 3]), "lr": 0.1},
+        tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=scheduler, reuse_actors=False,
+                                    time_budget_s=60),  # a hang ends here, and the asserts below fail
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="synch", verbose=0),
+    ).fit()
+    steps = sorted(r.metrics["step"] for r in grid)
+    assert steps == [3, 8], steps  # the early member stopped at 3, the other ran to the end

@@ -78,7 +78,7 @@ def make_scheduler(arm: Arm, steps: int, report_every: int) -> Any:
                              reduction_factor=sc.reduction_factor)
     interval = sc.perturbation_interval or 4 * report_every
     if sc.name == "pbt":
-        return PopulationBasedTraining(
+        return synch_safe(PopulationBasedTraining)(
             time_attr="step", perturbation_interval=interval, hyperparam_mutations=_nested_space(s.space),
             quantile_fraction=sc.quantile_fraction, resample_probability=sc.resample_probability, synch=sc.synch,
             custom_explore_fn=ClampToSpace(s.space),
@@ -89,9 +89,53 @@ def make_scheduler(arm: Arm, steps: int, report_every: int) -> Any:
             (kind, args), = dom.items()
             high = float(args[1]) - (1 if kind == "randint" else 0)  # randint's high is exclusive
             set_dotted(bounds, key, [float(args[0]), high])
-        return PB2(time_attr="step", perturbation_interval=interval, hyperparam_bounds=bounds,
+        return synch_safe(PB2)(time_attr="step", perturbation_interval=interval, hyperparam_bounds=bounds,
                    quantile_fraction=sc.quantile_fraction, synch=sc.synch)
     return FIFOScheduler()
+
+
+_SYNCH_SAFE: dict[type, type] = {}
+
+
+def synch_safe(base: type) -> type:
+    """``base`` (Ray's PBT or PB2) that does not hang when a member ends early.
+
+    With ``synch=True`` a member that reaches the next perturbation step pauses until every
+    other live member gets there; the check runs only when a result comes in. If the last
+    member still running instead ends (it finished early: diverged, or failed for good),
+    no result comes, the paused members are never chosen to run again, and Tune waits
+    forever ("No trial is running and no new trial has been started", seen in a study).
+    Here, when a member completes, errors or is removed and every member left is waiting
+    at the sync point, that perturbation is skipped: the next one moves on by one interval
+    and the waiting members continue.
+    """
+    if base not in _SYNCH_SAFE:
+
+        class SynchSafe(base):  # type: ignore[misc, valid-type]
+            def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+                super().on_trial_complete(tune_controller, trial, result)
+                self._release_waiting(tune_controller, trial)
+
+            def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+                super().on_trial_error(tune_controller, trial)
+                self._release_waiting(tune_controller, trial)
+
+            def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+                super().on_trial_remove(tune_controller, trial)
+                self._release_waiting(tune_controller, trial)
+
+            def _release_waiting(self, tune_controller: Any, gone: Any) -> None:
+                if not self._synch:
+                    return
+                left = [t for t in tune_controller.get_live_trials() if t is not gone and t in self._trial_state]
+                if not left:
+                    return
+                while all(self._trial_state[t].last_train_time >= self._next_perturbation_sync for t in left):
+                    self._next_perturbation_sync += self._perturbation_interval
+
+        SynchSafe.__name__ = SynchSafe.__qualname__ = f"SynchSafe{base.__name__}"
+        _SYNCH_SAFE[base] = SynchSafe
+    return _SYNCH_SAFE[base]
 
 
 class ClampToSpace:
