@@ -17,7 +17,8 @@ LAYERS = [
     ["metalearner.config", "metalearner.experiment"],
     ["metalearner.train", "metalearner.hf"],
     ["metalearner.tracking", "metalearner.journal", "metalearner.report",
-     "metalearner.sweep_state"],  # journal, sweep_state: stdlib only, no mlflow
+     "metalearner.sweep_state", "metalearner.metrics_db"],  # journal, sweep_state: stdlib only, no mlflow;
+    # metrics_db: psycopg2 only
     ["trainables"],
     ["metalearner.cli", "metalearner.inputs"],  # the face: the CLI and its input checks
     ["metalearner"],  # the package's own __init__ (re-exports)
