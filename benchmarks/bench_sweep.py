@@ -137,7 +137,7 @@ for _name in HOOKS:
 
 
 class TimedFit:
-    """The Tuner SweepRunner built, with its fit() timed."""
+    """The Tuner of a sweep's phase, with its fit() timed."""
 
     def __init__(self, tuner: Any) -> None:
         self.tuner = tuner
@@ -170,10 +170,24 @@ class TimedSweepRunner(SweepRunner):
         finally:
             trial_mod.train_trial = original
 
-    def _tuner(self, trainable: Any, param_space: dict[str, Any], name: str, callback: Any, **kw: Any) -> Any:
-        fit = TimedFit(super()._tuner(trainable, param_space, name, Tee(callback, self.timing), **kw))
-        self.fits.append(fit)
-        return fit
+    def run(self) -> Any:
+        # each phase's Tuner comes from trainables.tuning.make_tuner (through the phase
+        # runner): hand the phases a timed one, whose callback also feeds the timing
+        import trainables.phase_runner as phase_runner
+
+        original = phase_runner.make_tuner
+
+        def timed_tuner(spec: Any, storage: str, trainable: Any, param_space: dict[str, Any], name: str,
+                        callback: Any, **kw: Any) -> TimedFit:
+            fit = TimedFit(original(spec, storage, trainable, param_space, name, Tee(callback, self.timing), **kw))
+            self.fits.append(fit)
+            return fit
+
+        phase_runner.make_tuner = timed_tuner
+        try:
+            return super().run()
+        finally:
+            phase_runner.make_tuner = original
 
 
 def spec_dict(args: argparse.Namespace) -> dict[str, Any]:

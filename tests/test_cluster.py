@@ -122,6 +122,7 @@ def test_sweep_on_s3_storage_checkpoints_there_and_restores_from_there(tmp_path,
     from metalearner.tracking import MlflowWriter
     from trainables.storage import publish
     from trainables.sweep import SweepRunner
+    from trainables.tuning import make_tuner
 
     # pyarrow 25 rejects moto's answer to CompleteMultipartUpload (multipart uploads, files
     # over 5 MB); allow_delayed_open makes pyarrow PUT small files in one request, and the
@@ -146,7 +147,8 @@ def test_sweep_on_s3_storage_checkpoints_there_and_restores_from_there(tmp_path,
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         task, key = runner._shared_task()
-        grid = runner._tuner(runner._trainable(task, key), {"cell": tune.grid_search(cells)}, "restore", cb).fit()
+        grid = make_tuner(runner.spec, runner.storage, runner._trainable(task, key),
+                          {"cell": tune.grid_search(cells)}, "restore", cb).fit()
     finally:
         ray.shutdown()
         writer.terminate(parent)

@@ -162,7 +162,7 @@ def test_members_finished_in_an_earlier_driver_are_eligible():
 
 
 def test_a_divergence_before_an_interrupt_is_counted_from_the_grid():
-    from trainables.sweep import diverged_errors
+    from trainables.tuning import diverged_errors
 
     grid = [_result("a", 0.9), _result("d", 0.2, diverged=True, step=8), _result("c", 0.1, error=RuntimeError("x"))]
     (line,) = diverged_errors(grid)

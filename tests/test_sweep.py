@@ -20,6 +20,7 @@ from test_payload import payload_leaks
 from metalearner.experiment import load_experiment, parse_experiment
 from trainables.callback import MlflowTraceCallback
 from trainables.sweep import SweepRunner
+from trainables.tuning import make_tuner
 
 ROOT = Path(__file__).resolve().parent.parent
 from metalearner.trace import STEP_KEYS as TRACE_KEYS  # noqa: E402 - the one definition
@@ -158,7 +159,8 @@ def test_restored_trial_continues_with_an_identical_trace(tmp_path, engine):
     cells = [{**base, "meta": {"arm": "clean", "phase": "compare"}},
              {**base, "meta": {"arm": "crashed", "phase": "compare"}}]
     task, key = runner._shared_task()
-    grid = runner._tuner(runner._trainable(task, key), {"cell": tune.grid_search(cells)}, "restore", cb).fit()
+    grid = make_tuner(runner.spec, runner.storage, runner._trainable(task, key),
+                  {"cell": tune.grid_search(cells)}, "restore", cb).fit()
     writer.terminate(parent)
     assert writer.close().complete
     assert not grid.errors and cb.killed

@@ -11,7 +11,8 @@ from conftest import history
 
 from metalearner.config import load_run_config
 from metalearner.experiment import parse_experiment
-from trainables.sweep import ClampToSpace, SweepRunner, _nested_space, make_scheduler
+from trainables.sweep import SweepRunner
+from trainables.tuning import ClampToSpace, make_scheduler, nested_space
 
 TRACE_KEYS = ["loss", "loss_ewma", "rope_base", "window", "lr"]
 SPACE = {
@@ -112,7 +113,7 @@ def test_pb2_scheduler_gets_the_bounds_of_the_space():
     assert sched._hyperparam_bounds == {"controller": {"factor": [1.001, 1.1], "beta": [0.5, 0.99]},
                                         "train": {"warmup_steps": [2.0, 9.0]}}  # randint: high exclusive
     assert sched._perturbation_interval == 10 and sched._quantile_fraction == 0.5
-    assert _nested_space(spec.arms[0].search.space).keys() == {"controller", "train"}
+    assert nested_space(spec.arms[0].search.space).keys() == {"controller", "train"}
 
 
 # ---------------------------------------------------------------- ASHA

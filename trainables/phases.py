@@ -15,13 +15,13 @@ next to that selection and the population's ``num_samples``-fold training cost (
 compute to target counts only the promoted member's own lineage; a member that cloned
 another's checkpoint continues that member's trace).
 
-This module plans and runs that phase; `trainables.sweep` calls `run_per_seed_populations`
-for such an arm. Imports ray only inside the function that runs Tune.
+This module plans those populations and promotes their best members; each population runs
+as a search phase through the sweep's `trainables.phase_runner.PhaseRunner`, and
+`trainables.sweep` calls `run_per_seed_populations` for such an arm. Imports no ray.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +29,8 @@ from typing import Any
 import yaml
 
 from metalearner.experiment import Arm, ExperimentSpec
+from metalearner.tracking import PHASE_TAG, RUN_COLOR_TAG, run_colour
+from trainables.phase_runner import PhaseRunner
 
 
 @dataclass(frozen=True)
@@ -124,79 +126,47 @@ def eligible_members(grid: Any, metric: str, run_keys: dict[str, str]) -> dict[s
     return out
 
 
-def run_per_seed_populations(runner: Any, arm: Arm, trainable: Any, writer: Any, parent: str,
-                             colours: dict[str, str] | None, steps: int, result: Any,
-                             error_log: Any, state: Any, set_right: set[str]) -> bool:
+def run_per_seed_populations(phases: PhaseRunner, arm: Arm, result: Any) -> bool:
     """Run one population per seed for ``arm`` and promote each one's best member.
 
-    Each population is a phase of the sweep's state (``search:ARM:sSEED``): a resumed
-    sweep skips the populations that finished and restores the one that was running.
+    Each population is a search phase of the sweep (``search:ARM:sSEED``), run by the
+    sweep's `PhaseRunner`: a resumed sweep skips the populations that finished and
+    restores the one that was running.
 
     Args:
-        runner: the `trainables.sweep.SweepRunner` (its phases, progress, spec and stop flag).
+        phases: the sweep's phase runner (its spec, writer, state, parent run, colours and
+            stop request).
         arm: an arm with ``search.per_seed``.
-        trainable: the sweep's trainable.
-        writer: the sweep's `MlflowWriter`.
-        parent: the parent run's key.
-        colours: arm -> colour for the UI, or None.
-        steps: training steps of a trial.
-        result: the `SweepResult`; its ``trials``, ``errors``, ``best``, ``spec_files`` and
-            ``failed_arms`` are updated (``best[arm]``: the final settings of the best seed's
-            promoted member; every seed's are in ``best_ARM_per_seed.yaml``, logged to the parent).
-        error_log: the sweep's file of failed trials' errors.
-        state: the sweep's `SweepState`.
-        set_right: run keys a resume set KILLED (handed to the callback).
+        result: the `trainables.sweep.SweepResult`; its ``trials``, ``errors``, ``best``,
+            ``spec_files`` and ``failed_arms`` are updated (``best[arm]``: the final settings
+            of the best seed's promoted member; every seed's are in ``best_ARM_per_seed.yaml``,
+            logged to the parent).
     Returns:
         True if a stop request interrupted the arm (no later phase may start).
     """
-    from metalearner.config import load_run_config
-    from metalearner.tracking import PHASE_TAG, RUN_COLOR_TAG, run_colour
-    from trainables.callback import MlflowTraceCallback
-    from trainables.progress import ProgressTable
-    from trainables.tuning import _log_errors, _merge, _nested_space, diverged_errors, make_scheduler, make_searcher
-
-    spec, s = runner.spec, arm.search
-    assert s is not None
+    spec, state, writer = phases.spec, phases.state, phases.writer
     chosen: dict[int, tuple[float, dict[str, Any]]] = {}
     first_error = None
     for pop in plan_populations(spec, arm):
         phase = f"search:{arm.name}:s{pop.seed}"
         done = state.phase(phase)
         if not done.get("done"):
-            if runner._stop.is_set():
+            if phases.stop.is_set():
                 return True
-            report_every = load_run_config(pop.config).train.report_every
-            progress = runner._progress(ProgressTable, steps, f"{spec.name}: {arm.name} population, seed {pop.seed}")
-            cb = MlflowTraceCallback(writer, spec.name, parent, mutable_keys=list(s.space), progress=progress,
-                                     tags={"metalearner.sweep": spec.name}, colours=colours,
-                                     scheduler=s.scheduler.name, state=state, phase=phase, set_right=set_right)
-            space = {**copy.deepcopy(pop.config), "meta": dict(pop.meta)}
-            for key, dom in _nested_space(s.space).items():
-                space[key] = _merge(space.get(key, {}), dom)
-            grid, interrupted = runner._fit(
-                state, phase, f"{spec.name}-{arm.name}-s{pop.seed}-{runner.stamp}", trainable, space, cb,
-                search_alg=make_searcher(arm, spec), scheduler=make_scheduler(arm, steps, report_every),
-                num_samples=s.num_samples, reuse=False, keep=None)
-            if progress is not None:
-                progress.stop()
-            result.trials.update(cb.trial_info)
-            if interrupted:
-                runner._mark_interrupted(writer, cb)
+            out = phases.search(arm, pop.config, pop.meta, phase, f"{spec.name}-{arm.name}-s{pop.seed}-{state.stamp}",
+                                f"{spec.name}: {arm.name} population, seed {pop.seed}")
+            result.trials.update(out.trials)
+            if out.interrupted:
                 return True
-            errors, first = _log_errors(grid, error_log)
-            errors += diverged_errors(grid)  # from the grid: also those an earlier driver saw
             # run keys: this driver's, and those of members an earlier (interrupted) driver ran
-            keys = {**{t: c["key"] for t, c in state.children(phase).items()}, **cb.run_ids}
-            members = eligible_members(grid, spec.metric, keys)
+            keys = {**{t: c["key"] for t, c in state.children(phase).items()}, **out.run_keys}
+            members = eligible_members(out.grid, spec.metric, keys)
             best = best_member({t: m.final for t, m in members.items()}, spec.mode)
             promoted = None
+            errors = list(out.errors)
             if best is not None:
-                tags = {PHASE_TAG: "compare"}
-                colour = run_colour(arm.name, "compare", colours) if colours is not None else None
-                if colour:
-                    tags[RUN_COLOR_TAG] = colour
                 m = members[best]
-                writer.set_tags(m.key, tags)
+                _promote(phases, m.key, arm.name)
                 result.trials.setdefault(best, {"arm": arm.name, "seed": pop.seed, "run_key": m.key})
                 result.trials[best]["phase"] = "compare"
                 promoted = {"trial": best, "metric": float(m.final),  # type: ignore[arg-type]
@@ -204,7 +174,7 @@ def run_per_seed_populations(runner: Any, arm: Arm, trainable: Any, writer: Any,
             else:  # every member failed, diverged or ended without a finite metric: this seed has no run
                 errors.append(f"arm {arm.name}, seed {pop.seed}: no population member reported a finite "
                               f"{spec.metric} (each failed, diverged or was stopped); the seed has no compare run")
-            done = {"errors": errors, "best": promoted, "first_error": first}
+            done = {"errors": errors, "best": promoted, "first_error": out.first_error}
             state.finish_phase(phase, **done)
         result.errors += done.get("errors", [])
         first_error = first_error or done.get("first_error")
@@ -217,14 +187,22 @@ def run_per_seed_populations(runner: Any, arm: Arm, trainable: Any, writer: Any,
     # the settings in force at the end, per seed; the best seed's as the arm's spec file
     _, top = min(chosen.values(), key=lambda fc: fc[0] if spec.mode == "min" else -fc[0])
     result.best[arm.name] = top
-    folder = runner.folder
-    best_file = folder / f"best_{arm.name}.yaml"
-    seeds_file = folder / f"best_{arm.name}_per_seed.yaml"
+    best_file = state.folder / f"best_{arm.name}.yaml"
+    seeds_file = state.folder / f"best_{arm.name}_per_seed.yaml"
     result.spec_files[arm.name] = best_file
     if not best_file.is_file():  # a resumed sweep has written and logged them already
         best_file.write_text(yaml.safe_dump({"controller": top}, sort_keys=False))
         seeds_file.write_text(yaml.safe_dump({seed: {spec.metric: f, "controller": c}
                                               for seed, (f, c) in sorted(chosen.items())}, sort_keys=False))
-        writer.log_artifact(parent, best_file)
-        writer.log_artifact(parent, seeds_file)
+        writer.log_artifact(phases.parent, best_file)
+        writer.log_artifact(phases.parent, seeds_file)
     return False
+
+
+def _promote(phases: PhaseRunner, key: str, arm: str) -> None:
+    """Tag the child run ``key`` as ``arm``'s compare-phase run (phase tag and colour)."""
+    tags = {PHASE_TAG: "compare"}
+    colour = run_colour(arm, "compare", phases.colours) if phases.colours is not None else None
+    if colour:
+        tags[RUN_COLOR_TAG] = colour
+    phases.writer.set_tags(key, tags)

@@ -10,7 +10,9 @@ Layout of a sweep:
    an arm with ``search.per_seed`` runs one population per comparison seed instead, and
    each population's best member is that seed's comparison run (`trainables.phases`);
 3. one grid Tuner over (fixed arms + confirmed tuned arms) x seeds, all at equal steps.
-Every trial is a child MLflow run written by the driver (`MlflowTraceCallback`).
+Every trial is a child MLflow run written by the driver (`MlflowTraceCallback`). This
+module decides which phases run and what their results mean; each phase runs through
+`trainables.phase_runner.PhaseRunner` (Tune, the live table, stop and restore).
 
 Faults. A sweep's folder (``experiment_dir``) holds its spec, its durable state
 (`SweepState`: phases done with their results, trial -> child run key) and its tracking
@@ -27,7 +29,6 @@ confirmed for it.
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 import signal
@@ -42,24 +43,15 @@ import yaml
 
 from metalearner.config import flatten, load_run_config
 from metalearner.environment import HF_OFFLINE, TUNE_QUIET, set_defaults
-from metalearner.experiment import ExperimentSpec
+from metalearner.experiment import Arm, ExperimentSpec
 from metalearner.journal import JOURNAL_DIR
 from metalearner.sweep_state import PARENT_KEY, SPEC_FILE, SweepState
 from metalearner.tracking import INTERRUPTED_TAG, KIND_TAG, MlflowWriter, arm_colours, ui_features
+from trainables.phase_runner import Phase, PhaseRunner, StopRequest
 from trainables.phases import run_per_seed_populations
 from trainables.reporting import cell_config, task_key
-from trainables.storage import is_uri, publish, storage_root, sweep_folder
-from trainables.tuning import ClampToSpace as ClampToSpace  # re-exported: the sweep's public names
-from trainables.tuning import (
-    _log_errors,
-    _merge,
-    _nested_space,
-    best_result,
-    diverged_errors,
-    make_scheduler,
-    make_searcher,
-)
-from trainables.tuning import to_tune_domain as to_tune_domain
+from trainables.storage import publish, storage_root, sweep_folder
+from trainables.tuning import best_result
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +93,7 @@ class SweepRunner:
         else:  # the folders of the sweep being resumed
             state = SweepState.load(self.resume_dir)
             self.storage, self.stamp, self.folder = state.storage, state.stamp, self.resume_dir
-        self._stop = threading.Event()
-        self._in_fit = False
+        self.stop = StopRequest()  # set by `request_stop`; read between and relayed into phases
         self.inbox: str | None = None  # the trace inbox's name, once a trainable is made (`_open_inbox`)
 
     # ------------------------------------------------------------ pieces
@@ -159,41 +150,6 @@ class SweepRunner:
                                   inbox=self.inbox or self._open_inbox())
         return tune.with_resources(fn, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
 
-    def _tuner(self, trainable: Any, param_space: dict[str, Any], name: str, callback: Any,
-               search_alg: Any = None, scheduler: Any = None, num_samples: int = 1, reuse: bool = True,
-               keep: int | None = 2) -> Any:
-        from ray import tune
-        from ray.tune.logger import JsonLoggerCallback
-
-        # keep=None for population-based phases: PBT restores a member from another's checkpoint of the
-        # last perturbation, and the donor keeps checkpointing while the recipient's actor restarts, so
-        # a pruned checkpoint fails the exploit (and with synch=True the population then waits forever;
-        # Ray issue #8441). Every checkpoint of a PBT trial is kept.
-        set_defaults(TUNE_QUIET, HF_OFFLINE)  # the sweep's environment, also when Ray was started elsewhere
-        r = self.spec.resources
-        return tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                metric=self.spec.metric, mode=self.spec.mode, search_alg=search_alg, scheduler=scheduler,
-                num_samples=num_samples, max_concurrent_trials=r.max_concurrent or None, reuse_actors=reuse,
-                time_budget_s=self.spec.time_budget_s or None,
-                trial_name_creator=trial_name, trial_dirname_creator=trial_name,
-            ),
-            run_config=tune.RunConfig(
-                # our callback is the logger that matters (MLflow); Tune's JSON log keeps
-                # its own result bookkeeping working (the CSV/TensorBoard ones are off)
-                name=name, storage_path=self.storage, callbacks=[callback, JsonLoggerCallback()], verbose=0,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
-                failure_config=tune.FailureConfig(max_failures=r.max_failures),
-            ),
-        )
-
-    def _progress(self, table: Any, steps: int, title: str) -> Any:
-        """The live table of a phase, or None: the runner shows nothing unless asked (the
-        CLI asks; ``progress=None`` picks a live display on a terminal, plain lines elsewhere)."""
-        return None if self.progress is False else table(steps, title, self.progress)
-
     # ------------------------------------------------------------ the sweep
     @property
     def experiment_dir(self) -> Path:
@@ -205,12 +161,7 @@ class SweepRunner:
         """Stop the sweep as Tune's first Ctrl-C does (the face calls this on SIGINT and
         SIGTERM): the running Tune loop saves its experiment state and stops the trials,
         whose last reported checkpoints a resume continues from; no later phase starts."""
-        self._stop.set()
-        if self._in_fit:
-            # while fit() runs, Tune's own stop handler is installed for SIGUSR1
-            handler = signal.getsignal(signal.SIGUSR1)
-            if callable(handler):
-                handler(signal.SIGUSR1, None)
+        self.stop.set()
 
     def _open(self, writer: MlflowWriter) -> tuple[SweepState, set[str]]:
         """A new sweep: the parent run, the spec file, the state file. A resumed one: its
@@ -247,44 +198,7 @@ class SweepRunner:
         writer.log_artifact(PARENT_KEY, spec_file)
         return SweepState.create(self.folder, self.tracking_uri, self.stamp, self.storage), set()
 
-    def _fit(self, state: SweepState, phase: str, name: str, trainable: Any, space: dict[str, Any],
-             cb: Any, **tuner_args: Any) -> tuple[Any, bool]:
-        """Run (or, in a resumed sweep, restore and continue) one phase's Tune experiment.
-
-        Returns:
-            (the result grid, whether the phase was interrupted).
-        """
-        from ray import tune
-        from ray.tune.logger import JsonLoggerCallback
-
-        tune_dir = f"{self.storage.rstrip('/')}/{name}" if is_uri(self.storage) else str(Path(self.storage) / name)
-        state.start_phase(phase, tune_dir)
-        if self.resume_dir is not None and tune.Tuner.can_restore(tune_dir):
-            set_defaults(TUNE_QUIET, HF_OFFLINE)
-            tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=False,
-                                       param_space=space)
-            # Tune restores the run config it pickled, callbacks included, and a pickled
-            # callback has no writer (it stays with the driver): hand it the live ones
-            tuner._local_tuner.get_run_config().callbacks = [cb, JsonLoggerCallback()]
-        else:
-            tuner = self._tuner(trainable, space, name, cb, **tuner_args)
-        self._in_fit = True
-        try:
-            grid = tuner.fit()
-        finally:
-            self._in_fit = False
-        # a stop that came when every trial had ended leaves a finished phase (the next one
-        # does not start); the time budget's unfinished trials are not an interrupt
-        return grid, self._stop.is_set() and bool(cb.unfinished)
-
-    def _mark_interrupted(self, writer: MlflowWriter, cb: Any) -> None:
-        for tid in cb.unfinished:
-            writer.set_tags(cb.run_ids[tid], {INTERRUPTED_TAG: "stopped by SIGINT/SIGTERM; resume the sweep"})
-
     def run(self) -> SweepResult:
-        from trainables.callback import MlflowTraceCallback
-        from trainables.progress import ProgressTable
-
         spec = self.spec
         t0 = time.perf_counter()
         # PBT's explore step and the random searcher draw from these: a seeded sweep
@@ -296,111 +210,41 @@ class SweepRunner:
         # delivers leftovers; a resume continues the journal, its run keys and last steps)
         writer = MlflowWriter(self.tracking_uri, journal_dir=out_dir / JOURNAL_DIR,
                               outage_s=spec.tracking.outage_s, metrics_db=self.metrics_db)
-        parent = PARENT_KEY
         result = SweepResult(parent_run_id="", tracking_uri=self.tracking_uri, experiment=spec.name,
                              experiment_dir=out_dir, resumed=self.resume_dir is not None)
-        colours = arm_colours(a.name for a in spec.arms) if ui_features()["run_color"] else None
         error_log = out_dir / "trial_errors.log"
 
         status = "FAILED"
-        progress: ProgressTable | None = None
         try:
             state, set_right = self._open(writer)
             self._init_ray()
             task, task_key = self._shared_task()
-            trainable = self._trainable(task, task_key)
-            steps = load_run_config(spec.run_config(spec.arms[0], spec.seeds[0])).train.steps
+            phases = PhaseRunner(
+                spec, self.storage, self._trainable(task, task_key), writer, state, PARENT_KEY, self.stop,
+                self.resume_dir, load_run_config(spec.run_config(spec.arms[0], spec.seeds[0])).train.steps,
+                error_log, colours=arm_colours(a.name for a in spec.arms) if ui_features()["run_color"] else None,
+                set_right=set_right, progress=self.progress)
             cells: list[dict[str, Any]] = []
             for arm in spec.arms:
                 if arm.search is None:
                     cells += [{**spec.run_config(arm, s), "meta": {"arm": arm.name, "phase": "compare"}}
                               for s in spec.seeds]
-                    continue
-                if arm.search.per_seed:  # one population per seed, its best member is the seed's run
-                    if run_per_seed_populations(self, arm, trainable, writer, parent, colours, steps, result,
-                                                error_log, state, set_right):
-                        result.interrupted = True
-                        break
-                    continue
-                s = arm.search
-                phase = f"search:{arm.name}"
-                done = state.phase(phase)
-                if not done.get("done"):
-                    if self._stop.is_set():
-                        result.interrupted = True
-                        break
-                    base = spec.run_config(arm, s.seed)
-                    report_every = load_run_config(base).train.report_every
-                    progress = self._progress(ProgressTable, steps, f"{spec.name}: tuning {arm.name}")
-                    cb = MlflowTraceCallback(writer, spec.name, parent,
-                                             mutable_keys=list(s.space) if s.population_based else [],
-                                             progress=progress, tags={"metalearner.sweep": spec.name},
-                                             colours=colours, scheduler=s.scheduler.name,
-                                             state=state, phase=phase, set_right=set_right)
-                    space = {**copy.deepcopy(base), "meta": {"arm": arm.name, "phase": "search"}}
-                    for key, dom in _nested_space(s.space).items():
-                        space[key] = _merge(space.get(key, {}), dom)
-                    grid, interrupted = self._fit(
-                        state, phase, f"{spec.name}-{arm.name}-{self.stamp}", trainable, space, cb,
-                        search_alg=make_searcher(arm, spec), scheduler=make_scheduler(arm, steps, report_every),
-                        num_samples=s.num_samples, reuse=not s.population_based,
-                        keep=None if s.population_based else 2)
-                    if progress is not None:
-                        progress.stop()
-                    result.trials.update(cb.trial_info)
-                    if interrupted:  # no best from a search that did not end: nothing confirmed
-                        self._mark_interrupted(writer, cb)
-                        result.interrupted = True
-                        break
-                    errors, first_error = _log_errors(grid, error_log)
-                    best = best_result(grid, spec.metric, spec.mode)
-                    done = {"errors": errors + diverged_errors(grid),
-                            "best": dict(cell_config(best.config)[0]["controller"]) if best is not None else None,
-                            "failed": None if best is not None else (
-                                first_error or f"no trial reported a finite {spec.metric} "
-                                               "(each diverged or was stopped)")}
-                    state.finish_phase(phase, **done)
-                result.errors += done.get("errors", [])
-                if done.get("best") is None:
-                    result.failed_arms[arm.name] = done["failed"]
-                    continue
-                result.best[arm.name] = dict(done["best"])
-                best_file = out_dir / f"best_{arm.name}.yaml"
-                if not best_file.is_file():
-                    best_file.write_text(yaml.safe_dump({"controller": result.best[arm.name]}, sort_keys=False))
-                    writer.log_artifact(parent, best_file)
-                result.spec_files[arm.name] = best_file
-                if s.confirm:
-                    cells += [{**spec.run_config(arm, seed, controller=result.best[arm.name]),
-                               "meta": {"arm": arm.name, "phase": "compare"}} for seed in spec.seeds]
+                elif arm.search.per_seed:  # one population per seed, its best member is the seed's run
+                    result.interrupted = run_per_seed_populations(phases, arm, result)
+                else:
+                    result.interrupted = self._search(phases, arm, result)
+                    if not result.interrupted and arm.name in result.best and arm.search.confirm:
+                        cells += [{**spec.run_config(arm, seed, controller=result.best[arm.name]),
+                                   "meta": {"arm": arm.name, "phase": "compare"}} for seed in spec.seeds]
+                if result.interrupted:
+                    break
             if cells and not result.interrupted:
-                from ray import tune
-
-                done = state.phase("compare")
-                if not done.get("done") and self._stop.is_set():
-                    result.interrupted = True
-                elif not done.get("done"):
-                    progress = self._progress(ProgressTable, steps, f"{spec.name}: comparison at equal steps")
-                    cb = MlflowTraceCallback(writer, spec.name, parent, progress=progress,
-                                             tags={"metalearner.sweep": spec.name}, colours=colours,
-                                             state=state, phase="compare", set_right=set_right)
-                    grid, interrupted = self._fit(state, "compare", f"{spec.name}-compare-{self.stamp}",
-                                                  trainable, {"cell": tune.grid_search(cells)}, cb)
-                    if progress is not None:
-                        progress.stop()
-                    result.trials.update(cb.trial_info)
-                    if interrupted:
-                        self._mark_interrupted(writer, cb)
-                        result.interrupted = True
-                    else:
-                        done = {"errors": _log_errors(grid, error_log)[0] + diverged_errors(grid)}
-                        state.finish_phase("compare", **done)
-                result.errors += done.get("errors", [])
+                result.interrupted = self._compare(phases, cells, result)
             if result.errors or result.failed_arms:
                 result.error_log = error_log
             if result.interrupted:
                 status = "KILLED"
-                writer.set_tags(parent, {INTERRUPTED_TAG: "stopped by SIGINT/SIGTERM; resume the sweep"})
+                writer.set_tags(PARENT_KEY, {INTERRUPTED_TAG: "stopped by SIGINT/SIGTERM; resume the sweep"})
             else:
                 status = "FINISHED" if not (result.errors or result.failed_arms) else "FAILED"
                 publish(out_dir, self.storage, out_dir.name)  # a URI storage gets the sweep's files too
@@ -408,12 +252,10 @@ class SweepRunner:
             status = "KILLED"
             raise
         finally:
-            if progress is not None:
-                progress.stop()
             result.seconds = time.perf_counter() - t0
-            writer.terminate(parent, status)
+            writer.terminate(PARENT_KEY, status)
             writer.close()  # what is left undelivered stays in the journal: the CLI counts it
-            result.parent_run_id = writer.run_id(parent) or ""
+            result.parent_run_id = writer.run_id(PARENT_KEY) or ""
             if self.inbox is not None:  # last: a failure here must not hide the sweep's outcome
                 from trainables.channel import close_inbox
 
@@ -424,9 +266,63 @@ class SweepRunner:
                                 (str(e).strip().splitlines() or [""])[0])
         return result
 
+    def _search(self, phases: PhaseRunner, arm: Arm, result: SweepResult) -> bool:
+        """The search phase of a searched arm (on its tuning seed), unless it finished before;
+        its best configuration becomes ``best_ARM.yaml``, logged to the parent run.
 
-def trial_name(trial: Any) -> str:
-    """Short trial names: ``ARM-sSEED-ID`` instead of the whole config."""
-    run_cfg, meta = cell_config(trial.config)
-    seed = run_cfg.get("train", {}).get("seed", "")
-    return f"{meta.get('arm', 'trial')}-s{seed}-{trial.trial_id}"
+        Returns:
+            True if a stop request came before or during the phase (no later phase may start).
+        """
+        spec, state, s = self.spec, phases.state, arm.search
+        assert s is not None
+        phase = f"search:{arm.name}"
+        done = state.phase(phase)
+        if not done.get("done"):
+            if self.stop.is_set():
+                return True
+            out = phases.search(arm, spec.run_config(arm, s.seed), {"arm": arm.name, "phase": "search"}, phase,
+                                f"{spec.name}-{arm.name}-{self.stamp}", f"{spec.name}: tuning {arm.name}")
+            result.trials.update(out.trials)
+            if out.interrupted:  # no best from a search that did not end: nothing confirmed
+                return True
+            best = best_result(out.grid, spec.metric, spec.mode)
+            done = {"errors": out.errors,
+                    "best": dict(cell_config(best.config)[0]["controller"]) if best is not None else None,
+                    "failed": None if best is not None else (
+                        out.first_error or f"no trial reported a finite {spec.metric} "
+                                           "(each diverged or was stopped)")}
+            state.finish_phase(phase, **done)
+        result.errors += done.get("errors", [])
+        if done.get("best") is None:
+            result.failed_arms[arm.name] = done["failed"]
+            return False
+        result.best[arm.name] = dict(done["best"])
+        best_file = self.folder / f"best_{arm.name}.yaml"
+        if not best_file.is_file():
+            best_file.write_text(yaml.safe_dump({"controller": result.best[arm.name]}, sort_keys=False))
+            phases.writer.log_artifact(PARENT_KEY, best_file)
+        result.spec_files[arm.name] = best_file
+        return False
+
+    def _compare(self, phases: PhaseRunner, cells: list[dict[str, Any]], result: SweepResult) -> bool:
+        """The comparison phase: one grid over ``cells`` at equal steps, unless it finished before.
+
+        Returns:
+            True if a stop request came before or during the phase.
+        """
+        from ray import tune
+
+        done = phases.state.phase("compare")
+        if not done.get("done"):
+            if self.stop.is_set():
+                return True
+            out = phases.run(Phase(key="compare", name=f"{self.spec.name}-compare-{self.stamp}",
+                                   title=f"{self.spec.name}: comparison at equal steps",
+                                   space={"cell": tune.grid_search(cells)}))
+            result.trials.update(out.trials)
+            if out.interrupted:
+                return True
+            done = {"errors": out.errors}
+            phases.state.finish_phase("compare", **done)
+        result.errors += done.get("errors", [])
+        return False

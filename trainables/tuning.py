@@ -1,11 +1,12 @@
-"""What a sweep's phases hand to Ray Tune and read back from it: search domains,
-searchers and schedulers from a spec's ``search`` block, and the reading of a phase's
-result grid (the best completed trial, failed and diverged trials as error lines).
-`trainables.sweep` and `trainables.phases` both use it. Imports ray only inside functions.
+"""What a sweep's phases hand to Ray Tune and read back from it: the Tuner of a phase,
+search spaces, searchers and schedulers from a spec's ``search`` block, and the reading of
+a phase's result grid (the best completed trial, failed and diverged trials as error
+lines). `trainables.phase_runner` runs the phases with it. Imports ray only inside functions.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import traceback
@@ -13,10 +14,66 @@ from pathlib import Path
 from typing import Any
 
 from metalearner.config import set_dotted
+from metalearner.environment import HF_OFFLINE, TUNE_QUIET, set_defaults
 from metalearner.experiment import Arm, ExperimentSpec
 from trainables.reporting import DIVERGED_KEY, cell_config
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its worker names
+
+
+def make_tuner(spec: ExperimentSpec, storage: str, trainable: Any, param_space: dict[str, Any], name: str,
+               callback: Any, search_alg: Any = None, scheduler: Any = None, num_samples: int = 1,
+               reuse: bool = True, keep: int | None = 2) -> Any:
+    """The Tuner of one phase of a sweep (a new one; `trainables.phase_runner` restores).
+
+    Args:
+        spec: the experiment (metric, mode, resources, time budget).
+        storage: Tune's ``storage_path`` (a folder or a URI).
+        trainable: the sweep's trainable (with its shared task and resources).
+        param_space: the phase's param space.
+        name: the Tune experiment's name (its folder under ``storage``).
+        callback: the phase's `MlflowTraceCallback`.
+        search_alg: a searcher, or None for Tune's own variant generator.
+        scheduler: a trial scheduler, or None for FIFO.
+        num_samples: trials to draw from ``param_space``.
+        reuse: whether Tune reuses trial actors.
+        keep: checkpoints kept per trial; None keeps every one.
+    Returns:
+        A ``tune.Tuner``.
+    """
+    from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
+
+    # keep=None for population-based phases: PBT restores a member from another's checkpoint of the
+    # last perturbation, and the donor keeps checkpointing while the recipient's actor restarts, so
+    # a pruned checkpoint fails the exploit (and with synch=True the population then waits forever;
+    # Ray issue #8441). Every checkpoint of a PBT trial is kept.
+    set_defaults(TUNE_QUIET, HF_OFFLINE)  # the sweep's environment, also when Ray was started elsewhere
+    r = spec.resources
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=spec.metric, mode=spec.mode, search_alg=search_alg, scheduler=scheduler,
+            num_samples=num_samples, max_concurrent_trials=r.max_concurrent or None, reuse_actors=reuse,
+            time_budget_s=spec.time_budget_s or None,
+            trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+        ),
+        run_config=tune.RunConfig(
+            # our callback is the logger that matters (MLflow); Tune's JSON log keeps
+            # its own result bookkeeping working (the CSV/TensorBoard ones are off)
+            name=name, storage_path=storage, callbacks=[callback, JsonLoggerCallback()], verbose=0,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
+            failure_config=tune.FailureConfig(max_failures=r.max_failures),
+        ),
+    )
+
+
+def trial_name(trial: Any) -> str:
+    """Short trial names: ``ARM-sSEED-ID`` instead of the whole config."""
+    run_cfg, meta = cell_config(trial.config)
+    seed = run_cfg.get("train", {}).get("seed", "")
+    return f"{meta.get('arm', 'trial')}-s{seed}-{trial.trial_id}"
 
 
 def to_tune_domain(spec: dict[str, Any]) -> Any:
@@ -37,10 +94,33 @@ def to_tune_domain(spec: dict[str, Any]) -> Any:
     raise ValueError(f"search.space: unknown domain {kind!r}")
 
 
-def _nested_space(space: dict[str, Any]) -> dict[str, Any]:
+def nested_space(space: dict[str, Any]) -> dict[str, Any]:
+    """A ``search.space`` block as Tune's nested domains.
+
+    Args:
+        space: dotted key -> domain spec (``{"controller.factor": {"loguniform": [a, b]}}``).
+    Returns:
+        The nested dict of Ray domains (``{"controller": {"factor": tune.loguniform(a, b)}}``).
+    """
     out: dict[str, Any] = {}
     for key, spec in space.items():
         set_dotted(out, key, to_tune_domain(spec))
+    return out
+
+
+def search_space(config: dict[str, Any], space: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """The param space of a search phase: a run config with the search's domains in place.
+
+    Args:
+        config: the nested run config of the trials (not changed).
+        space: the arm's ``search.space`` (dotted key -> domain spec).
+        meta: the trials' meta (``arm``, ``phase``, ...), under ``meta``.
+    Returns:
+        A copy of ``config`` with ``meta`` and each searched key's Ray domain.
+    """
+    out = {**copy.deepcopy(config), "meta": dict(meta)}
+    for key, dom in nested_space(space).items():
+        out[key] = _merge(out.get(key, {}), dom)
     return out
 
 
@@ -79,7 +159,7 @@ def make_scheduler(arm: Arm, steps: int, report_every: int) -> Any:
     interval = sc.perturbation_interval or 4 * report_every
     if sc.name == "pbt":
         return synch_safe(PopulationBasedTraining)(
-            time_attr="step", perturbation_interval=interval, hyperparam_mutations=_nested_space(s.space),
+            time_attr="step", perturbation_interval=interval, hyperparam_mutations=nested_space(s.space),
             quantile_fraction=sc.quantile_fraction, resample_probability=sc.resample_probability, synch=sc.synch,
             custom_explore_fn=ClampToSpace(s.space),
         )
@@ -205,10 +285,17 @@ def diverged_errors(grid: Any) -> list[str]:
     return lines
 
 
-def _log_errors(grid: Any, path: Path) -> tuple[list[str], str | None]:
+def log_trial_errors(grid: Any, path: Path) -> tuple[list[str], str | None]:
     """Append each failed trial's full error (the trial's remote traceback) and its trial
-    folder to ``path``; returns one line per failure (the error's own type and message)
-    and the first failure's full text (None if no trial failed)."""
+    folder to ``path`` (the sweep's error log).
+
+    Args:
+        grid: a phase's Tune result grid.
+        path: the file to append to.
+    Returns:
+        (one line per failed trial: the error's own type and message; the first failure's
+        full text, or None if no trial failed).
+    """
     lines = []
     first = None
     with open(path, "a", encoding="utf-8") as fh:

@@ -47,6 +47,7 @@ __all__ = [
     "flex_local_attention",
     "local_kernel_for",
     "local_block_size",
+    "round_up",
     "set_flex_config",
 ]
 
@@ -68,7 +69,7 @@ def local_block_size(window: int, seq_len: int) -> int:
     c = 16
     while c < 64 and 3 * c < window - 1:
         c *= 2
-    return min(c, _round_up(seq_len, 8))
+    return min(c, round_up(seq_len, 8))
 
 
 def blocked_local_attention(
@@ -109,7 +110,16 @@ def blocked_local_attention(
     return out
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= ``n`` (the padded length of a
+    sequence cut into blocks; the speech task pads its feature frames the same way).
+
+    Args:
+        n: a length (>= 0).
+        multiple: the block size (> 0).
+    Returns:
+        ``n`` rounded up to a multiple of ``multiple``.
+    """
     return -(-n // multiple) * multiple
 
 
@@ -161,7 +171,7 @@ def _pack(x: torch.Tensor, c: int, lead: int, tail: int, scale: float | None = N
     of zeros before/after the whole buffer let every key band be a plain strided view.
     """
     b, h, t, d = x.shape
-    t_pad = _round_up(t, c)
+    t_pad = round_up(t, c)
     rows = b * h * t_pad
     buf = x.new_empty(((lead + tail) * c + rows, d))
     if lead:
@@ -199,7 +209,7 @@ class _BlockedLocalAttention(torch.autograd.Function):
         b, h, t, d = q.shape
         m = -(-(window - 1) // c)
         n_bands = m + 1 if causal else 2 * m + 1
-        t_pad = _round_up(t, c)
+        t_pad = round_up(t, c)
         g = b * h * (t_pad // c)
         scale = d**-0.5
         qb = _pack(q, c, 0, 0, scale).view(g, c, d)  # scaled queries (G, c, D)
@@ -236,7 +246,7 @@ class _BlockedLocalAttention(torch.autograd.Function):
             rows = slice(r * c, (r + g) * c)
             dk[rows].view(g, c, d).baddbmm_(ds[:, :, r * c : (r + 1) * c].transpose(1, 2), qb)
             dv[rows].view(g, c, d).baddbmm_(probs[:, :, r * c : (r + 1) * c].transpose(1, 2), do)
-        t_pad = _round_up(t, c)
+        t_pad = round_up(t, c)
 
         def unpack(flat: torch.Tensor) -> torch.Tensor:  # drop the lead/tail/pad rows
             return flat[m * c : (m + g) * c].view(b, h, t_pad, d)[:, :, :t]

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from metalearner.model.attention import _round_up  # its one definition (the model's padding)
+from metalearner.model.attention import round_up  # its one definition (the model's padding)
 from metalearner.tasks.base import IGNORE_INDEX, Batch, step_generator
 from metalearner.tasks.speech_data import METADATA, SAMPLE_RATE
 
@@ -293,7 +293,7 @@ class SpeechTask:
 
     def collate(self, idx: list[int]) -> Batch:
         """The batch of utterances ``idx`` (indices into ``names``/``texts``)."""
-        frames = _round_up(int(self.n_frames[idx].max()), FRAME_MULTIPLE)
+        frames = round_up(int(self.n_frames[idx].max()), FRAME_MULTIPLE)
         features = np.empty((len(idx), self.cfg.n_mels, frames), dtype=np.float32)  # (B, n_mels, F)
         t_len = max(len(self._text_ids[i]) for i in idx) + 1
         tokens = torch.full((len(idx), t_len), PAD_ID, dtype=torch.long)
@@ -376,7 +376,7 @@ class SpeechTask:
     @property
     def max_source_frames(self) -> int:
         """Encoder length of the longest batch after the stride-2 conv stem."""
-        return math.ceil(_round_up(int(self.n_frames.max()), FRAME_MULTIPLE) / 2)
+        return math.ceil(round_up(int(self.n_frames.max()), FRAME_MULTIPLE) / 2)
 
     def params(self) -> dict[str, Any]:
         return {
