@@ -125,6 +125,16 @@ def search_space(config: dict[str, Any], space: dict[str, Any], meta: dict[str, 
 
 
 def make_searcher(arm: Arm, spec: ExperimentSpec) -> Any:
+    """The searcher of a searched arm (``search.searcher``), seeded with the spec's seed.
+
+    Args:
+        arm: an arm with a ``search`` block.
+        spec: the experiment (its seed and ``resources.max_concurrent``).
+    Returns:
+        A Tune search algorithm (Optuna TPE, HyperOpt, or Tune's random/grid variants).
+    Raises:
+        RuntimeError: the searcher's package is not installed.
+    """
     s = arm.search
     assert s is not None
     if s.searcher == "optuna":
@@ -147,6 +157,15 @@ def make_searcher(arm: Arm, spec: ExperimentSpec) -> Any:
 
 
 def make_scheduler(arm: Arm, steps: int, report_every: int) -> Any:
+    """The trial scheduler of a searched arm (``search.scheduler``), on the ``step`` clock.
+
+    Args:
+        arm: an arm with a ``search`` block.
+        steps: training steps of a trial (ASHA's ``max_t``).
+        report_every: steps between reports (default grace period and perturbation interval).
+    Returns:
+        ASHA, PBT or PB2 (both made `synch_safe`, PBT with `ClampToSpace`), or FIFO.
+    """
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
     from ray.tune.schedulers.pb2 import PB2
 
