@@ -64,7 +64,7 @@ MARKS = ""  # folder where each trial's worker writes its clock marks (set in ma
 
 
 def timed_train_trial(config: dict[str, Any], task: Any = None, task_key: tuple | None = None,
-                      threads: int = 1) -> None:
+                      threads: int = 1, inbox: str | None = None) -> None:
     """The library's `train_trial`, with wall-clock marks written first (runs in the worker;
     pickled by value from this script, so the worker needs nothing from benchmarks/)."""
     import json
@@ -82,7 +82,7 @@ def timed_train_trial(config: dict[str, Any], task: Any = None, task_key: tuple 
     seed = cell.get("train", {}).get("seed")
     with open(os.path.join(MARKS, f"{os.getpid()}-{seed}.json"), "w") as fh:
         json.dump({"pid": os.getpid(), "seed": seed, "created": created, "entry": entry, "imported": imported}, fh)
-    trial_mod.train_trial(config, task=task, task_key=task_key, threads=threads)
+    trial_mod.train_trial(config, task=task, task_key=task_key, threads=threads, inbox=inbox)
 
 
 HOOKS = [m for m in dir(Callback) if m.startswith(("on_", "setup")) and callable(getattr(Callback, m))]
