@@ -40,7 +40,8 @@ def val_curve(final, steps=EVAL, **override):
     return curve
 
 
-def log_trial(client, exp_id, parent, arm, phase, seed, controller, val, window, last_step=STEPS, t0=0):
+def log_trial(client, exp_id, parent, arm, phase, seed, controller, val, window, last_step=STEPS, t0=0,
+              status="FINISHED"):
     from mlflow.entities import Metric
 
     tags = {"mlflow.parentRunId": parent, "metalearner.kind": "trial", "metalearner.arm": arm,
@@ -64,7 +65,7 @@ def log_trial(client, exp_id, parent, arm, phase, seed, controller, val, window,
             ms.append(Metric("val_loss", val[s], ts, s))
     for i in range(0, len(ms), 1000):
         client.log_batch(rid, metrics=ms[i:i + 1000])
-    client.set_terminated(rid, "FINISHED")
+    client.set_terminated(rid, status)
     return rid
 
 
@@ -400,6 +401,60 @@ def test_a_diverged_seed_is_counted_and_withholds_better(diverged_sweep, tmp_pat
     assert ewma["vs_static_delta"] < 0 and ewma["verdict"] == "no clear difference"
     rep = report.write_report(diverged_sweep["uri"], "div-sweep", tmp_path, log_to_mlflow=False)
     assert "2 (+1 diverged)" in rep.text and "[1 diverged]" in rep.text
+
+
+@pytest.fixture(scope="module")
+def failed_sweep(tmp_path_factory):
+    """What a resume that lost its checkpoints leaves behind (issue 16).
+
+    static x 3 seeds, finished. ewma x 3 seeds, every run FAILED: seeds 0 and 1 stopped at
+    step 12 of 20, seed 2 failed before its first step (tags only: no param, no metric).
+    schedule: seed 0 diverged (tag ``metalearner.diverged``, cut at step 12), seed 1 ran
+    every step but never logged val_loss, seed 2 finished.
+    """
+    tmp, uri, client, exp_id = fresh_store(tmp_path_factory, "failed", "failed-sweep")
+    pid = client.create_run(exp_id, tags={"metalearner.kind": "sweep"}, run_name="failed").info.run_id
+    static, sched = {"controller.name": "static"}, {"controller.name": "schedule", "controller.warmup_steps": "10"}
+    for seed in range(3):
+        log_trial(client, exp_id, pid, "static", "compare", seed, static, val_curve(STATIC[seed]), lambda s: 8)
+    for seed in (0, 1):
+        log_trial(client, exp_id, pid, "ewma", "compare", seed, EWMA, val_curve(GOOD[seed], steps=(5, 10)),
+                  lambda s: 8, last_step=12, status="FAILED")
+    dead = client.create_run(exp_id, run_name="ewma-compare-2", tags={
+        "mlflow.parentRunId": pid, "metalearner.kind": "trial", "metalearner.arm": "ewma",
+        "metalearner.phase": "compare", "metalearner.seed": "2"}).info.run_id
+    client.set_terminated(dead, "FAILED")
+    div = log_trial(client, exp_id, pid, "schedule", "compare", 0, sched, val_curve(SCHED[0], steps=(5, 10)),
+                    lambda s: 8, last_step=12)
+    client.set_tag(div, "metalearner.diverged", "true")
+    log_trial(client, exp_id, pid, "schedule", "compare", 1, sched, {}, lambda s: 8)  # no val_loss at all
+    log_trial(client, exp_id, pid, "schedule", "compare", 2, sched, val_curve(SCHED[2]), lambda s: 8)
+    return {"uri": uri, "parent": pid, "client": client}
+
+
+def test_failed_missing_and_diverged_runs_never_crash_the_comparison(failed_sweep, tmp_path):
+    rep = report.write_report(failed_sweep["uri"], "failed-sweep", tmp_path / "out")  # logged, as `compare` does
+    t = rep.table[rep.table["phase"] == "compare"].set_index("arm")
+    ewma = t.loc["ewma"]
+    assert (ewma["n_runs"], ewma["n_finished"], ewma["n_incomplete"], ewma["n_diverged"]) == (3, 0, 3, 0)
+    assert ewma["verdict"] == "no verdict: all 3 runs failed" and np.isnan(ewma["vs_static_p_holm"])
+    sched = t.loc["schedule"]
+    assert (sched["n_runs"], sched["n_finished"], sched["n_diverged"], sched["n_incomplete"]) == (3, 1, 1, 1)
+    assert (sched["n_paired"], sched["n_lost"], sched["n_missing"]) == (1, 1, 1)
+    assert sched["verdict"] == "no clear difference"  # one pair: no test, and a lost seed vetoes "better"
+    assert t.loc["static", "verdict"] == "baseline"
+    # the arm that failed is a row that says so, in the terminal, the markdown, the CSV and the parent's note
+    line = next(x for x in rep.text.splitlines() if x.startswith("ewma "))
+    assert "0 (+3 cut)" in line and "no verdict: all 3 runs failed" in line
+    assert "ewma vs static: no verdict: all 3 runs failed [3 incomplete]" in rep.text
+    assert "schedule vs static: no clear difference (Δ val_loss" in rep.text and "[1 diverged, 1 incomplete]" in rep.text
+    csv = pd.read_csv(tmp_path / "out" / "comparison.csv").set_index("arm")
+    assert csv.loc["ewma", "verdict"] == "no verdict: all 3 runs failed" and csv.loc["ewma", "n_incomplete"] == 3
+    assert "no verdict: all 3 runs failed" in (tmp_path / "out" / "comparison.md").read_text()
+    from metalearner.tracking import NOTE_TAG
+
+    note = failed_sweep["client"].get_run(failed_sweep["parent"]).data.tags[NOTE_TAG]
+    assert "ewma vs static: no verdict: all 3 runs failed" in note
 
 
 def test_a_sweep_without_trials_reports_without_crashing(sweep, tmp_path):
