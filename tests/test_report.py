@@ -438,6 +438,7 @@ def test_failed_missing_and_diverged_runs_never_crash_the_comparison(failed_swee
     ewma = t.loc["ewma"]
     assert (ewma["n_runs"], ewma["n_finished"], ewma["n_incomplete"], ewma["n_diverged"]) == (3, 0, 3, 0)
     assert ewma["verdict"] == "no verdict: all 3 runs failed" and np.isnan(ewma["vs_static_p_holm"])
+    assert ewma["controller"] == "ewma(beta=0.9, factor=1.01, threshold=0.01)"  # the arm is still named
     sched = t.loc["schedule"]
     assert (sched["n_runs"], sched["n_finished"], sched["n_diverged"], sched["n_incomplete"]) == (3, 1, 1, 1)
     assert (sched["n_paired"], sched["n_lost"], sched["n_missing"]) == (1, 1, 1)

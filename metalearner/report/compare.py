@@ -147,7 +147,9 @@ def _base_table(runs_df: pd.DataFrame, traces_df: pd.DataFrame, top_search: int 
     def row(arm: str, phase: str, group: pd.DataFrame, n_incomplete: int) -> dict[str, Any]:
         rids = list(group.index)
         hits = [reached[r] for r in rids if r in reached]
-        controllers = sorted(set(group["controller"]))
+        everyone = summary[(summary["arm"] == arm) & (summary["phase"] == phase)]  # a failed arm has no group
+        controllers = sorted(set(group["controller"] if len(group) else everyone["controller"]))
+        controllers = [c for c in controllers if not c.startswith("?(")] or controllers  # runs without params
         return {
             "arm": arm, "phase": phase,
             "controller": controllers[0] if len(controllers) == 1 else " | ".join(controllers),
