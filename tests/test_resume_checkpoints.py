@@ -1,0 +1,132 @@
+"""A resume that always resumes: the driver is killed, the checkpoints Tune's saved state
+names are gone, and ``sweep --resume`` still finishes every trial with an exact trace.
+
+Tune saves its experiment state now and then while ``num_to_keep`` prunes checkpoints, so
+a killed driver can leave a state naming a checkpoint that is gone (ray-project/ray
+#27790). Here the trap is made certain, from outside: a real ``metalearner sweep`` (real
+local Ray, SQLite MLflow) is SIGKILLed while both comparison trials are mid-run; then, on
+storage, one trial loses the checkpoint the state names (older ones stay) and the other
+loses every checkpoint. ``sweep --resume`` must exit 0 with both runs FINISHED and each
+trace key at steps 1..N exactly once: the first trial restores from its newest checkpoint
+left, the second starts again from step 0, and the writer drops the replayed steps it holds.
+
+The same repair is run on a copy of that Tune experiment in S3 (a real moto server, real
+pyarrow S3 filesystem), before the local resume.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pyarrow.fs as pafs
+import yaml
+from conftest import Sweep, history, wait_for
+
+from metalearner.trace import STEP_KEYS
+from trainables.restore import repair_checkpoints
+
+STEPS = 60
+SPEC = {
+    "name": "trap",
+    "description": "resume after the checkpoints Tune's state names are gone",
+    "task": {"name": "recall", "n_pairs": 4, "distance": 16},
+    "model": {"preset": "tiny", "window": 8},
+    # a checkpoint with every report (Tune keeps 2 per trial)
+    "train": {"steps": STEPS, "batch_size": 8, "seq_len": 32, "report_every": 5, "eval_every": 10,
+              "eval_batches": 1, "lr": 0.01},
+    "seeds": [0],
+    "resources": {"cpus_per_trial": 1},
+    "arms": [{"name": "static", "controller": {"name": "static"}},
+             {"name": "ewma", "controller": {"name": "ewma", "factor": 1.1, "beta": 0.5, "threshold": 0.0}}],
+}
+
+
+def checkpoints(trial_dir: Path) -> list[Path]:
+    return sorted(trial_dir.glob("checkpoint_*"))
+
+
+def saved_state(tune_dir: Path) -> dict[str, tuple[str, str | None]]:
+    """Trial folder -> (status, the checkpoint folder it names) in Tune's newest saved state."""
+    from ray.tune.utils.serialization import TuneFunctionDecoder
+
+    newest = max(tune_dir.glob("experiment_state-*.json"))
+    named = {}
+    for trial_json, meta_json in json.loads(newest.read_text())["trial_data"]:
+        trial, meta = json.loads(trial_json), json.loads(meta_json)
+        manager = TuneFunctionDecoder(allow_cloudpickle=True).decode(json.dumps(meta["checkpoint_manager"]))
+        latest = manager.latest_checkpoint_result
+        named[trial["relative_logdir"]] = (trial["status"], latest.checkpoint.path.rsplit("/", 1)[-1] if latest else None)
+    return named
+
+
+def test_resume_restores_from_the_checkpoints_left_or_from_step_0(tmp_path, s3_server):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(SPEC))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Sweep(tmp_path, str(spec), "--storage", str(tmp_path / "ray"), "--tracking-uri", uri)
+    try:
+        # both trials are mid-run, with checkpoints Tune's saved state knows of
+        def mid_run():
+            trials = glob.glob(str(tmp_path / "ray" / "trap-compare-*" / "*-s0-*"))
+            return len(trials) == 2 and all(checkpoints(Path(t)) and checkpoints(Path(t))[-1].name >= "checkpoint_000004"
+                                            for t in trials)
+
+        wait_for(mid_run, first, what="both trials past their 5th checkpoint")
+        first.descendants()
+        first.proc.kill()  # SIGKILL of the driver: no chance to save Tune's state again
+        assert first.wait() < 0
+    finally:
+        first.close()  # the Ray processes it left, by pid
+    (folder,) = {Path(p).parent for p in glob.glob(str(tmp_path / "ray" / "*" / "sweep_state.json"))}
+    (tune_dir,) = (tmp_path / "ray").glob("trap-compare-*")
+    named = saved_state(tune_dir)
+    assert sorted(named) == sorted(p.name for p in tune_dir.glob("*-s0-*"))
+    assert all(status != "TERMINATED" and ckpt for status, ckpt in named.values()), named
+
+    # the trap, made certain: "static" loses the checkpoint the state names, "ewma" every one
+    (static,) = tune_dir.glob("static-s0-*")
+    (ewma,) = tune_dir.glob("ewma-s0-*")
+    shutil.rmtree(static / named[static.name][1], ignore_errors=True)  # (it may be pruned already)
+    for ckpt in checkpoints(ewma):
+        shutil.rmtree(ckpt)
+    left = checkpoints(static)
+    assert left, "static keeps an older or newer checkpoint to restore from"
+
+    # the repair on S3: the same Tune experiment, copied to a bucket
+    s3_dir = f"s3://sweeps/ray/{tune_dir.name}?allow_delayed_open=true"  # moto's endpoint: AWS_ENDPOINT_URL
+    s3, s3_path = pafs.FileSystem.from_uri(s3_dir)
+    pafs.copy_files(str(tune_dir), s3_path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=s3)
+    repairs = {r.trial: r for r in repair_checkpoints(s3_dir)}
+    assert repairs[static.name].named == named[static.name][1] and repairs[static.name].restored == left[-1].name
+    assert repairs[ewma.name].named == named[ewma.name][1] and repairs[ewma.name].restored is None
+    assert repair_checkpoints(s3_dir) == []  # the state on S3 now names what is there
+    local = tmp_path / "from-s3"
+    pafs.copy_files(s3_path, str(local), source_filesystem=s3, destination_filesystem=pafs.LocalFileSystem())
+    assert saved_state(local)[static.name][1] == left[-1].name and saved_state(local)[ewma.name][1] is None
+
+    second = Sweep(tmp_path, "--resume", str(folder))
+    try:
+        rc = second.wait()
+        out = second.output()
+    finally:
+        second.close()
+    print(f"killed after {first.seconds:.0f} s, resumed in {second.seconds:.0f} s")
+    assert rc == 0, out
+    assert f"{static.name}: its checkpoint {named[static.name][1]} is gone" in out, out
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("trap")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`metalearner.kind` = 'sweep'")
+    assert parent.info.status == "FINISHED"
+    kids = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(k.data.tags["metalearner.arm"] for k in kids) == ["ewma", "static"]
+    for k in kids:
+        assert k.info.status == "FINISHED", k.info.run_name
+        keys = [key for key in STEP_KEYS if not (key == "loss_ewma" and k.data.tags["metalearner.arm"] == "static")]
+        for key in keys:
+            assert [s for s, _ in history(client, k.info.run_id, key)] == list(range(1, STEPS + 1)), (k.info.run_name,
+                                                                                                       key)
+        assert [s for s, _ in history(client, k.info.run_id, "val_loss")] == list(range(5, STEPS + 1, 5))  # every report
