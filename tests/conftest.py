@@ -132,6 +132,14 @@ class Sweep:
         self.log.seek(0)
         return self.log.read()
 
+    def finish(self, timeout: float = 400) -> tuple[int, str]:
+        """Wait for the sweep to end; (its exit code, its output), then `close`."""
+        try:
+            rc = self.wait(timeout)
+            return rc, self.output()
+        finally:
+            self.close()
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.descendants()

@@ -23,26 +23,25 @@ from pathlib import Path
 
 import mlflow
 import pyarrow.fs as pafs
-import yaml
 from conftest import Sweep, history, wait_for
 
 from metalearner.trace import STEP_KEYS
 from trainables.restore import repair_checkpoints
 
 STEPS = 60
-SPEC = {
-    "name": "trap",
-    "description": "resume after the checkpoints Tune's state names are gone",
-    "task": {"name": "recall", "n_pairs": 4, "distance": 16},
-    "model": {"preset": "tiny", "window": 8},
-    # a checkpoint with every report (Tune keeps 2 per trial)
-    "train": {"steps": STEPS, "batch_size": 8, "seq_len": 32, "report_every": 5, "eval_every": 10,
-              "eval_batches": 1, "lr": 0.01},
-    "seeds": [0],
-    "resources": {"cpus_per_trial": 1},
-    "arms": [{"name": "static", "controller": {"name": "static"}},
-             {"name": "ewma", "controller": {"name": "ewma", "factor": 1.1, "beta": 0.5, "threshold": 0.0}}],
-}
+# a checkpoint with every report (Tune keeps 2 per trial); two trials, both in the comparison
+SPEC = f"""\
+name: trap
+description: resume after the checkpoints Tune's state names are gone
+task: {{name: recall, n_pairs: 4, distance: 16}}
+model: {{preset: tiny, window: 8}}
+train: {{steps: {STEPS}, batch_size: 8, seq_len: 32, report_every: 5, eval_every: 10, eval_batches: 1, lr: 0.01}}
+seeds: [0]
+resources: {{cpus_per_trial: 1}}
+arms:
+  - {{name: static, controller: {{name: static}}}}
+  - {{name: ewma, controller: {{name: ewma, factor: 1.1, beta: 0.5, threshold: 0.0}}}}
+"""
 
 
 def checkpoints(trial_dir: Path) -> list[Path]:
@@ -65,7 +64,7 @@ def saved_state(tune_dir: Path) -> dict[str, tuple[str, str | None]]:
 
 def test_resume_restores_from_the_checkpoints_left_or_from_step_0(tmp_path, s3_server):
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump(SPEC))
+    spec.write_text(SPEC)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = Sweep(tmp_path, str(spec), "--storage", str(tmp_path / "ray"), "--tracking-uri", uri)
     try:
@@ -109,11 +108,7 @@ def test_resume_restores_from_the_checkpoints_left_or_from_step_0(tmp_path, s3_s
     assert saved_state(local)[static.name][1] == left[-1].name and saved_state(local)[ewma.name][1] is None
 
     second = Sweep(tmp_path, "--resume", str(folder))
-    try:
-        rc = second.wait()
-        out = second.output()
-    finally:
-        second.close()
+    rc, out = second.finish()
     print(f"killed after {first.seconds:.0f} s, resumed in {second.seconds:.0f} s")
     assert rc == 0, out
     assert f"{static.name}: its checkpoint {named[static.name][1]} is gone" in out, out

@@ -220,12 +220,7 @@ def _chained_faults(tmp_path: Path, spec: Path, runs_of: dict[str, set[str]]) ->
     assert {k.data.tags["metalearner.trial_id"]: k.info.end_time for k in kids
             if k.data.tags["metalearner.trial_id"] in done_before} == done_before
     assert json.loads((folder / "sweep_state.json").read_text())["phases"]["search:tuned"]["done"]
-    third = Sweep(tmp_path, "--resume", str(folder))
-    try:
-        rc3 = third.wait()
-        out3 = third.output()
-    finally:
-        third.close()
+    rc3, out3 = Sweep(tmp_path, "--resume", str(folder)).finish()
     scenario3_s = time.monotonic() - t3
     assert rc3 == 0, out3
     assert "resumed" in out3 and "best 'tuned' controller" in out3
