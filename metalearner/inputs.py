@@ -87,7 +87,9 @@ def writable_path(value: str, field: str, folder: bool, shown: str | None = None
     parent = p.absolute().parent
     while not parent.exists():
         parent = parent.parent
-    why = "not a folder" if not parent.is_dir() else _cannot_create_in(parent)
+    if not parent.is_dir():
+        raise ConfigError(f"{field}: got {given!r}, expected a place this user may write ({parent} is not a folder)")
+    why = _cannot_create_in(parent)
     if why or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{field}: got {given!r}, expected a place this user may write ({parent} is not a "
                           f"writable folder{f': {why}' if why else ''})")

@@ -27,6 +27,7 @@ from conftest import Sweep, history, wait_for
 
 from metalearner.trace import STEP_KEYS
 from trainables.restore import repair_checkpoints
+from trainables.storage import experiment_uri
 
 STEPS = 60
 # a checkpoint with every report (Tune keeps 2 per trial); two trials, both in the comparison
@@ -125,3 +126,11 @@ def test_resume_restores_from_the_checkpoints_left_or_from_step_0(tmp_path, s3_s
             assert [s for s, _ in history(client, k.info.run_id, key)] == list(range(1, STEPS + 1)), (k.info.run_name,
                                                                                                        key)
         assert [s for s, _ in history(client, k.info.run_id, "val_loss")] == list(range(5, STEPS + 1, 5))  # every report
+
+
+def test_a_tune_experiment_under_a_uri_storage_keeps_the_uris_query_at_its_end():
+    """``Tuner.restore`` and the repair are given this folder: pyarrow reads the query
+    (endpoint, options) only at the end of the URI."""
+    assert experiment_uri("s3://b/ray?allow_delayed_open=true", "e") == "s3://b/ray/e?allow_delayed_open=true"
+    assert experiment_uri("s3://b/ray/", "e") == "s3://b/ray/e"
+    assert experiment_uri("/tmp/ray", "e") == "/tmp/ray/e"
