@@ -29,7 +29,7 @@ from metalearner.trace import STEP_KEYS
 from trainables.restore import repair_checkpoints
 from trainables.storage import experiment_uri
 
-STEPS = 60
+STEPS = 100
 # a checkpoint with every report (Tune keeps 2 per trial); two trials, both in the comparison
 SPEC = f"""\
 name: trap
@@ -49,8 +49,9 @@ def checkpoints(trial_dir: Path) -> list[Path]:
     return sorted(trial_dir.glob("checkpoint_*"))
 
 
-def saved_state(tune_dir: Path) -> dict[str, tuple[str, str | None]]:
-    """Trial folder -> (status, the checkpoint folder it names) in Tune's newest saved state."""
+def saved_state(tune_dir: Path) -> dict[str, tuple[str, str | None, set[str]]]:
+    """Trial folder -> (status, the checkpoint folder it names, every checkpoint folder it
+    holds) in Tune's newest saved state."""
     from ray.tune.utils.serialization import TuneFunctionDecoder
 
     newest = max(tune_dir.glob("experiment_state-*.json"))
@@ -59,7 +60,8 @@ def saved_state(tune_dir: Path) -> dict[str, tuple[str, str | None]]:
         trial, meta = json.loads(trial_json), json.loads(meta_json)
         manager = TuneFunctionDecoder(allow_cloudpickle=True).decode(json.dumps(meta["checkpoint_manager"]))
         latest = manager.latest_checkpoint_result
-        named[trial["relative_logdir"]] = (trial["status"], latest.checkpoint.path.rsplit("/", 1)[-1] if latest else None)
+        named[trial["relative_logdir"]] = (trial["status"], latest.checkpoint.path.rsplit("/", 1)[-1] if latest else None,
+                                           {r.checkpoint.path.rsplit("/", 1)[-1] for r in manager.best_checkpoint_results})
     return named
 
 
@@ -69,13 +71,21 @@ def test_resume_restores_from_the_checkpoints_left_or_from_step_0(tmp_path, s3_s
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = Sweep(tmp_path, str(spec), "--storage", str(tmp_path / "ray"), "--tracking-uri", uri)
     try:
-        # both trials are mid-run, with checkpoints Tune's saved state knows of
+        # both trials are mid-run, and Tune has just saved a state that holds static's two
+        # checkpoints on disk (so that, the named one deleted, static has one to restore from)
         def mid_run():
             trials = glob.glob(str(tmp_path / "ray" / "trap-compare-*" / "*-s0-*"))
-            return len(trials) == 2 and all(checkpoints(Path(t)) and checkpoints(Path(t))[-1].name >= "checkpoint_000004"
-                                            for t in trials)
+            if len(trials) != 2 or not all(checkpoints(Path(t)) and checkpoints(Path(t))[-1].name >= "checkpoint_000003"
+                                           for t in trials):
+                return False
+            (static,) = [Path(t) for t in trials if Path(t).name.startswith("static")]
+            try:
+                _, _, known = saved_state(static.parent)[static.name]
+            except (KeyError, ValueError):  # no state yet, or one half written
+                return False
+            return {c.name for c in checkpoints(static)} == known
 
-        wait_for(mid_run, first, what="both trials past their 5th checkpoint")
+        wait_for(mid_run, first, what="both trials past their 4th checkpoint (step 20)")
         first.descendants()
         first.proc.kill()  # SIGKILL of the driver: no chance to save Tune's state again
         assert first.wait() < 0
@@ -85,32 +95,34 @@ def test_resume_restores_from_the_checkpoints_left_or_from_step_0(tmp_path, s3_s
     (tune_dir,) = (tmp_path / "ray").glob("trap-compare-*")
     named = saved_state(tune_dir)
     assert sorted(named) == sorted(p.name for p in tune_dir.glob("*-s0-*"))
-    assert all(status != "TERMINATED" and ckpt for status, ckpt in named.values()), named
+    assert all(status != "TERMINATED" and ckpt for status, ckpt, _ in named.values()), named
 
     # the trap, made certain: "static" loses the checkpoint the state names, "ewma" every one
     (static,) = tune_dir.glob("static-s0-*")
     (ewma,) = tune_dir.glob("ewma-s0-*")
+    newest = checkpoints(static)[-1].name  # perhaps one whose report the killed driver never processed
     shutil.rmtree(static / named[static.name][1], ignore_errors=True)  # (it may be pruned already)
     for ckpt in checkpoints(ewma):
         shutil.rmtree(ckpt)
-    left = checkpoints(static)
-    assert left, "static keeps an older or newer checkpoint to restore from"
+    left = [c.name for c in checkpoints(static) if c.name != newest or newest in named[static.name][2]]
+    expected = left[-1] if left else None  # the newest checkpoint left that the driver had processed
+    assert expected is not None, (named, left)
 
     # the repair on S3: the same Tune experiment, copied to a bucket
     s3_dir = f"s3://sweeps/ray/{tune_dir.name}?allow_delayed_open=true"  # moto's endpoint: AWS_ENDPOINT_URL
     s3, s3_path = pafs.FileSystem.from_uri(s3_dir)
     pafs.copy_files(str(tune_dir), s3_path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=s3)
     repairs = {r.trial: r for r in repair_checkpoints(s3_dir)}
-    assert repairs[static.name].named == named[static.name][1] and repairs[static.name].restored == left[-1].name
+    assert repairs[static.name].named == named[static.name][1] and repairs[static.name].restored == expected
     assert repairs[ewma.name].named == named[ewma.name][1] and repairs[ewma.name].restored is None
     assert repair_checkpoints(s3_dir) == []  # the state on S3 now names what is there
     local = tmp_path / "from-s3"
     pafs.copy_files(s3_path, str(local), source_filesystem=s3, destination_filesystem=pafs.LocalFileSystem())
-    assert saved_state(local)[static.name][1] == left[-1].name and saved_state(local)[ewma.name][1] is None
+    assert saved_state(local)[static.name][1] == expected and saved_state(local)[ewma.name][1] is None
 
     second = Sweep(tmp_path, "--resume", str(folder))
     rc, out = second.finish()
-    print(f"killed after {first.seconds:.0f} s, resumed in {second.seconds:.0f} s")
+    print(f"killed after {first.seconds:.0f} s, resumed in {second.seconds:.0f} s; static restored from {expected}")
     assert rc == 0, out
     assert f"{static.name}: its checkpoint {named[static.name][1]} is gone" in out, out
     client = mlflow.MlflowClient(tracking_uri=uri)

@@ -10,13 +10,18 @@ happens when checkpoints are lost for any other reason.
 
 `repair_checkpoints` fixes the state on storage before Tune reads it: for every
 unfinished trial (not TERMINATED, not ERROR) whose named checkpoint is gone, it names the
-newest ``checkpoint_NNNNNN`` folder of that trial that holds files (and no fewer files
-than an older one: a folder the killed worker was still uploading is skipped), or no
-checkpoint at all, so that the trial starts again from step 0. It also moves the trial's
-next checkpoint index past every folder on storage, so that a new checkpoint never
-overwrites one the repaired state holds. A trial whose named checkpoint exists is left to
-Tune as it is. The trace stays exact either way: the trial replays the steps after its
-checkpoint and the driver's writer drops the steps it already holds.
+newest ``checkpoint_NNNNNN`` folder of that trial whose report the driver had processed,
+or no checkpoint at all, so that the trial starts again from step 0. Which folders those
+are: a function trainable waits in each report until the driver asks for the next result
+(Tune's default result buffer of 1), so every folder below the trial's newest one was
+reported and processed (its trace points are in the driver's journal), while the newest
+folder may be one the killed driver never saw (its points lost with it, and the folder
+perhaps half uploaded): it counts only if the saved state itself holds it. Restoring from
+a checkpoint past the journal's last step would lose the steps between. The repair also
+moves the trial's next checkpoint index past every folder on storage, so that a new
+checkpoint never overwrites one the repaired state holds. A trial whose named checkpoint
+exists is left to Tune as it is. The trace stays exact either way: the trial replays the
+steps after its checkpoint and the driver's writer drops the steps it already holds.
 
 Why repair the saved state, rather than catch the failed restore: the state is the one
 thing Tune reads on restore, so fixing it keeps Tune's own restore, retry and pruning
@@ -29,8 +34,6 @@ rebuilt through ``_CheckpointManager.register_checkpoint``, and its storage's
 2.x's ``ray.train._internal``); if their shape ever changes, the state is left as it is
 and a warning says why (the restore then behaves as plain Tune).
 
-Known limit: a local checkpoint file that a killed worker had half copied still counts
-as existing (a URI storage stores whole objects, so there the file is just missing).
 Imports ray and pyarrow; nothing else of the project but `trainables.storage`.
 """
 
@@ -122,10 +125,10 @@ def _repair_trial(fs: pafs.FileSystem, root: str, entry: list[str]) -> Repair | 
     if fs.get_file_info(named_path).type == pafs.FileType.Directory:
         return None
     folders = _checkpoint_folders(fs, trial_dir)
-    restored = _newest_whole(fs, trial_dir, folders)
+    known = {r.checkpoint.path.rsplit("/", 1)[-1]: r.metrics for r in manager.best_checkpoint_results}
+    restored = _newest_processed(fs, trial_dir, folders, set(known))
     rebuilt = _CheckpointManager(checkpoint_config=manager.checkpoint_config)
     if restored is not None:
-        known = {r.checkpoint.path.rsplit("/", 1)[-1]: r.metrics for r in manager.best_checkpoint_results}
         # a checkpoint newer than the state: Tune's counters (training_iteration, ...) resume from
         # the named one's; the trial's own step comes from the checkpoint
         rebuilt.register_checkpoint(_TrainingResult(
@@ -146,17 +149,16 @@ def _checkpoint_folders(fs: pafs.FileSystem, trial_dir: str) -> dict[str, int]:
             if f.type == pafs.FileType.Directory and (m := CHECKPOINT_DIR.match(f.base_name))}
 
 
-def _newest_whole(fs: pafs.FileSystem, trial_dir: str, folders: dict[str, int]) -> str | None:
-    """The newest checkpoint folder that holds files, and at least as many as the one
-    before it (the newest may be one a killed worker was still uploading); None if none."""
-    counts = {}
-    for name in sorted(folders, key=folders.get):
+def _newest_processed(fs: pafs.FileSystem, trial_dir: str, folders: dict[str, int], known: set[str]) -> str | None:
+    """The newest checkpoint folder that holds files and whose report the driver processed:
+    any but the trial's newest folder, which counts only if the saved state holds it
+    (see the module docstring); None if there is none."""
+    ordered = sorted(folders, key=folders.get, reverse=True)
+    for name in ordered[1:] if ordered and ordered[0] not in known else ordered:
         files = fs.get_file_info(pafs.FileSelector(f"{trial_dir}/{name}", recursive=True))
-        counts[name] = sum(f.type == pafs.FileType.File for f in files)
-    whole = [n for n in counts if counts[n]]
-    if len(whole) > 1 and counts[whole[-1]] < counts[whole[-2]]:
-        whole.pop()
-    return whole[-1] if whole else None
+        if any(f.type == pafs.FileType.File for f in files):
+            return name
+    return None
 
 
 def _decode(value: Any) -> Any:
