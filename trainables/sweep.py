@@ -48,7 +48,7 @@ from metalearner.sweep_state import PARENT_KEY, SPEC_FILE, SweepState
 from metalearner.tracking import INTERRUPTED_TAG, KIND_TAG, MlflowWriter, arm_colours, ui_features
 from trainables.phases import run_per_seed_populations
 from trainables.reporting import cell_config, task_key
-from trainables.storage import is_uri, publish, storage_root, sweep_folder
+from trainables.storage import experiment_uri, publish, storage_root, sweep_folder
 from trainables.tuning import ClampToSpace as ClampToSpace  # re-exported: the sweep's public names
 from trainables.tuning import (
     _log_errors,
@@ -257,9 +257,13 @@ class SweepRunner:
         from ray import tune
         from ray.tune.logger import JsonLoggerCallback
 
-        tune_dir = f"{self.storage.rstrip('/')}/{name}" if is_uri(self.storage) else str(Path(self.storage) / name)
+        from trainables.restore import repair_checkpoints
+
+        tune_dir = experiment_uri(self.storage, name)
         state.start_phase(phase, tune_dir)
         if self.resume_dir is not None and tune.Tuner.can_restore(tune_dir):
+            for repair in repair_checkpoints(tune_dir):  # a checkpoint Tune's saved state names may be gone
+                log.warning("%s", repair.describe())
             set_defaults(TUNE_QUIET, HF_OFFLINE)
             tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=False,
                                        param_space=space)
