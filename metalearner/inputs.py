@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -69,8 +70,10 @@ def _argparse_line(message: str) -> str:
 
 def writable_path(value: str, field: str, folder: bool, shown: str | None = None) -> Path:
     """``value`` is a path the run will write (a file, or a folder when ``folder``):
-    it must be of that kind if it exists, and its nearest existing parent a writable
-    folder. Nothing is created. ``shown``: the value as the user gave it (a URI)."""
+    it must be of that kind if it exists, and its nearest existing parent a folder where
+    this process can create a folder (probed: a temporary folder made and removed, since
+    permission bits do not tell root, ``/proc`` or a read-only mount). ``shown``: the value
+    as the user gave it (a URI)."""
     p = Path(value).expanduser()
     given = shown or value
     if p.exists():
@@ -78,16 +81,29 @@ def writable_path(value: str, field: str, folder: bool, shown: str | None = None
             raise ConfigError(f"{field}: got {given!r}, expected a folder (it is a file)")
         if not folder and p.is_dir():
             raise ConfigError(f"{field}: got {given!r}, expected a file path (it is a folder)")
-        if not os.access(p if folder else p.parent, os.W_OK):
+        if not os.access(p if folder else p.parent, os.W_OK) or _cannot_create_in(p if folder else p.parent):
             raise ConfigError(f"{field}: got {given!r}, expected a place this user may write")
         return p
     parent = p.absolute().parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir():
+        raise ConfigError(f"{field}: got {given!r}, expected a place this user may write ({parent} is not a folder)")
+    why = _cannot_create_in(parent)
+    if why or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{field}: got {given!r}, expected a place this user may write ({parent} is not a "
-                          "writable folder)")
+                          f"writable folder{f': {why}' if why else ''})")
     return p
+
+
+def _cannot_create_in(folder: Path) -> str | None:
+    """Why a folder cannot be created in ``folder`` (the OS's reason), or None if it can:
+    a temporary one is made and removed again."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".metalearner-probe-", dir=folder))
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
 
 
 def storage_location(value: str | None, field: str) -> None:
@@ -303,15 +319,17 @@ def resume_spec(args: argparse.Namespace) -> Any:
     the sweep runs (the first differing field is named)."""
     from metalearner.experiment import load_experiment
     from metalearner.sweep_state import SPEC_FILE, SweepState
+    from trainables.storage import same_storage
 
     folder = Path(args.resume)
     try:
         SweepState.load(folder)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if args.storage is not None:
-        raise ConfigError(f"--storage: got {args.storage!r} with --resume, expected none (a resumed sweep keeps "
-                          "the storage it started with)")
+    storage = SweepState.load(folder).storage
+    if args.storage is not None and not same_storage(args.storage, storage):
+        raise ConfigError(f"--storage: got {args.storage!r} with --resume, expected {storage!r} or none (a resumed "
+                          "sweep keeps the storage it started with)")
     started = SweepState.load(folder).tracking_uri
     if args.tracking_uri is not None and not same_store(args.tracking_uri, started):
         raise ConfigError(f"--tracking-uri: got {args.tracking_uri!r} with --resume, expected {started!r} or none "

@@ -1,8 +1,12 @@
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,3 +55,117 @@ def children(uri, parent_id):
 def history(client, run_id, key):
     """[(step, value)] of one metric of a run, by step."""
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def free_port(avoid=range(10002, 20000)):
+    """A free TCP port on 127.0.0.1, outside ``avoid`` (the ports Ray's own workers take)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
+
+
+@pytest.fixture
+def s3_server(tmp_path, monkeypatch):
+    """moto's S3 server on 127.0.0.1 (its own process group); the endpoint and the test
+    credentials go through the standard AWS variables, which Ray's workers inherit."""
+    import boto3
+
+    port = free_port()
+    log = open(tmp_path / "moto.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                boto3.client("s3").create_bucket(Bucket="sweeps")
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        yield boto3.client("s3")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # moto's server and what it started, by its group
+        proc.wait(timeout=30)
+        log.close()
+
+
+class Sweep:
+    """One ``metalearner sweep`` process in its own session. `close` ends what it started
+    and left (its Ray processes, when the driver was killed), by pid."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.log = open(tmp / f"sweep-{time.time_ns()}.log", "w+")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        self.t0 = time.monotonic()
+        self.seconds = 0.0
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "metalearner.cli", "sweep", *args, "--num-cpus", "2"],
+            cwd=tmp, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.seen: dict[int, psutil.Process] = {}
+
+    def descendants(self) -> dict[int, psutil.Process]:
+        """The processes this sweep started (Ray's gcs, raylet, workers), remembered so
+        that they can be ended after a SIGKILL of the driver orphans them."""
+        try:
+            for p in psutil.Process(self.proc.pid).children(recursive=True):
+                self.seen.setdefault(p.pid, p)
+        except psutil.Error:
+            pass
+        return self.seen
+
+    def wait(self, timeout: float = 400) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        self.seconds = time.monotonic() - self.t0
+        return rc
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def finish(self, timeout: float = 400) -> tuple[int, str]:
+        """Wait for the sweep to end; (its exit code, its output), then `close`."""
+        try:
+            rc = self.wait(timeout)
+            return rc, self.output()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.descendants()
+            self.proc.kill()
+            self.proc.wait()
+        for p in self.seen.values():
+            try:
+                if p.is_running():
+                    p.kill()  # psutil checks the pid still names the process it saw
+            except psutil.Error:
+                pass
+        self.log.close()
+
+
+def wait_for(predicate, sweep: Sweep, timeout: float = 300, what: str = ""):
+    deadline = time.monotonic() + timeout
+    scanned = 0.0
+    while True:
+        if time.monotonic() - scanned > 2:
+            sweep.descendants()
+            scanned = time.monotonic()
+        got = predicate()
+        if got:
+            return got
+        if sweep.proc.poll() is not None:
+            raise AssertionError(f"the sweep ended (exit {sweep.proc.returncode}) before {what}:\n{sweep.output()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

@@ -4,7 +4,6 @@ their process group at the end; nothing here runs `ray stop` or kills by name.""
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import free_port, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,15 +39,6 @@ def audit(uri, parent_id):
                 continue
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, key)) == steps, key
     return runs
-
-
-def free_port(avoid=range(10002, 20000)):
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in avoid:
-            return port
 
 
 def end_group(proc, timeout=30):
@@ -82,35 +72,6 @@ def test_speech_spec_with_a_relative_data_dir_from_another_working_folder(tmp_pa
 
 
 # ---------------------------------------------------------------- test 3: s3:// storage
-
-
-@pytest.fixture
-def s3_server(tmp_path, monkeypatch):
-    """moto's S3 server on 127.0.0.1 (its own process group); the endpoint and the test
-    credentials go through the standard AWS variables, which Ray's workers inherit."""
-    import boto3
-
-    port = free_port()
-    log = open(tmp_path / "moto.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                boto3.client("s3").create_bucket(Bucket="sweeps")
-                break
-            except Exception:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.5)
-        yield boto3.client("s3")
-    finally:
-        end_group(proc)
-        log.close()
 
 
 def test_sweep_on_s3_storage_checkpoints_there_and_restores_from_there(tmp_path, s3_server):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -136,6 +137,12 @@ CASES = [
      "--storage"),
     ("flag-storage-file-uri-unwritable", {"spec.yaml": SPEC, "afile": "x"},
      sweep("spec.yaml", "--storage", "file://afile/ray"), "--storage"),
+    ("flag-storage-proc", {"spec.yaml": SPEC}, sweep("spec.yaml", "--storage", "/proc/metalearner-nope"),
+     "--storage: got '/proc/metalearner-nope', expected a place this user may write"),
+    ("flag-storage-proc-file-uri", {"spec.yaml": SPEC},
+     sweep("spec.yaml", "--storage", "file:///proc/metalearner-nope/ray"), "--storage: got 'file:///proc/"),
+    ("flag-storage-sys", {"spec.yaml": SPEC}, sweep("spec.yaml", "--storage", "/sys/metalearner-nope"),
+     "--storage: got '/sys/metalearner-nope'"),
     ("flag-tracking-unwritable", {"spec.yaml": SPEC, "afile": "x"},
      sweep("spec.yaml", "--tracking-uri", "sqlite:///afile/m.db"), "--tracking-uri"),
     ("flag-out-is-a-file", {"spec.yaml": SPEC, "afile": "x"}, sweep("spec.yaml", "--out", "afile"), "--out"),
@@ -164,7 +171,7 @@ CASES = [
     ("resume-changed-by-set", {"d/sweep_state.json": STATE, "d/experiment.yaml": SPEC},
      ["sweep", "--resume", "d", "--set", "arms[1].search.num_samples=3"], "arms[1].search.num_samples: got 3"),
     ("resume-with-storage", {"d/sweep_state.json": STATE, "d/experiment.yaml": SPEC},
-     ["sweep", "--resume", "d", "--storage", "elsewhere"], "--storage"),
+     ["sweep", "--resume", "d", "--storage", "elsewhere"], "--storage: got 'elsewhere' with --resume, expected 'ray'"),
     ("resume-other-tracking-store", {"d/sweep_state.json": STATE, "d/experiment.yaml": SPEC},
      ["sweep", "--resume", "d", "--tracking-uri", "sqlite:///other.db"], "--tracking-uri: got 'sqlite:///other.db'"),
     # ---- train: flags, --config, --controller-spec, --set, files
@@ -300,7 +307,7 @@ def test_a_checkpoint_of_another_model_is_refused_before_anything_starts(workdir
 
 
 SUBPROCESS_CASES = ["spec-train-int", "spec-arm-path-name", "config-task-null", "train-resume-corrupt",
-                    "flag-storage-unwritable", "train-steps-text"]
+                    "flag-storage-unwritable", "flag-storage-proc", "train-steps-text"]
 
 
 def test_cases_through_a_real_subprocess(cli, tmp_path):
@@ -335,6 +342,8 @@ def test_resume_accepts_the_same_store_and_prints_every_flag_it_needs(workdir):
     write(workdir / "d" / "sweep_state.json", STATE)
     for uri in ("sqlite:///m.db", f"sqlite:///{workdir / 'm.db'}"):  # the state's store, by either path
         assert sweep_inputs(_args(["sweep", "--resume", "d", "--tracking-uri", uri])).name == "probe"
+    for storage in ("ray", "ray/", str(workdir / "ray"), "file://ray", f"file://{workdir}/ray/"):  # the state's
+        assert sweep_inputs(_args(["sweep", "--resume", "d", "--storage", storage])).name == "probe"
     args = _args(["sweep", "spec.yaml", "--tracking-uri", "sqlite:///m.db", "--address", "ray://head:10001",
                   "--num-cpus", "4"])
     assert resume_command(Path("sweeps/a b"), args) == ("metalearner sweep --resume 'sweeps/a b' --tracking-uri "
@@ -361,3 +370,27 @@ def test_resume_while_the_journal_is_held_exits_2_with_one_line(workdir, capsys,
     assert not (workdir / "m.db").exists()  # the store is not touched
     ray = sys.modules.get("ray")
     assert ray is None or not ray.is_initialized()
+
+
+def test_resume_takes_the_uri_storage_it_started_with_and_refuses_another(workdir, capsys):
+    (workdir / "d").mkdir()
+    write(workdir / "d" / "experiment.yaml", SPEC)
+    write(workdir / "d" / "sweep_state.json", STATE.replace('"storage": "ray"', '"storage": "s3://b/ray?region=x"'))
+    for storage in ("s3://b/ray?region=x", "s3://b/ray/?region=x"):
+        assert sweep_inputs(_args(["sweep", "--resume", "d", "--storage", storage])).name == "probe"
+    for storage in ("s3://b/other?region=x", "s3://b/ray", str(workdir / "ray")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sweep", "--resume", "d", "--storage", storage])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1, err
+        assert f"--storage: got {storage!r} with --resume, expected 's3://b/ray?region=x'" in err[0], err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a folder without write permission")
+def test_a_read_only_storage_folder_exits_2(workdir, capsys):
+    write(workdir / "spec.yaml", SPEC)
+    (workdir / "ro").mkdir(mode=0o555)
+    with pytest.raises(SystemExit) as exit_info:
+        main(sweep("spec.yaml", "--storage", "ro/ray"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "--storage: got 'ro/ray'" in err[0], err

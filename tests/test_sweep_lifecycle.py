@@ -24,9 +24,8 @@ import time
 from pathlib import Path
 
 import mlflow
-import psutil
 import yaml
-from conftest import history
+from conftest import Sweep, history, wait_for
 from test_outage import Server, _free_port
 
 from metalearner.trace import STEP_KEYS as TRACE_KEYS
@@ -50,72 +49,6 @@ SPEC = {
     ],
 }
 CHILDREN = 4  # 2 search trials + static and the confirmed tuned arm at equal steps
-
-
-class Sweep:
-    """One ``metalearner sweep`` process in its own session. `close` ends what it started
-    and left (its Ray processes, when the driver was killed), by pid."""
-
-    def __init__(self, tmp: Path, *args: str) -> None:
-        self.log = open(tmp / f"sweep-{time.time_ns()}.log", "w+")
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        self.t0 = time.monotonic()
-        self.seconds = 0.0
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "metalearner.cli", "sweep", *args, "--num-cpus", "2"],
-            cwd=tmp, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.seen: dict[int, psutil.Process] = {}
-
-    def descendants(self) -> dict[int, psutil.Process]:
-        """The processes this sweep started (Ray's gcs, raylet, workers), remembered so
-        that they can be ended after a SIGKILL of the driver orphans them."""
-        try:
-            for p in psutil.Process(self.proc.pid).children(recursive=True):
-                self.seen.setdefault(p.pid, p)
-        except psutil.Error:
-            pass
-        return self.seen
-
-    def wait(self, timeout: float = 400) -> int:
-        rc = self.proc.wait(timeout=timeout)
-        self.seconds = time.monotonic() - self.t0
-        return rc
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.descendants()
-            self.proc.kill()
-            self.proc.wait()
-        for p in self.seen.values():
-            try:
-                if p.is_running():
-                    p.kill()  # psutil checks the pid still names the process it saw
-            except psutil.Error:
-                pass
-        self.log.close()
-
-
-def wait_for(predicate, sweep: Sweep, timeout: float = 300, what: str = ""):
-    deadline = time.monotonic() + timeout
-    scanned = 0.0
-    while True:
-        if time.monotonic() - scanned > 2:
-            sweep.descendants()
-            scanned = time.monotonic()
-        got = predicate()
-        if got:
-            return got
-        if sweep.proc.poll() is not None:
-            raise AssertionError(f"the sweep ended (exit {sweep.proc.returncode}) before {what}:\n{sweep.output()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class Journal:
@@ -287,12 +220,7 @@ def _chained_faults(tmp_path: Path, spec: Path, runs_of: dict[str, set[str]]) ->
     assert {k.data.tags["metalearner.trial_id"]: k.info.end_time for k in kids
             if k.data.tags["metalearner.trial_id"] in done_before} == done_before
     assert json.loads((folder / "sweep_state.json").read_text())["phases"]["search:tuned"]["done"]
-    third = Sweep(tmp_path, "--resume", str(folder))
-    try:
-        rc3 = third.wait()
-        out3 = third.output()
-    finally:
-        third.close()
+    rc3, out3 = Sweep(tmp_path, "--resume", str(folder)).finish()
     scenario3_s = time.monotonic() - t3
     assert rc3 == 0, out3
     assert "resumed" in out3 and "best 'tuned' controller" in out3

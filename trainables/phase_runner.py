@@ -19,6 +19,7 @@ Imports ray only inside functions.
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ from metalearner.environment import HF_OFFLINE, TUNE_QUIET, set_defaults
 from metalearner.experiment import Arm, ExperimentSpec
 from metalearner.sweep_state import SweepState
 from metalearner.tracking import INTERRUPTED_TAG, MlflowWriter
-from trainables.storage import is_uri
+from trainables.storage import experiment_uri
 from trainables.tuning import (
     diverged_errors,
     log_trial_errors,
@@ -41,6 +42,8 @@ from trainables.tuning import (
     make_tuner,
     search_space,
 )
+
+log = logging.getLogger(__name__)
 
 
 class StopRequest:
@@ -229,10 +232,13 @@ class PhaseRunner:
         from ray import tune
         from ray.tune.logger import JsonLoggerCallback
 
-        tune_dir = (f"{self.storage.rstrip('/')}/{phase.name}" if is_uri(self.storage)
-                    else str(Path(self.storage) / phase.name))
+        from trainables.restore import repair_checkpoints
+
+        tune_dir = experiment_uri(self.storage, phase.name)
         self.state.start_phase(phase.key, tune_dir)
         if self.resume_dir is not None and tune.Tuner.can_restore(tune_dir):
+            for repair in repair_checkpoints(tune_dir):  # a checkpoint Tune's saved state names may be gone
+                log.warning("%s", repair.describe())
             set_defaults(TUNE_QUIET, HF_OFFLINE)
             tuner = tune.Tuner.restore(tune_dir, self.trainable, resume_unfinished=True, resume_errored=False,
                                        param_space=phase.space)

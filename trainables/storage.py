@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 LOCAL_SWEEPS = "sweeps"  # the local copy of a URI storage's sweep folders (under the working folder)
@@ -47,6 +48,42 @@ def storage_root(storage: str | None) -> str:
     return str(Path(storage).expanduser().resolve())
 
 
+def same_storage(a: str, b: str) -> bool:
+    """Whether two ``--storage`` values name the same storage: local folders by their absolute
+    path (``file://`` or not, relative or not, trailing slash aside), URIs by their text with
+    the trailing slash of the path aside.
+    """
+    def key(storage: str) -> str:
+        if not is_uri(storage):
+            return storage_root(storage)
+        base, sep, query = storage.partition("?")
+        return f"{base.rstrip('/')}{sep}{query}"
+
+    return key(a) == key(b)
+
+
+def experiment_uri(storage: str, name: str) -> str:
+    """The folder of the Tune experiment ``name`` under ``storage`` (a URI's query, such as
+    ``?endpoint_override=...``, stays at its end, where pyarrow and Ray read it)."""
+    if not is_uri(storage):
+        return str(Path(storage) / name)
+    base, sep, query = storage.partition("?")
+    return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
+def open_filesystem(location: str) -> tuple[Any, str]:
+    """The pyarrow filesystem of a local folder or a URI, and the path on it.
+
+    Returns:
+        (``pyarrow.fs.FileSystem``, path): a local folder's absolute path, or the URI's path.
+    """
+    import pyarrow.fs as pafs
+
+    if is_uri(location):
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), storage_root(location)
+
+
 def sweep_folder(storage: str, name: str) -> Path:
     """The local folder of one sweep's own files (see the module docstring)."""
     if is_uri(storage):
@@ -64,7 +101,7 @@ def publish(folder: Path, storage: str, name: str) -> str | None:
         return None
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(storage)
+    fs, root = open_filesystem(storage)
     dest = f"{root.rstrip('/')}/{name}"
     fs.create_dir(dest, recursive=True)
     pafs.copy_files(str(folder), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
