@@ -53,7 +53,7 @@ def free_port(avoid=range(10002, 20000)):
 
 def end_group(proc, timeout=30):
     """End a process this test started, and its children, by its process group."""
-    _tracking_server_module().stop(proc, timeout)
+    tracking_server_module().stop(proc, timeout)
 
 
 # ---------------------------------------------------------------- test 4: data paths
@@ -262,7 +262,9 @@ def test_sweep_on_an_existing_two_node_ray_cluster(tmp_path):
 # ---------------------------------------------------------------- test 2: mlflow server on PostgreSQL
 
 
-def _tracking_server_module():
+def tracking_server_module():
+    """scripts/tracking_server.py as a module: the one place that starts PostgreSQL and
+    ``mlflow server`` (plain or basic-auth) for the tests and for people."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("tracking_server", ROOT / "scripts/tracking_server.py")
@@ -271,24 +273,38 @@ def _tracking_server_module():
     return mod
 
 
-def _has_postgres():
+def service_mark(missing: str | None) -> pytest.MarkDecorator:
+    """Skip a test whose service cannot start here, except in CI (``$CI`` set): CI installs
+    every service (.ci/run), so there a missing one fails the test (`require_service`)."""
+    return pytest.mark.skipif(missing is not None and not os.environ.get("CI"), reason=f"needs {missing}")
+
+
+def require_service(missing: str | None) -> None:
+    """In a fixture: a missing service is a failure, never a silent skip (reached only in CI)."""
+    if missing is not None:
+        pytest.fail(f"CI is set and the test's service is missing: needs {missing} (.ci/run installs it)")
+
+
+def postgres_missing() -> str | None:
+    """What the PostgreSQL tests lack here, or None."""
     try:
-        _tracking_server_module().pg_program("initdb")
+        tracking_server_module().pg_program("initdb")
         import psycopg2  # noqa: F401
     except (FileNotFoundError, ImportError):
-        return False
-    return True
+        return ("PostgreSQL's server programs (apt-get install postgresql) and psycopg2 (pip install "
+                "'metalearner[server]')")
+    return None
 
 
-needs_postgres = pytest.mark.skipif(not _has_postgres(), reason="needs PostgreSQL's server programs (apt-get install "
-                                   "postgresql) and psycopg2 (pip install 'metalearner[server]')")
+needs_postgres = service_mark(postgres_missing())
 
 
 @pytest.fixture(scope="module")
 def pg_server():
     """PostgreSQL + ``mlflow server`` on it, once for this module's tests: (tracking URI,
     the backend's postgresql:// URI, the folder)."""
-    ts = _tracking_server_module()
+    require_service(postgres_missing())
+    ts = tracking_server_module()
     folder = Path("/tmp") / f"ml-pg-{os.getpid()}"  # postgres (another user) must reach it: not under pytest's 0700
     shutil.rmtree(folder, ignore_errors=True)
     pg_port, port = free_port(), free_port()
