@@ -459,6 +459,111 @@ def test_metrics_db_that_is_not_the_servers_backend_exits_2_before_ray(tmp_path,
     assert r.returncode == 2 and "--metrics-db" in r.stderr and "tracking server" in r.stderr, r.stderr
 
 
+@pytest.fixture(scope="module")
+def scratch_store(pg_server):
+    """A second MLflow backend store in the same PostgreSQL, its schema made by MLflow's own
+    store code (its migrations, up to the installed head): the guards' tests break it and
+    mend it again. Returns its postgresql:// URI."""
+    import psycopg2
+
+    _, pg_uri, _ = pg_server
+    base = pg_uri.rsplit("/", 1)[0]
+    conn = psycopg2.connect(f"{base}/postgres")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("CREATE DATABASE guards")
+    conn.close()
+    mlflow.MlflowClient(tracking_uri=f"{base}/guards").search_experiments()  # creates MLflow's tables
+    return f"{base}/guards"
+
+
+def primary_key(cur, table):
+    """(constraint name, its columns) of ``table``'s primary key."""
+    cur.execute("SELECT c.conname, array_agg(a.attname ORDER BY k.ord) FROM pg_constraint c "
+                "CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord) "
+                "JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum "
+                "WHERE c.conrelid = %s::regclass AND c.contype = 'p' GROUP BY c.conname", (table,))
+    return cur.fetchone()
+
+
+def set_primary_key(cur, table, name, columns):
+    """Replace ``table``'s primary key by one on ``columns`` (none: no primary key)."""
+    found = primary_key(cur, table)
+    if found is not None:
+        cur.execute(f"ALTER TABLE {table} DROP CONSTRAINT {found[0]}")
+    if columns:
+        cur.execute(f"ALTER TABLE {table} ADD CONSTRAINT {name} PRIMARY KEY ({', '.join(columns)})")
+
+
+GUARD_CASES = {  # what is broken: (table, new primary key or None for the revision, what the line names)
+    "alembic revision": (None, None, ["alembic revision f00dfeed0042", "expected one this bulk path was tested "
+                                      "against: dc11669786a5"]),
+    "metrics key dropped": ("metrics", [], ["table 'metrics'", "primary key (none)",
+                                            "expected (key, timestamp, step, run_uuid, value, is_nan)"]),
+    "latest_metrics key changed": ("latest_metrics", ["key", "run_uuid", "step"],
+                                   ["table 'latest_metrics'", "primary key (key, run_uuid, step)",
+                                    "expected (key, run_uuid)"]),
+}
+
+
+@needs_postgres
+@pytest.mark.parametrize("case", list(GUARD_CASES))
+def test_metrics_db_of_a_schema_it_was_not_tested_against_exits_2_naming_it(tmp_path, pg_server, scratch_store,
+                                                                            case):
+    """The bulk path's guards: MLflow's schema at another alembic revision, or a primary key
+    that its ON CONFLICT relies on dropped or changed, exits 2 before Ray with one line
+    naming what was found (the store is accepted before it is broken, and after it is mended)."""
+    import psycopg2
+
+    from metalearner.tracking_access import check_metrics_db
+
+    uri = pg_server[0]
+    table, columns, named = GUARD_CASES[case]
+    check_metrics_db(scratch_store)  # MLflow's own schema, as the installed MLflow made it: accepted
+    conn = psycopg2.connect(scratch_store)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT version_num FROM alembic_version")
+        [(head,)] = cur.fetchall()
+        name, before = primary_key(cur, table or "metrics")
+    try:
+        with conn.cursor() as cur:
+            if table is None:
+                cur.execute("UPDATE alembic_version SET version_num = 'f00dfeed0042'")
+            else:
+                set_primary_key(cur, table, name, columns)
+        spec = tmp_path / "pg.yaml"
+        spec.write_text(TWO_NODE_SPEC.replace("name: two_nodes", "name: guards"))
+        r = run_cli("sweep", spec, "--tracking-uri", uri, "--storage", tmp_path / "ray", "--metrics-db",
+                    scratch_store, cwd=tmp_path)
+        assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+        line = r.stderr.strip()
+        assert "\n" not in line and line.startswith("metalearner: error: --metrics-db: "), line
+        for fragment in named:
+            assert fragment in line, (fragment, line)
+        assert not (tmp_path / "ray").exists()  # before Ray
+    finally:
+        with conn.cursor() as cur:
+            if table is None:
+                cur.execute("UPDATE alembic_version SET version_num = %s", (head,))
+            else:
+                set_primary_key(cur, table, name, before)
+        conn.close()
+    check_metrics_db(scratch_store)  # mended: accepted again
+
+
+def test_only_the_tracking_layer_reaches_the_bulk_path():
+    """The layer rule in substance: the CLI, its input checks and the trainables reach
+    metalearner.metrics_db only through the tracking layer's public functions."""
+    from tests.test_layers import layer, module_graph
+
+    graph = module_graph(ROOT)
+    tracking = layer("metalearner.tracking")
+    assert sorted(m for m, targets in graph.items() if "metalearner.metrics_db" in targets and layer(m) != tracking) \
+        == []
+    assert "metalearner.tracking_access" in graph["metalearner.inputs"]  # the --metrics-db pre-flight check
+
+
 # ---------------------------------------------------------------- spec paths (no services)
 
 
