@@ -471,10 +471,13 @@ def scratch_store(pg_server):
     conn = psycopg2.connect(f"{base}/postgres")
     conn.autocommit = True
     with conn.cursor() as cur:
+        cur.execute("DROP DATABASE IF EXISTS guards")
         cur.execute("CREATE DATABASE guards")
     conn.close()
-    mlflow.MlflowClient(tracking_uri=f"{base}/guards").search_experiments()  # creates MLflow's tables
-    return f"{base}/guards"
+    scratch = f"{base}/guards"
+    # MLflow's store creates its tables (SQLAlchemy's spelling of the psycopg2 driver)
+    mlflow.MlflowClient(tracking_uri=scratch.replace("postgresql://", "postgresql+psycopg2://")).search_experiments()
+    return scratch
 
 
 def primary_key(cur, table):
