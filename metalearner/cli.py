@@ -43,6 +43,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         fail(str(e))
     if args.resume and not args.checkpoint_dir:
         fail("--resume: needs --checkpoint-dir DIR holding an earlier run's checkpoint")
+    if not args.no_mlflow:
+        from metalearner.tracking import resolve_tracking_uri
+
+        check_tracking_access(resolve_tracking_uri(args.tracking_uri), args.experiment)
     ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     if cfg.train.engine == "hf":
         return train_hf(cfg, args, ckpt_dir)
@@ -100,6 +104,18 @@ def train_hf(cfg: Any, args: argparse.Namespace, ckpt_dir: Path | None) -> int:
                           progress=sys.stderr.isatty())
 
     return run_traced(args, cfg, sink, mlflow_sink, uri, body)
+
+
+def check_tracking_access(uri: str, experiment: str) -> None:
+    """A tracking server that refuses the credentials (401) or the writes (403) exits 2
+    now, before training or Ray; an unreachable one is left to the writer, which rides
+    out outages (`metalearner.tracking_access.check_server_access`)."""
+    from metalearner.tracking_access import TrackingAccessError, check_server_access
+
+    try:
+        check_server_access(uri, experiment)
+    except TrackingAccessError as e:
+        fail(str(e))
 
 
 def build_run(cfg: Any) -> Any:
@@ -240,6 +256,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         uri = args.tracking_uri or SweepState.load(args.resume).tracking_uri  # checked by sweep_inputs
     else:
         uri = resolve_tracking_uri(args.tracking_uri)
+    check_tracking_access(uri, spec.name)  # before Ray starts
     set_defaults({"TUNE_DISABLE_SIGINT_HANDLER": "1"})  # Ctrl-C goes to our handler (below), not Tune's
     from trainables.sweep import SweepRunner
 

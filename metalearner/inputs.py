@@ -294,23 +294,18 @@ def sweep_inputs(args: argparse.Namespace) -> Any:
 
 def metrics_db_location(uri: str, tracking_uri: str | None) -> None:
     """``--metrics-db``: the PostgreSQL backend of a tracking server, reachable, with the
-    MLflow tables this path writes (checked now: a wrong database exits 2 before Ray)."""
-    from metalearner.metrics_db import MetricsDb, MetricsDbError, redact
+    MLflow schema the bulk path was tested against (checked now, through the tracking
+    layer: a wrong database exits 2 before Ray)."""
+    from metalearner.tracking_access import TrackingAccessError, check_metrics_db
 
     tracking = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if not tracking.startswith(("http://", "https://")):
         raise ConfigError(f"--metrics-db: got it with the tracking store {tracking!r}, expected a tracking server "
                           "(--tracking-uri http://HOST:PORT) whose backend store it is")
     try:
-        db = MetricsDb(uri, connect_timeout=5)
-        try:
-            db.check_schema()
-        finally:
-            db.close()
-    except MetricsDbError as e:
+        check_metrics_db(uri)
+    except TrackingAccessError as e:
         raise ConfigError(str(e)) from None
-    except ConnectionError as e:
-        raise ConfigError(f"--metrics-db: got {redact(uri)!r}, expected a reachable database; {e}") from None
 
 
 def resume_spec(args: argparse.Namespace) -> Any:

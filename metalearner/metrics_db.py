@@ -12,11 +12,14 @@ after a crash is not stored twice, as MLflow's own ``log_batch`` skips it), and 
 
 The rows are exactly those MLflow's SQLAlchemy store writes (NaN stored as 0 with
 ``is_nan``, ±inf as ±max float), so the UI, the REST API and ``metalearner compare`` read
-them as usual. The price is a tie to MLflow's table layout: `MetricsDb` checks the columns it
-writes (and that no other column of those tables needs a value) before the sweep starts,
-and refuses to run against a schema it does not know; every run it writes to must be an
-active run of that database (else the path is wrong: an error, never a silent write
-elsewhere).
+them as usual. The price is a tie to MLflow's table layout. Before the sweep starts, `MetricsDb.check_schema`
+refuses a schema it was not tested against: the alembic revision of MLflow's migrations
+(`TESTED_REVISIONS`), the columns it writes (and that no other column of those tables needs
+a value), and the primary keys its ``ON CONFLICT`` clauses rely on (`PRIMARY_KEYS`: without
+``metrics``' key a redelivered point would be stored twice). Every run it writes to must be
+an active run of that database (else the path is wrong: an error, never a silent write
+elsewhere). The rest of the project reaches this module only through the tracking layer
+(`metalearner.tracking_access.check_metrics_db`, the writer's bulk route).
 
 Needs ``psycopg2`` (``pip install 'metalearner[server]'``).
 """
@@ -33,6 +36,12 @@ from urllib.parse import urlsplit
 # the columns written, per table; any other column must be nullable or have a default
 METRICS_COLUMNS = ("key", "value", "timestamp", "step", "is_nan", "run_uuid")
 TABLES = {"metrics": METRICS_COLUMNS, "latest_metrics": METRICS_COLUMNS, "runs": ("run_uuid", "lifecycle_stage")}
+# the alembic revisions of MLflow's schema this path was tested against (tests/test_cluster.py:
+# the same rows as MLflow's own store writes), and the MLflow release whose head each is
+TESTED_REVISIONS = {"dc11669786a5": "MLflow 3.17"}
+# the primary keys the ON CONFLICT clauses rely on (column order does not matter)
+PRIMARY_KEYS = {"metrics": ("key", "timestamp", "step", "run_uuid", "value", "is_nan"),
+                "latest_metrics": ("key", "run_uuid")}
 MAX_FLOAT = 1.7976931348623157e308  # MLflow's stand-in for ±inf
 APPLICATION_NAME = "metalearner-metrics"  # how the writer's connections show in pg_stat_activity
 
@@ -50,6 +59,16 @@ INSERT INTO latest_metrics AS l (key, value, timestamp, step, is_nan, run_uuid) 
 ON CONFLICT (key, run_uuid) DO UPDATE
    SET value = EXCLUDED.value, timestamp = EXCLUDED.timestamp, step = EXCLUDED.step, is_nan = EXCLUDED.is_nan
  WHERE (EXCLUDED.step, EXCLUDED.timestamp, EXCLUDED.value) > (l.step, l.timestamp, l.value)
+"""
+# each primary key of the tables, its columns in key order (from the catalog: pg_index)
+_KEYS = """
+SELECT c.relname, a.attname FROM pg_index i
+  JOIN pg_class c ON c.oid = i.indrelid
+  JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = current_schema()
+  CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+ WHERE i.indisprimary AND c.relname = ANY(%s)
+ ORDER BY c.relname, k.ord
 """
 _ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
@@ -127,13 +146,32 @@ class MetricsDb:
 
     def check_schema(self) -> None:
         """Refuse a database that is not an MLflow backend store of the layout this path
-        writes: a table or column missing, or another column that would need a value."""
+        writes: a table or column missing, another column that would need a value, an
+        alembic revision it was not tested against, a primary key that differs.
+
+        Raises:
+            MetricsDbError: naming the table and what was found against what was expected.
+        """
         conn = self._conn()
         with conn.cursor() as cur:
             cur.execute("SELECT table_name, column_name, is_nullable, column_default FROM information_schema.columns "
-                        "WHERE table_schema = current_schema() AND table_name = ANY(%s)", (list(TABLES),))
+                        "WHERE table_schema = current_schema() AND table_name = ANY(%s)",
+                        ([*TABLES, "alembic_version"],))
             rows = cur.fetchall()
+            revisions = None
+            if any(table == "alembic_version" for table, *_ in rows):
+                cur.execute("SELECT version_num FROM alembic_version")
+                revisions = sorted(r[0] for r in cur.fetchall())
+            cur.execute(_KEYS, (list(PRIMARY_KEYS),))
+            keys: dict[str, list[str]] = {}
+            for table, column in cur.fetchall():
+                keys.setdefault(table, []).append(column)
         conn.rollback()
+        self._check_columns(rows)
+        self._check_revision(revisions)
+        self._check_keys(keys)
+
+    def _check_columns(self, rows: list[tuple[str, str, str, Any]]) -> None:
         have: dict[str, dict[str, tuple[str, Any]]] = {}
         for table, column, nullable, default in rows:
             have.setdefault(table, {})[column] = (nullable, default)
@@ -151,6 +189,27 @@ class MetricsDb:
             if extra:
                 raise MetricsDbError(f"--metrics-db: table {table!r} of {where} needs a value for column {extra[0]!r}: "
                                      "an MLflow schema this version of metalearner does not know; leave --metrics-db out")
+
+    def _check_revision(self, revisions: list[str] | None) -> None:
+        where = redact(self.uri)
+        tested = ", ".join(f"{rev} ({release})" for rev, release in TESTED_REVISIONS.items())
+        if revisions is None:
+            raise MetricsDbError(f"--metrics-db: {where} has no table 'alembic_version', expected an MLflow backend "
+                                 f"store at a schema revision this bulk path was tested against: {tested}")
+        if len(revisions) != 1 or revisions[0] not in TESTED_REVISIONS:
+            found = ", ".join(revisions) or "none"
+            raise MetricsDbError(f"--metrics-db: the MLflow schema of {where} is at alembic revision {found}, expected "
+                                 f"one this bulk path was tested against: {tested}; leave --metrics-db out (the "
+                                 "server takes every point)")
+
+    def _check_keys(self, keys: dict[str, list[str]]) -> None:
+        where = redact(self.uri)
+        for table, expected in PRIMARY_KEYS.items():
+            found = keys.get(table, [])
+            if sorted(found) != sorted(expected):
+                raise MetricsDbError(f"--metrics-db: table {table!r} of {where} has primary key "
+                                     f"({', '.join(found) or 'none'}), expected ({', '.join(expected)}), which its "
+                                     "ON CONFLICT relies on; leave --metrics-db out")
 
     def _check_run(self, cur: Any, run_id: str) -> None:
         if run_id in self._active:

@@ -6,8 +6,10 @@ It makes a PostgreSQL cluster in ``DIR/pgdata`` (``initdb``; as root the server 
 the ``postgres`` user, which PostgreSQL requires), starts ``postgres`` on 127.0.0.1, makes
 the ``mlflow`` database, then ``mlflow server`` with that backend and ``DIR/artifacts`` as
 its artifact store (served through the server: ``--artifacts-destination``). It prints the
-tracking URI and runs until Ctrl-C, then ends both servers by their process groups. The
-real thing is PostgreSQL as your team runs it plus MLflow's own CLI (see the README).
+tracking URI and runs until Ctrl-C, then ends both servers by their process groups. With
+``--auth`` the server is MLflow's basic-auth app (users and permissions; see the README's
+team-server section). The real thing is PostgreSQL as your team runs it plus MLflow's own
+CLI (see the README).
 
 Needs PostgreSQL's server programs (Debian: ``apt-get install postgresql``; found on PATH or
 in ``/usr/lib/postgresql/*/bin``) and ``pip install 'metalearner[server]'`` (psycopg2).
@@ -100,25 +102,71 @@ def start_postgres(folder: Path, port: int, timeout: float = 60) -> subprocess.P
     return proc
 
 
-def start_mlflow(folder: Path, port: int, pg_port: int, workers: int = 1, timeout: float = 120) -> subprocess.Popen:
-    """``mlflow server`` on 127.0.0.1:``port`` over the PostgreSQL of `start_postgres`,
-    artifacts in ``folder/artifacts``. Returns the process (its own process group)."""
+def auth_config(folder: Path, default_permission: str = "READ") -> Path:
+    """An ini file for ``mlflow server --app-name basic-auth`` (``MLFLOW_AUTH_CONFIG_PATH``):
+    users and permissions in ``folder/basic_auth.db`` (SQLite), ``default_permission`` for
+    what a user has not been granted (READ, EDIT, MANAGE or NO_PERMISSIONS). The admin's
+    password is not in it: the server takes it from ``MLFLOW_AUTH_ADMIN_PASSWORD`` the first
+    time it starts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "basic_auth.ini"
+    path.write_text(f"[mlflow]\ndefault_permission = {default_permission}\n"
+                    f"database_uri = sqlite:///{folder / 'basic_auth.db'}\nadmin_username = admin\n")
+    return path
+
+
+def start_mlflow(folder: Path, port: int, pg_port: int | None = None, workers: int = 1, timeout: float = 120,
+                 app_name: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``mlflow server`` on 127.0.0.1:``port`` over the PostgreSQL of `start_postgres`
+    (``pg_port``; without it, SQLite in ``folder/mlflow.db``), artifacts in
+    ``folder/artifacts``. Returns once it answers ``/health``; the process has its own
+    process group.
+
+    Args:
+        app_name: ``basic-auth`` for MLflow's authentication (then ``env`` must hold
+            ``MLFLOW_FLASK_SERVER_SECRET_KEY``, ``MLFLOW_AUTH_CONFIG_PATH`` (`auth_config`)
+            and, on the first start, ``MLFLOW_AUTH_ADMIN_PASSWORD``).
+        env: variables for the server's process, on top of this one's environment.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    backend = (f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{pg_port}/mlflow" if pg_port is not None
+               else f"sqlite:///{folder / 'mlflow.db'}")
     log = open(folder / "mlflow.log", "a")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server",
-         "--backend-store-uri", f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{pg_port}/mlflow",
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
          "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", str(workers),
+         "--workers", str(workers), *(["--app-name", app_name] if app_name else []),
          # uvicorn restarts a worker that misses a 5 s health check: on a busy host a worker
          # still importing MLflow misses it, forever
          *(["--uvicorn-opts", "--timeout-worker-healthcheck 120"] if workers > 1 else [])],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
     try:
         _wait_port(port, proc, "mlflow server", timeout)
+        _wait_health(port, proc, timeout)
     except BaseException:
         stop(proc)  # never leave a half-started server behind
         raise
     return proc
+
+
+def _wait_health(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    """Until the server's (unauthenticated) ``/health`` answers 200: listening is not ready."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+                if r.status == 200:
+                    return
+        except (OSError, urllib.error.URLError):
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with code {proc.returncode} before answering /health")
+        if time.time() > deadline:
+            raise TimeoutError(f"mlflow server on 127.0.0.1:{port}: /health not 200 after {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 def free_port() -> int:
@@ -151,11 +199,24 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=5000, help="the MLflow server's port (default 5000)")
     ap.add_argument("--pg-port", type=int, default=5433, help="PostgreSQL's port (default 5433)")
     ap.add_argument("--workers", type=int, default=2, help="MLflow server workers (default 2)")
+    ap.add_argument("--auth", action="store_true",
+                    help="MLflow's basic-auth app (needs mlflow[auth], $MLFLOW_FLASK_SERVER_SECRET_KEY and, on the "
+                         "first start, $MLFLOW_AUTH_ADMIN_PASSWORD; users in DIR/basic_auth.db)")
     args = ap.parse_args()
     folder = Path(args.dir).resolve()
+    auth: dict[str, str] = {}
+    if args.auth:
+        needed = ["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+        if not (folder / "basic_auth.db").exists():  # the admin's password: on the first start only
+            needed.append("MLFLOW_AUTH_ADMIN_PASSWORD")
+        missing = [v for v in needed if not os.environ.get(v)]
+        if missing:
+            ap.error(f"--auth: set {' and '.join(missing)}")
+        auth = {"MLFLOW_AUTH_CONFIG_PATH": str(auth_config(folder))}
     pg = start_postgres(folder, args.pg_port)
     try:
-        server = start_mlflow(folder, args.port, args.pg_port, workers=args.workers)
+        server = start_mlflow(folder, args.port, args.pg_port, workers=args.workers,
+                              app_name="basic-auth" if args.auth else None, env=auth)
         try:
             print(f"MLflow tracking server: http://127.0.0.1:{args.port}  (PostgreSQL on 127.0.0.1:{args.pg_port}, "
                   f"artifacts in {folder / 'artifacts'}); Ctrl-C ends both", flush=True)

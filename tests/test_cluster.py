@@ -43,7 +43,7 @@ def audit(uri, parent_id):
 
 def end_group(proc, timeout=30):
     """End a process this test started, and its children, by its process group."""
-    _tracking_server_module().stop(proc, timeout)
+    tracking_server_module().stop(proc, timeout)
 
 
 # ---------------------------------------------------------------- test 4: data paths
@@ -225,7 +225,9 @@ def test_sweep_on_an_existing_two_node_ray_cluster(tmp_path):
 # ---------------------------------------------------------------- test 2: mlflow server on PostgreSQL
 
 
-def _tracking_server_module():
+def tracking_server_module():
+    """scripts/tracking_server.py as a module: the one place that starts PostgreSQL and
+    ``mlflow server`` (plain or basic-auth) for the tests and for people."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("tracking_server", ROOT / "scripts/tracking_server.py")
@@ -234,24 +236,38 @@ def _tracking_server_module():
     return mod
 
 
-def _has_postgres():
+def service_mark(missing: str | None) -> pytest.MarkDecorator:
+    """Skip a test whose service cannot start here, except in CI (``$CI`` set): CI installs
+    every service (.ci/run), so there a missing one fails the test (`require_service`)."""
+    return pytest.mark.skipif(missing is not None and not os.environ.get("CI"), reason=f"needs {missing}")
+
+
+def require_service(missing: str | None) -> None:
+    """In a fixture: a missing service is a failure, never a silent skip (reached only in CI)."""
+    if missing is not None:
+        pytest.fail(f"CI is set and the test's service is missing: needs {missing} (.ci/run installs it)")
+
+
+def postgres_missing() -> str | None:
+    """What the PostgreSQL tests lack here, or None."""
     try:
-        _tracking_server_module().pg_program("initdb")
+        tracking_server_module().pg_program("initdb")
         import psycopg2  # noqa: F401
     except (FileNotFoundError, ImportError):
-        return False
-    return True
+        return ("PostgreSQL's server programs (apt-get install postgresql) and psycopg2 (pip install "
+                "'metalearner[server]')")
+    return None
 
 
-needs_postgres = pytest.mark.skipif(not _has_postgres(), reason="needs PostgreSQL's server programs (apt-get install "
-                                   "postgresql) and psycopg2 (pip install 'metalearner[server]')")
+needs_postgres = service_mark(postgres_missing())
 
 
 @pytest.fixture(scope="module")
 def pg_server():
     """PostgreSQL + ``mlflow server`` on it, once for this module's tests: (tracking URI,
     the backend's postgresql:// URI, the folder)."""
-    ts = _tracking_server_module()
+    require_service(postgres_missing())
+    ts = tracking_server_module()
     folder = Path("/tmp") / f"ml-pg-{os.getpid()}"  # postgres (another user) must reach it: not under pytest's 0700
     shutil.rmtree(folder, ignore_errors=True)
     pg_port, port = free_port(), free_port()
@@ -404,6 +420,114 @@ def test_metrics_db_that_is_not_the_servers_backend_exits_2_before_ray(tmp_path,
     assert not (tmp_path / "ray").exists()
     r = run_cli("sweep", spec, "--storage", tmp_path / "ray", "--metrics-db", pg_uri, cwd=tmp_path)  # SQLite store
     assert r.returncode == 2 and "--metrics-db" in r.stderr and "tracking server" in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def scratch_store(pg_server):
+    """A second MLflow backend store in the same PostgreSQL, its schema made by MLflow's own
+    store code (its migrations, up to the installed head): the guards' tests break it and
+    mend it again. Returns its postgresql:// URI."""
+    import psycopg2
+
+    _, pg_uri, _ = pg_server
+    base = pg_uri.rsplit("/", 1)[0]
+    conn = psycopg2.connect(f"{base}/postgres")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("DROP DATABASE IF EXISTS guards")
+        cur.execute("CREATE DATABASE guards")
+    conn.close()
+    scratch = f"{base}/guards"
+    # MLflow's store creates its tables (SQLAlchemy's spelling of the psycopg2 driver)
+    mlflow.MlflowClient(tracking_uri=scratch.replace("postgresql://", "postgresql+psycopg2://")).search_experiments()
+    return scratch
+
+
+def primary_key(cur, table):
+    """(constraint name, its columns) of ``table``'s primary key."""
+    cur.execute("SELECT c.conname, array_agg(a.attname ORDER BY k.ord) FROM pg_constraint c "
+                "CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord) "
+                "JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum "
+                "WHERE c.conrelid = %s::regclass AND c.contype = 'p' GROUP BY c.conname", (table,))
+    return cur.fetchone()
+
+
+def set_primary_key(cur, table, name, columns):
+    """Replace ``table``'s primary key by one on ``columns`` (none: no primary key)."""
+    found = primary_key(cur, table)
+    if found is not None:
+        cur.execute(f"ALTER TABLE {table} DROP CONSTRAINT {found[0]}")
+    if columns:
+        cur.execute(f"ALTER TABLE {table} ADD CONSTRAINT {name} PRIMARY KEY ({', '.join(columns)})")
+
+
+GUARD_CASES = {  # what is broken: (table, new primary key or None for the revision, what the line names)
+    "alembic revision": (None, None, ["alembic revision f00dfeed0042", "expected one this bulk path was tested "
+                                      "against: dc11669786a5"]),
+    "metrics key dropped": ("metrics", [], ["table 'metrics'", "primary key (none)",
+                                            "expected (key, timestamp, step, run_uuid, value, is_nan)"]),
+    "latest_metrics key changed": ("latest_metrics", ["key", "run_uuid", "step"],
+                                   ["table 'latest_metrics'", "primary key (key, run_uuid, step)",
+                                    "expected (key, run_uuid)"]),
+}
+
+
+@needs_postgres
+@pytest.mark.parametrize("case", list(GUARD_CASES))
+def test_metrics_db_of_a_schema_it_was_not_tested_against_exits_2_naming_it(tmp_path, pg_server, scratch_store,
+                                                                            case):
+    """The bulk path's guards: MLflow's schema at another alembic revision, or a primary key
+    that its ON CONFLICT relies on dropped or changed, exits 2 before Ray with one line
+    naming what was found (the store is accepted before it is broken, and after it is mended)."""
+    import psycopg2
+
+    from metalearner.tracking_access import check_metrics_db
+
+    uri = pg_server[0]
+    table, columns, named = GUARD_CASES[case]
+    check_metrics_db(scratch_store)  # MLflow's own schema, as the installed MLflow made it: accepted
+    conn = psycopg2.connect(scratch_store)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT version_num FROM alembic_version")
+        [(head,)] = cur.fetchall()
+        name, before = primary_key(cur, table or "metrics")
+    try:
+        with conn.cursor() as cur:
+            if table is None:
+                cur.execute("UPDATE alembic_version SET version_num = 'f00dfeed0042'")
+            else:
+                set_primary_key(cur, table, name, columns)
+        spec = tmp_path / "pg.yaml"
+        spec.write_text(TWO_NODE_SPEC.replace("name: two_nodes", "name: guards"))
+        r = run_cli("sweep", spec, "--tracking-uri", uri, "--storage", tmp_path / "ray", "--metrics-db",
+                    scratch_store, cwd=tmp_path)
+        assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+        line = r.stderr.strip()
+        assert "\n" not in line and line.startswith("metalearner: error: --metrics-db: "), line
+        for fragment in named:
+            assert fragment in line, (fragment, line)
+        assert not (tmp_path / "ray").exists()  # before Ray
+    finally:
+        with conn.cursor() as cur:
+            if table is None:
+                cur.execute("UPDATE alembic_version SET version_num = %s", (head,))
+            else:
+                set_primary_key(cur, table, name, before)
+        conn.close()
+    check_metrics_db(scratch_store)  # mended: accepted again
+
+
+def test_only_the_tracking_layer_reaches_the_bulk_path():
+    """The layer rule in substance: the CLI, its input checks and the trainables reach
+    metalearner.metrics_db only through the tracking layer's public functions."""
+    from tests.test_layers import layer, module_graph
+
+    graph = module_graph(ROOT)
+    tracking = layer("metalearner.tracking")
+    assert sorted(m for m, targets in graph.items() if "metalearner.metrics_db" in targets and layer(m) != tracking) \
+        == []
+    assert "metalearner.tracking_access" in graph["metalearner.inputs"]  # the --metrics-db pre-flight check
 
 
 # ---------------------------------------------------------------- spec paths (no services)
