@@ -35,7 +35,7 @@ def test_parallel_delivery_is_exact_and_in_order(tmp_path, uri):
     w.terminate(parent)
     left = w.close()
     assert left.complete, left
-    assert w._pool is not None  # the parallel path ran
+    assert w.delivery.pool is not None  # the parallel path ran
     assert w.points_written == RUNS * STEPS * 2
     client = mlflow.MlflowClient(uri)
     parent_id = w.run_id(parent)
