@@ -461,18 +461,9 @@ def train(
     cfg = run.cfg.train
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=cfg.steps, initial=run.step, disable=not show, unit="step", dynamic_ncols=True)
-    losses: list[float] = []
-    bases: list[float] = []
-    windows: list[int] = []
-    best_val: float | None = None
+    records: list[dict[str, float]] = []
 
     def on_step(step: int, rec: dict[str, float]) -> None:
-        nonlocal best_val
-        losses.append(rec["loss"])
-        bases.append(rec["rope_base"])
-        windows.append(int(rec["window"]))
-        if "val_loss" in rec:
-            best_val = rec["val_loss"] if best_val is None else min(best_val, rec["val_loss"])
         bar.update(1)
         if show:
             post = {"loss": f"{rec['loss']:.3f}", "base": f"{rec['rope_base']:.4g}", "window": int(rec["window"])}
@@ -484,19 +475,35 @@ def train(
     every = cfg.checkpoint_every if (checkpoint_dir and cfg.checkpoint_every) else cfg.steps
     try:
         while not run.done:
-            run.advance(every - run.step % every, sink, on_step)
+            records += run.advance(every - run.step % every, sink, on_step)
             if checkpoint_dir:
                 run.save(checkpoint_dir)
     finally:
         bar.close()
+    return summarize(records, run, time.perf_counter() - t0)
+
+
+def summarize(records: list[dict[str, float]], run: TrainingRun, seconds: float) -> Summary:
+    """The `Summary` of a run's trace rows of this process (both engines build it here).
+
+    Args:
+        records: the rows of the steps run (``loss``, ``rope_base``, ``window``, and
+            ``val_loss`` at evaluation steps).
+        run: the run (its step, latest evaluation and non-finite counters).
+        seconds: the wall time of the call.
+    """
+    losses = [r["loss"] for r in records]
+    bases = [r["rope_base"] for r in records]
+    windows = [int(r["window"]) for r in records]
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
     return Summary(
         steps=run.step,
         final_loss=losses[-1] if losses else float("nan"),
         final_val_loss=run.last_val.get("val_loss"),
-        best_val_loss=best_val,
+        best_val_loss=min(vals) if vals else None,
         rope_base_range=(min(bases), max(bases)) if bases else (float("nan"),) * 2,
         window_range=(min(windows), max(windows)) if windows else (0, 0),
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
         eval_metrics={k: v for k, v in run.last_val.items() if k != "val_loss"},
         diverged=run.diverged,
         nonfinite_steps=run.nonfinite_steps,
