@@ -79,3 +79,37 @@ def test_a_lost_create_response_does_not_make_a_second_run(tmp_path, uri):
     runs = client.search_runs([client.get_experiment_by_name("lost").experiment_id])
     assert [r.info.run_id for r in runs] == lost  # the first one, found again
     assert sorted(m.step for m in client.get_metric_history(lost[0], "loss")) == list(range(1, 11))
+
+
+def test_live_chunks_reach_the_delivery_thread_without_a_read_back(tmp_path, uri, monkeypatch):
+    """While the delivery thread keeps up, it takes each journaled chunk as the parsed
+    records the writer journaled: it reads nothing back from the journal file. A writer
+    that continues the journal (a restart) reads what the first one left, and delivers it."""
+    from metalearner.tracking import delivery
+
+    read = []
+    real = delivery.read_lines
+
+    def spy(*args, **kwargs):
+        recs, end = real(*args, **kwargs)
+        read.extend(recs)
+        return recs, end
+
+    monkeypatch.setattr(delivery, "read_lines", spy)
+    w = MlflowWriter(uri, journal_dir=tmp_path / "j")
+    key = w.create_run("live", "r")
+    for start in range(1, 101, 25):
+        assert w.log_rows(key, [{"step": s, "loss": float(s)} for s in range(start, start + 25)]) == start
+        w.flush(key)
+    assert w.log_rows(key, [{"step": 100, "loss": -1.0}]) is None  # a replayed step: dropped
+    w.terminate(key)
+    assert w.close().complete
+    assert read == []
+    client = mlflow.MlflowClient(uri)
+    hist = sorted((m.step, m.value) for m in client.get_metric_history(w.run_id(key), "loss"))
+    assert hist == [(s, float(s)) for s in range(1, 101)]
+
+    w2 = MlflowWriter(uri, journal_dir=tmp_path / "j", outage_s=0)  # a restart: the journal is read again
+    w2.client.log_batch = None  # the store must not be asked again: all of it is delivered
+    assert w2.close().complete
+    assert len([r for r in read if r.get("op") == "m"]) == 4 * 25

@@ -27,6 +27,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,7 +123,8 @@ class Delivery:
         self.runs: dict[str, _Run] = {k: _Run(k, p.run_id, p.seq) for k, p in self.state.runs.items()}
         self.journaled_before = journaled_before
         self._intake = threading.Lock()  # the file offset taken into memory, and the handed-off records
-        self._offset = 0  # bytes of the journal taken (read, or handed off)
+        # bytes of the journal taken (read, or handed off): a new journal holds only its header
+        self._offset = 0 if journal.records_at_open else journal.size
         self._handed: list[dict[str, Any]] = []
         self.in_memory = 0
         self._delivered = 0
@@ -141,12 +143,14 @@ class Delivery:
         self.thread.start()
 
     # ------------------------------------------------------------ the producer's side
-    def hand_off(self, records: list[dict[str, Any]], start: int, end: int) -> None:
-        """Take ``records``, just journaled at bytes [``start``, ``end``) of the file, as
-        they are, when the thread has taken everything before ``start`` and has room;
-        otherwise leave them in the file, to be read there. Call it with the journal's
-        append (under the producer's lock): records are handed off in journal order."""
+    def hand_off(self, records: list[dict[str, Any]], append: Callable[[], tuple[int, int]]) -> None:
+        """Journal ``records`` with ``append`` (it returns the bytes [start, end) of the
+        file they now occupy) and take them as they are, when the thread has taken
+        everything before them and has room; otherwise they wait in the file, to be read
+        there. The thread does not read the file meanwhile. Call it under the producer's
+        lock, so that records are handed off in journal order."""
         with self._intake:
+            start, end = append()
             if self._offset == start and self.in_memory < self.max_queue:
                 self._handed.extend(records)
                 self._offset = end

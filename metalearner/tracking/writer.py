@@ -164,8 +164,7 @@ class MlflowWriter:
         with self._lock:
             batch, self._buffer, self._n_buffered = self._buffer, [], 0
             if batch:
-                start, end = self.journal.append(batch)
-                self.delivery.hand_off(batch, start, end)
+                self.delivery.hand_off(batch, lambda: self.journal.append(batch))
 
     # ------------------------------------------------------------ runs
     def has_run(self, key: str) -> bool:
