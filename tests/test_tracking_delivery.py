@@ -2,6 +2,8 @@
 against a real SQLite store: runs delivered in parallel keep exactly-once, in-order
 delivery, children wait for their parent, and the watermarks end at the journal's end."""
 
+import time
+
 import mlflow
 import pytest
 
@@ -113,3 +115,29 @@ def test_live_chunks_reach_the_delivery_thread_without_a_read_back(tmp_path, uri
     w2.client.log_batch = None  # the store must not be asked again: all of it is delivered
     assert w2.close().complete
     assert len([r for r in read if r.get("op") == "m"]) == 4 * 25
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_write_is_permanent_not_an_outage(tmp_path, uri, status):
+    """The store answers 401/403 (no or wrong credentials, no permission; injected into
+    the writer's client from outside): nothing waits out the outage allowance, and the
+    error is kept for the report."""
+    from mlflow.exceptions import MlflowException, get_error_code
+
+    from metalearner.tracking import is_permanent
+
+    refused = MlflowException(f"API request failed with code {status}", error_code=get_error_code(status))
+    assert is_permanent(refused)
+    w = MlflowWriter(uri, journal_dir=tmp_path / "j", outage_s=300)
+
+    def refuse(*args, **kwargs):
+        raise refused
+
+    w.client.create_run = refuse
+    key = w.create_run("refused", "r")
+    w.flush()
+    t0 = time.monotonic()
+    assert w.run_id(key, timeout=300) is None  # MlflowSink.start's wait: over at the refusal
+    left = w.close()
+    assert time.monotonic() - t0 < 30
+    assert not left.complete and any(f"code {status}" in e for e in left.errors)

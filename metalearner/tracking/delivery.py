@@ -164,6 +164,11 @@ class Delivery:
         run = self.runs.get(key)
         return run.run_id if run is not None else None
 
+    def failed(self, key: str) -> str | None:
+        """Why the delivery of run ``key`` stopped for good (`is_permanent`), or None."""
+        run = self.runs.get(key)
+        return run.failed if run is not None else None
+
     def close(self) -> None:
         """Deliver what is journaled (through an outage of up to ``outage_s``), then stop."""
         self._closing = True

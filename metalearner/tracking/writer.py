@@ -237,13 +237,14 @@ class MlflowWriter:
 
     def run_id(self, key: str, timeout: float = 0.0) -> str | None:
         """The MLflow run id of ``key``, once the delivery thread has created the run;
-        waits up to ``timeout`` seconds for it."""
+        waits up to ``timeout`` seconds for it, and not at all once the store has refused
+        it for good (e.g. a 401/403: no, or wrong, credentials)."""
         deadline = time.monotonic() + timeout
         while True:
             rid = self.delivery.run_id(key)
             if rid:
                 return rid
-            if time.monotonic() >= deadline or not self.delivery.thread.is_alive():
+            if time.monotonic() >= deadline or not self.delivery.thread.is_alive() or self.delivery.failed(key):
                 return None
             self.delivery.wake()
             time.sleep(0.05)
