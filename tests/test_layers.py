@@ -15,7 +15,7 @@ LAYERS = [
     ["metalearner.model"],
     ["metalearner.tasks"],
     ["metalearner.config", "metalearner.experiment"],
-    ["metalearner.train", "metalearner.hf"],
+    ["metalearner.train", "metalearner.hf", "metalearner.checkpoint"],
     ["metalearner.tracking", "metalearner.journal", "metalearner.report",
      "metalearner.sweep_state", "metalearner.metrics_db"],  # journal, sweep_state: stdlib only, no mlflow;
     # metrics_db: psycopg2 only
