@@ -16,7 +16,7 @@ import argparse
 import numpy as np
 
 from metalearner.report import load_traces
-from metalearner.report.compare import _to_target
+from metalearner.report.compare import to_target
 from metalearner.tracking import TrackingReader
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     runs, traces = load_traces(a.tracking_uri, parent.info.run_id, keys=("window", "val_loss", "train_seconds"))
     ids = runs.loc[runs["phase"] == "compare", "run_id"].tolist()
     for target in (float(t) for t in a.targets.split(",")):
-        per_run, per_arm = _to_target(runs, traces, ids, target, a.baseline)
+        per_run, per_arm = to_target(runs, traces, ids, target, a.baseline)
         print(f"\nval_loss <= {target:g} (relative to {a.baseline}):\n")
         print("| arm | reached | step (mean of reached) | attention to target vs baseline |")
         print("|---|---|---|---|")

@@ -12,8 +12,10 @@
     summary metrics per arm, the verdicts in its description, and the saved view).
 
 One job per module: `runs` shapes what `metalearner.tracking` (the only module that talks
-to MLflow) returns into frames, `stats` holds the statistics, `compare` builds the table,
-`render` turns it into text, `plots` draws, `export` writes the best controller spec.
+to MLflow) returns into frames, `stats` holds the statistics (a package, one module per
+job: intervals, pairing, verdicts, power, to_target), `compare` builds the table,
+`render` turns it into text (all columns go to comparison.csv, a reviewer's dozen to the
+terminal and markdown), `plots` draws, `export` writes the best controller spec.
 Never imports ray or torch.
 """
 
@@ -29,7 +31,7 @@ import pandas as pd
 from metalearner.report.compare import TABLE_COLUMNS, Comparison, compare_sweep, compare_table
 from metalearner.report.export import export_best_controller
 from metalearner.report.plots import plot_traces
-from metalearner.report.render import HOW_TO_READ, render_duplicates, render_markdown, render_table
+from metalearner.report.render import HOW_TO_READ, display_columns, render_duplicates, render_markdown, render_table
 from metalearner.report.runs import (
     DUPLICATE_COLUMNS,
     REPORT_KEYS,
@@ -223,7 +225,7 @@ def publish(reader: TrackingReader, writer: MlflowWriter, parent: object, runs_d
 
 __all__ = [
     "DUPLICATE_COLUMNS", "HOW_TO_READ", "TABLE_COLUMNS", "Comparison", "SweepReport", "compare_sweep",
-    "compare_table", "controller_summary", "publish", "render_summary", "summary_metrics",
+    "compare_table", "controller_summary", "display_columns", "publish", "render_summary", "summary_metrics",
     "duplicate_points", "export_best_controller", "load_traces", "plot_traces", "render_duplicates",
     "render_markdown", "render_table", "run_summary", "write_report",
 ]

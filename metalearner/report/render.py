@@ -1,5 +1,9 @@
 """The comparison table as text: a fixed-width terminal table, GitHub markdown, and the
-trace audit (duplicate points). Strings only; the numbers come from `compare_table`."""
+trace audit (duplicate points). Strings only; the numbers come from `compare_table`.
+
+The table has ~50 columns (all of them go to ``comparison.csv``); the terminal and the
+markdown show the at most 11 of `display_columns` a reviewer reads first: arm, n, the
+metric's mean ± 95% CI, IQM, Δ vs static, Holm p, verdict, compute to target, controller."""
 
 from __future__ import annotations
 
@@ -10,20 +14,22 @@ import pandas as pd
 
 HOW_TO_READ = (
     "How to read this table: each compare row is one arm run once per seed at equal steps; n counts its "
-    "finished runs, with runs cut before the last step and diverged runs counted beside it (never dropped). "
-    "`a ± b` is the mean over seeds of the spec's metric (its last value) with the half-width of its 95% t "
-    "interval; `boot 95%` is the percentile-bootstrap interval over seeds; IQM (mean of the middle 50%) shows "
-    "from 5 seeds. `Δ vs static` is the mean paired difference against the static arm over the seeds both "
-    "finished, with its 95% t half-width; `p Holm` is the paired t test's p-value after Holm's correction over "
-    "the arms compared with static. The verdict is \"better\"/\"worse\" only when the Holm-corrected test "
-    "rejects (family-wise α = 0.05); otherwise \"no clear difference\" — no winner is declared within noise, "
-    "and the sentence under the table says which differences the run could not have detected. A diverged seed "
-    "counts as a loss: an arm that lost one is never called better. `to target` columns: the target is the "
-    "spec's target_loss or static's final val loss (its worst seed); `reached` is k/n runs whose val loss got "
-    "there, `attn→target` the attention compute (query-key pairs of the local-window cost model, summed over "
-    "steps) to get there relative to static's, `time→target` the same for training seconds, each with its "
-    "95% bootstrap interval (stratified by arm). Search rows are single tuning trials (n = 1, configs "
-    "differ): use them to read the search, not as evidence."
+    "finished runs, with runs cut short (failed, stopped before the last step, or without a final value) and "
+    "diverged runs counted beside it (never dropped). `a ± b` is the mean over seeds of the spec's metric (its "
+    "last value) with the half-width of its 95% t interval; IQM (mean of the middle 50%) shows from 5 seeds. "
+    "`Δ vs static` is the mean paired difference against the static arm over the seeds both finished, with its "
+    "95% t half-width; `p Holm` is the paired t test's p-value after Holm's correction over the arms compared "
+    "with static. The verdict is \"better\"/\"worse\" only when the Holm-corrected test rejects (family-wise "
+    "α = 0.05); otherwise \"no clear difference\" — no winner is declared within noise, and the sentence under "
+    "the table says which differences the run could not have detected. A diverged seed counts as a loss: an arm "
+    "that lost one is never called better; an arm none of whose runs finished has no verdict and says why. "
+    "`to target` columns: the target is the spec's target_loss or static's final val loss (its worst seed); "
+    "`reached` is k/n finished-or-diverged runs whose val loss got there, `attn→target` the attention compute "
+    "(query-key pairs of the local-window band, summed over steps) to get there relative to static's, "
+    "`time→target` the same for training seconds, each with its 95% bootstrap interval (stratified by arm). "
+    "Search rows are single tuning trials (n = 1, the best of their search, on the tuning seed): they are not "
+    "tested, so they carry no verdict; use them to read the search, not as evidence. comparison.csv holds every "
+    "column (bootstrap intervals, counts, p before Holm, the MDE, absolute compute to target)."
 )
 
 
@@ -37,12 +43,6 @@ def _pm(mean: float, ci: float, spec: str = ".4f") -> str:
     if not np.isfinite(mean):
         return "n/a"
     return f"{mean:{spec}} ± {ci:.4f}" if np.isfinite(ci) else f"{mean:{spec}}"
-
-
-def _interval(lo: float, hi: float, spec: str = ".4f") -> str:
-    if not (np.isfinite(lo) or np.isfinite(hi)):
-        return ""
-    return f"[{_fmt(lo, spec) or '-∞'}, {_fmt(hi, spec) or '∞'}]"
 
 
 def _rel(rel: float, lo: float, hi: float, reached: float = np.nan) -> str:
@@ -60,40 +60,50 @@ def _count(r: pd.Series) -> str:
     return f"{int(n)}" + (f" (+{', '.join(extra)})" if extra else "")
 
 
+def _reached(r: pd.Series) -> str:
+    hit, of = r.get("n_reached", np.nan), r.get("n_to_target", np.nan)
+    return f"{int(hit)}/{int(of)}" if np.isfinite(hit) and np.isfinite(of) else ""
+
+
+def display_columns(metric: str = "val_loss") -> list[str]:
+    """The columns the terminal and markdown tables show (``comparison.csv`` has them all).
+
+    Args:
+        metric: the compared metric, named in the value column.
+
+    Returns:
+        At most 11 column names; "IQM" is dropped from a table whose arms all have n < 5.
+    """
+    return ["arm", "n", f"final {metric}", "IQM", "Δ vs static", "p Holm", "verdict", "reached", "attn→target",
+            "time→target", "controller"]
+
+
 def _display(df: pd.DataFrame) -> pd.DataFrame:
-    """The table with its numbers formatted for reading (strings only)."""
+    """The table's reviewer columns, formatted for reading (strings only)."""
     rows = []
     metric = str(df["metric"].iloc[0]) if "metric" in df and len(df) and isinstance(df["metric"].iloc[0], str) \
         else "val_loss"
     for _, r in df.iterrows():
         cmp = r["phase"] == "compare"
-        verdict = r["verdict"]
-        if not cmp and verdict == "no clear difference" and r["vs_static_n"] < 2:
-            verdict = "n/a (n=1)" if r["n_seeds"] == 1 else verdict
         value, ci = (r["value_mean"], r["value_ci95"]) if cmp and np.isfinite(r.get("value_mean", np.nan)) \
             else (r["final_val_loss_mean"], r["final_val_loss_ci95"])
-        reached = ""
-        if cmp and np.isfinite(r.get("n_reached", np.nan)) and np.isfinite(r.get("n_runs", np.nan)):
-            reached = f"{int(r['n_reached'])}/{int(r['n_runs'])}"
+        delta = r.get("vs_static_delta", np.nan)
         rows.append({
             "arm": r["arm"] if cmp else f"{r['arm']} [{r['phase']}]",
-            "controller": r["controller"],
             "n": _count(r) if cmp else f"{r['n_seeds']}",
             f"final {metric}": _pm(value, ci),
-            "boot 95%": _interval(r.get("value_boot_low", np.nan), r.get("value_boot_high", np.nan)) if cmp else "",
             "IQM": _fmt(r.get("value_iqm", np.nan)) if cmp else "",
-            "Δ vs static": "" if r["verdict"] == "baseline" else _pm(r["vs_static_delta"], r["vs_static_ci95"], "+.4f"),
+            "Δ vs static": _pm(delta, r["vs_static_ci95"], "+.4f") if cmp and np.isfinite(delta) else "",
             "p Holm": _fmt(r.get("vs_static_p_holm", np.nan), ".3g"),
-            "verdict": verdict,
-            "reached": reached,
+            "verdict": r["verdict"] if cmp else "not tested (search)",
+            "reached": _reached(r) if cmp else "",
             "attn→target": _rel(r.get("attention_rel", np.nan), r.get("attention_rel_low", np.nan),
                                 r.get("attention_rel_high", np.nan), r.get("n_reached", np.nan)) if cmp else "",
             "time→target": _rel(r.get("seconds_rel", np.nan), r.get("seconds_rel_low", np.nan),
                                 r.get("seconds_rel_high", np.nan), r.get("n_reached", np.nan)) if cmp else "",
+            "controller": r["controller"],
         })
-    cols = ["arm", "controller", "n", f"final {metric}", "boot 95%", "IQM", "Δ vs static", "p Holm", "verdict",
-            "reached", "attn→target", "time→target"]
-    disp = pd.DataFrame(rows, columns=cols)
+    disp = pd.DataFrame(rows, columns=display_columns(metric))
     if not (disp["IQM"] != "").any():
         disp = disp.drop(columns="IQM")  # n < 5 everywhere: the IQM is not worth a column
     return disp
@@ -108,7 +118,7 @@ def render_table(df: pd.DataFrame) -> str:
     for c in disp:  # pad to one width per column: text left-aligned, numbers right-aligned
         width = max(len(c), *(len(v) for v in disp[c]))
         disp[c] = [v.ljust(width) if c in text_cols else v.rjust(width) for v in disp[c]]
-    return disp.to_string(index=False, justify="left")
+    return "\n".join(line.rstrip() for line in disp.to_string(index=False, justify="left").splitlines())
 
 
 def render_markdown(df: pd.DataFrame) -> str:

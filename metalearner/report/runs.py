@@ -17,7 +17,6 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
 
@@ -179,14 +178,15 @@ def controller_summary(row: pd.Series) -> str:
 
 
 def run_summary(runs_df: pd.DataFrame, traces_df: pd.DataFrame) -> pd.DataFrame:
-    """One row per run (indexed by run_id): last step, final/best val loss, window sums.
+    """One row per run (indexed by run_id): last step and final/best val loss.
 
-    Columns: last_step, complete (reached ``train.steps``, else the longest run of its
-    phase), final_val_loss (val loss at the last eval step), best_val_loss, window_first,
-    window_used (sum over steps of min(window, seq_len)), window_steps.
+    Columns: arm, phase, seed, seq_len, n_heads, n_global_heads, train_steps (from
+    ``runs_df``); last_step, complete (reached ``train.steps``, else the longest run of its
+    phase), final_val_loss (val loss at the last eval step), best_val_loss. Each step
+    counts once (`one_point_per_step`).
     """
     out = runs_df.set_index("run_id")[["arm", "phase", "seed", "seq_len", "n_heads", "n_global_heads",
-                                       "train_steps", "model_window"]].copy()
+                                       "train_steps"]].copy()
     t = one_point_per_step(traces_df)
     loss = t[t["key"] == "loss"].groupby("run_id")["step"].max()
     val = t[t["key"] == "val_loss"].sort_values(["run_id", "step"])
@@ -194,11 +194,6 @@ def run_summary(runs_df: pd.DataFrame, traces_df: pd.DataFrame) -> pd.DataFrame:
     out["final_val_loss"] = val.groupby("run_id")["value"].last().reindex(out.index)
     out["best_val_loss"] = val.groupby("run_id")["value"].min().reindex(out.index)
     out["last_step"] = out["last_step"].fillna(val.groupby("run_id")["step"].max().reindex(out.index))
-    win = t[t["key"] == "window"].sort_values(["run_id", "step"]).join(out["seq_len"], on="run_id")
-    win["used"] = np.fmin(win["value"], win["seq_len"].fillna(np.inf))
-    out["window_first"] = win.groupby("run_id")["value"].first().reindex(out.index).fillna(out["model_window"])
-    out["window_used"] = win.groupby("run_id")["used"].sum().reindex(out.index)
-    out["window_steps"] = win.groupby("run_id")["used"].size().reindex(out.index)
     expected = out["train_steps"].where(out["train_steps"].notna(), out.groupby("phase")["last_step"].transform("max"))
     out["complete"] = out["last_step"].notna() & (out["last_step"] >= expected)
     return out
