@@ -2,9 +2,10 @@
 
 Side by side, interleaved (a, b, a, b, ...), each on a fresh ``sqlite:///`` file:
 
-* ``journaled``  `MlflowWriter`: the producer appends each report chunk to the journal
-                 (one fsync per chunk, as the Tune callback does per result), the writer
-                 thread reads it back and delivers it with ``log_batch``; timed from the
+* ``journaled``  `MlflowWriter`: the producer journals each report chunk of rows
+                 (`log_rows`, one append and fsync per chunk, as the Tune callback does per
+                 result) and hands the records to the delivery thread, which sends them
+                 with ``log_batch``; timed from the
                  first point to `close()` returning (every point stored, watermark saved);
 * ``direct``     the same points sent with ``MlflowClient.log_batch`` (1000 per call) on
                  the caller's thread: no journal, no thread; the store's own floor.
@@ -45,8 +46,8 @@ def journaled(folder: Path, runs: int, steps: int) -> tuple[float, float]:
     for start in range(1, steps + 1, CHUNK):
         for k in keys:
             t1 = time.perf_counter()
-            for s in range(start, min(start + CHUNK, steps + 1)):
-                w.log_metrics(k, {key: 1.0 / s for key in KEYS}, s)
+            w.log_rows(k, [{"step": s, **{key: 1.0 / s for key in KEYS}}
+                           for s in range(start, min(start + CHUNK, steps + 1))])
             w.flush(k)
             produce += time.perf_counter() - t1
     assert w.close().complete

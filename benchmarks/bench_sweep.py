@@ -265,7 +265,7 @@ def main() -> None:
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
         start = time.time()
         writer = MlflowWriter(uri)  # create the store (schema migrations) before timing
-        writer.experiment_id(spec.name)
+        writer.delivery.experiment_id(spec.name)
         writer.close()
         store = time.time() - start
 

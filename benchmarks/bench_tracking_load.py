@@ -120,7 +120,7 @@ def run_load(uri: str, folder: Path, connections: int, trials: int, steps: int, 
                 load.last_s = time.perf_counter() - t0
             journaled = sum(len(t) for t in times) * chunk * len(keys)
             load.backlog_peak = max(load.backlog_peak, journaled - stored)
-            load.queue_peak = max(load.queue_peak, writer._in_memory)
+            load.queue_peak = max(load.queue_peak, writer.delivery.in_memory)
             time.sleep(0.02)
 
     threads = [threading.Thread(target=trial, args=(i,)) for i in range(trials)]

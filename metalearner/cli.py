@@ -109,8 +109,8 @@ def train_hf(cfg: Any, args: argparse.Namespace, ckpt_dir: Path | None) -> int:
 def check_tracking_access(uri: str, experiment: str) -> None:
     """A tracking server that refuses the credentials (401) or the writes (403) exits 2
     now, before training or Ray; an unreachable one is left to the writer, which rides
-    out outages (`metalearner.tracking_access.check_server_access`)."""
-    from metalearner.tracking_access import TrackingAccessError, check_server_access
+    out outages (`metalearner.tracking.access.check_server_access`)."""
+    from metalearner.tracking.access import TrackingAccessError, check_server_access
 
     try:
         check_server_access(uri, experiment)

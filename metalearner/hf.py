@@ -35,7 +35,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from metalearner.train import (
     load_run_state,
     lr_at,
     save_run_state,
+    summarize,
 )
 
 HF_MISSING = "the hf engine needs the 'hf' extra: pip install 'metalearner[hf]'"
@@ -109,27 +110,23 @@ def lr_schedule(optimizer: torch.optim.Optimizer, train_cfg: Any) -> torch.optim
 
 @dataclass
 class StepReport:
-    """What `run_hf` hands ``on_report`` every ``train.report_every`` steps (and at the end).
+    """What `run_hf` hands ``on_report`` every ``train.report_every`` steps (and at the end);
+    the trace rows themselves went to the sink, one per step, report steps evaluated.
 
     Args:
         step: the last step done.
-        records: the trace records (``step`` included) since the previous report; the last
-            one carries ``val_loss`` and the task's metrics (report steps are evaluated).
         checkpoint: the ``checkpoint-<step>`` folder written at this step, or None.
         last_val: the latest evaluation (``val_loss`` + task metrics).
         train_seconds: wall time of the training steps in this process.
-        params: the flattened run config (`TrainingRun.params`).
-        diverged: the run was ended by ``train.max_nonfinite`` non-finite steps in a row.
+        diverged: the run was ended by ``train.max_nonfinite`` non-finite steps in a row
+            (this is its last report).
     """
 
     step: int
-    records: list[dict[str, float]]
     checkpoint: Path | None
     last_val: dict[str, float]
     train_seconds: float
-    params: dict[str, Any] = field(default_factory=dict)
     diverged: bool = False
-    diverged: bool = False  # the run ended by train.max_nonfinite (this is its last report)
 
 
 class KnobTrainer(Trainer):
@@ -241,9 +238,7 @@ class KnobCallback(TrainerCallback):
         self.report_every = report_every
         self.on_report = on_report
         self.progress = progress
-        self.params: dict[str, Any] = {}
-        self.records: list[dict[str, float]] = []  # every step of this process
-        self._unreported: list[dict[str, float]] = []
+        self.records: list[dict[str, float]] = []  # every step of this process (its Summary)
         self._report_due = False
         self._skipped = False
         self._bar: Any = None
@@ -283,7 +278,6 @@ class KnobCallback(TrainerCallback):
         if self.sink is not None:
             self.sink.log_metrics(rec, step)
         self.records.append({"step": step, **rec})
-        self._unreported.append({"step": step, **rec})
         every = self.checkpoint_every
         if every is not None and (last or (every > 0 and step % every == 0)):
             control.should_save = True
@@ -315,9 +309,9 @@ class KnobCallback(TrainerCallback):
             self._bar = None
 
     def _report(self, step: int, checkpoint: Path | None) -> None:
-        records, self._unreported, self._report_due = self._unreported, [], False
-        self.on_report(StepReport(step, records, checkpoint, dict(self.run.last_val), self.run.train_seconds,
-                                  self.params, diverged=self.run.diverged))
+        self._report_due = False
+        self.on_report(StepReport(step, checkpoint, dict(self.run.last_val), self.run.train_seconds,
+                                  diverged=self.run.diverged))
 
 
 # ---------------------------------------------------------------- the run
@@ -391,10 +385,9 @@ def run_hf(
         trainer.remove_callback(cb)
     callback = KnobCallback(trainer, sink, every if save_checkpoints else None, cfg.train.report_every,
                             on_report, progress)
-    callback.params = run.params()
     trainer.add_callback(callback)
     if sink is not None and (not resume if log_params is None else log_params):
-        sink.log_params(callback.params)
+        sink.log_params(run.params())
     t0 = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=None if not resume else True if resume is True else str(resume))
@@ -402,22 +395,3 @@ def run_hf(
         callback.close()
     return summarize(callback.records, run, time.perf_counter() - t0)
 
-
-def summarize(records: list[dict[str, float]], run: TrainingRun, seconds: float) -> Summary:
-    """The `Summary` of ``records`` (as `metalearner.train.train` builds it)."""
-    losses = [r["loss"] for r in records]
-    bases = [r["rope_base"] for r in records]
-    windows = [int(r["window"]) for r in records]
-    vals = [r["val_loss"] for r in records if "val_loss" in r]
-    return Summary(
-        steps=run.step,
-        final_loss=losses[-1] if losses else float("nan"),
-        final_val_loss=run.last_val.get("val_loss"),
-        best_val_loss=min(vals) if vals else None,
-        rope_base_range=(min(bases), max(bases)) if bases else (float("nan"),) * 2,
-        window_range=(min(windows), max(windows)) if windows else (0, 0),
-        seconds=seconds,
-        eval_metrics={k: v for k, v in run.last_val.items() if k != "val_loss"},
-        diverged=run.diverged,
-        nonfinite_steps=run.nonfinite_steps,
-    )

@@ -296,7 +296,7 @@ def metrics_db_location(uri: str, tracking_uri: str | None) -> None:
     """``--metrics-db``: the PostgreSQL backend of a tracking server, reachable, with the
     MLflow schema the bulk path was tested against (checked now, through the tracking
     layer: a wrong database exits 2 before Ray)."""
-    from metalearner.tracking_access import TrackingAccessError, check_metrics_db
+    from metalearner.tracking.access import TrackingAccessError, check_metrics_db
 
     tracking = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if not tracking.startswith(("http://", "https://")):

@@ -7,7 +7,10 @@ A journal is a folder (``EXPERIMENT_DIR/tracking`` for a sweep) holding:
   ``run`` (create; experiment, name, tags, parent key, or a known ``run_id``),
   ``reopen``, ``params``, ``tags``, ``m`` (one step of trace metrics: ``step``, ``ts``,
   ``v`` = {key: value}), ``x`` (metrics outside the trace, same shape), ``artifact``,
-  ``untag`` (delete the tags named in ``tags``), ``end`` (terminate with ``status``). The first line is a header (``op`` = ``journal``).
+  ``untag`` (delete the tags named in ``tags``), ``end`` (terminate with ``status``),
+  ``s`` (summary metrics, e.g. the report's, same shape as ``m``, sent as they are),
+  ``exptag`` (tags ``tags`` of experiment ``experiment_id``, under a key of its own).
+  The first line is a header (``op`` = ``journal``).
 - ``delivered.json``: what reached the store, rewritten atomically: per run key its MLflow
   ``run_id`` and the highest sequence number delivered (``seq``), plus delivery errors.
 - ``lock``: held (flock) by the one process that writes or delivers this journal.
@@ -37,7 +40,8 @@ JOURNAL_FILE = "journal.jsonl"
 STATE_FILE = "delivered.json"
 LOCK_FILE = "lock"
 VERSION = 1
-METRIC_OPS = ("m", "x")
+METRIC_OPS = ("m", "x")  # per-step metrics: each key's steps increase within a run
+POINT_OPS = (*METRIC_OPS, "s")  # every record that carries metric values
 
 
 class JournalError(RuntimeError):
@@ -207,7 +211,7 @@ def pending(folder: str | Path) -> Pending:
     for rec in undelivered(records, state):
         out.records += 1
         runs.add(rec["run"])
-        if rec["op"] in METRIC_OPS:
+        if rec["op"] in POINT_OPS:
             out.points += len(rec.get("v", {}))
     out.runs = len(runs)
     return out
@@ -241,6 +245,7 @@ class Journal:
         self.next_seq = 1
         self.header: dict[str, Any] = {}
         self.records_at_open: list[dict[str, Any]] = []
+        self.size = 0  # bytes in the file: this process is its only writer
         if new:
             self.header = {"op": "journal", "version": VERSION, "id": uuid.uuid4().hex,
                            "tracking_uri": tracking_uri, "created": time.time()}
@@ -253,6 +258,7 @@ class Journal:
             self.records_at_open = recs[1:]
             if self.records_at_open:
                 self.next_seq = max(r["n"] for r in self.records_at_open) + 1
+            self.size = self.path.stat().st_size
 
     @property
     def id(self) -> str:
@@ -264,16 +270,22 @@ class Journal:
         while view:
             view = view[os.write(self._fd, view):]
         os.fsync(self._fd)
+        self.size += len(data)
 
-    def append(self, records: list[dict[str, Any]]) -> None:
+    def append(self, records: list[dict[str, Any]]) -> tuple[int, int]:
         """Number ``records`` (in place), append them, fsync. Not thread-safe: the writer
-        calls it under its own lock."""
-        if not records:
-            return
-        for rec in records:
-            rec["n"] = self.next_seq
-            self.next_seq += 1
-        self._write(records)
+        calls it under its own lock.
+
+        Returns:
+            (start, end): the bytes of the file the records now occupy.
+        """
+        start = self.size
+        if records:
+            for rec in records:
+                rec["n"] = self.next_seq
+                self.next_seq += 1
+            self._write(records)
+        return start, self.size
 
     def close(self) -> None:
         for fd in (self._fd, self._lock_fd):

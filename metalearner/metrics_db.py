@@ -19,7 +19,7 @@ a value), and the primary keys its ``ON CONFLICT`` clauses rely on (`PRIMARY_KEY
 ``metrics``' key a redelivered point would be stored twice). Every run it writes to must be
 an active run of that database (else the path is wrong: an error, never a silent write
 elsewhere). The rest of the project reaches this module only through the tracking layer
-(`metalearner.tracking_access.check_metrics_db`, the writer's bulk route).
+(`metalearner.tracking.access.check_metrics_db`, the writer's bulk route).
 
 Needs ``psycopg2`` (``pip install 'metalearner[server]'``).
 """

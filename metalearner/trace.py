@@ -1,9 +1,13 @@
 """Trace sinks: where the per-step records of a training run go.
 
 A record is a flat dict of floats for one optimizer step (``loss``, ``loss_ewma``,
-``rope_base``, ``window``, ``lr``, and ``val_loss`` at evaluation steps). The MLflow sink
-lives in `metalearner.tracking` (the only module that imports mlflow); this module has
-the protocol and the sinks that need nothing but the standard library.
+``rope_base``, ``window``, ``lr``, and ``val_loss`` at evaluation steps). Every trace
+enters through the `TraceSink` protocol, whichever engine runs and wherever: ``metalearner
+train`` feeds `metalearner.tracking.MlflowSink` (and `CsvSink`), a Ray trial feeds
+`trainables.channel.TrialSink`, which ships its rows to the sweep's driver, whose
+`MlflowWriter` journals them. A sink keeps no "one point per step" rule of its own: the
+writer is the one place that does. This module has the protocol and the sinks that need
+nothing but the standard library.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ NONFINITE_KEY = "nonfinite_steps"  # non-finite (skipped) steps so far, logged w
 
 @runtime_checkable
 class TraceSink(Protocol):
+    """Where a run's params and per-step trace records go (``close`` ends the run)."""
+
     def log_params(self, params: dict[str, Any]) -> None: ...
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...

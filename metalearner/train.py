@@ -25,12 +25,9 @@ stops; `Summary.diverged` tells the caller (the CLI exits 1, a Ray trial ends as
 failure, both tag the MLflow run ``metalearner.diverged``). `TrainingRun.skip_nonfinite` is the
 one decision, shared with the Hugging Face engine.
 
-Loading. A checkpoint holds only tensors and plain Python values and is read with
-``torch.load(weights_only=True)``: a file that holds anything else is refused without
-being unpickled. A file that cannot be read raises `CheckpointError`; a resume that must
-continue the same run (``metalearner train --resume``, either engine) refuses a
-checkpoint whose config differs from the current one in any field but ``train.steps``
-(`ConfigError` naming the first differing field; `check_same_config`).
+Loading. Checkpoint files are read by `metalearner.checkpoint`: only tensors and plain
+values, and a resume that must continue the same run (``metalearner train --resume``,
+either engine) refuses a checkpoint whose config differs (`check_same_config`).
 """
 
 from __future__ import annotations
@@ -38,9 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import random
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -50,24 +45,21 @@ from typing import Any
 
 import torch
 
-from metalearner.config import ConfigError, RunConfig, config_diff, flatten
+from metalearner.checkpoint import (
+    CHECKPOINT_FILE,
+    RUN_STATE_FILE,
+    CheckpointError,
+    check_same_config,
+    first_line,
+    read_checkpoint,
+    read_run_state,
+)
+from metalearner.config import ConfigError, RunConfig, flatten
 from metalearner.controllers import BOUND_PARAMS, Controller, build_controller
 from metalearner.knobs import Knobs
 from metalearner.model import ModelConfig, build_model, preset
 from metalearner.tasks import Task, batch_loss, build_task
 from metalearner.trace import NONFINITE_KEY, TraceSink
-
-CHECKPOINT_FILE = "checkpoint.pt"
-RUN_STATE_FILE = "run_state.json"  # in an hf engine checkpoint: config + non-finite counters
-CHECKPOINT_KEYS = ("step", "model", "optimizer", "controller", "rng", "config")
-# `train --resume` continues a run to a new ``train.steps`` (its LR schedule follows the
-# new length from there on); every other field must be the checkpoint's
-RESUME_MAY_CHANGE = ("train.steps",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, unreadable, holding more than tensors
-    and plain values, or not written by `TrainingRun.save`. The message is one line."""
 
 
 def lr_at(step: int, cfg: Any) -> float:
@@ -369,78 +361,8 @@ class TrainingRun:
         try:
             self.load_state_dict(state)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: does not fit this run ({_first_line(e)}); "
+            raise CheckpointError(f"{path}: does not fit this run ({first_line(e)}); "
                                   "expected a checkpoint of the same model and controller") from None
-
-
-def _first_line(e: BaseException, limit: int = 160) -> str:
-    """The first sentence of an error's message (its type when it has none), for one-line errors."""
-    text = (str(e).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return text or type(e).__name__
-
-
-def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by `TrainingRun.save`, safely.
-
-    ``torch.load(weights_only=True)``: only tensors and plain Python values are rebuilt, so
-    a file from shared storage can never run code while it is read.
-
-    Args:
-        path: the ``checkpoint.pt`` file.
-        device: where the tensors go.
-
-    Returns:
-        The state dict (`TrainingRun.state_dict`).
-
-    Raises:
-        CheckpointError: the file is missing, unreadable (truncated, not a torch file),
-            holds other objects than tensors and plain values, or lacks a section.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing; expected a checkpoint written by metalearner")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only's unpickler stopped before running anything
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found:
-            raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain values "
-                                  f"({found.group(1)}); nothing in it was run") from None
-        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
-        reason = detail.group(1).split(". ")[0] if detail else _first_line(e)
-        raise CheckpointError(f"{path}: refused, not a plain-data checkpoint ({reason}); nothing in it was run; "
-                              "expected a checkpoint written by metalearner") from None
-    except Exception as e:  # noqa: BLE001 - any failure to read means the file is not a checkpoint
-        reason = f"{type(e).__name__}: {_first_line(e)}" if str(e).strip() else f"{type(e).__name__}, empty or cut short"
-        raise CheckpointError(f"{path}: unreadable ({reason}); expected a "
-                              "checkpoint written by metalearner") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(f"{path}: lacks {', '.join(missing)}; expected a checkpoint written by metalearner")
-    return state
-
-
-def check_same_config(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
-    """Refuse to continue a run with a config other than the one it started with.
-
-    Args:
-        saved: the config stored with the run (``RunConfig.to_dict()`` form).
-        current: the config of this invocation, same form.
-        where: the checkpoint's path or name, for the message.
-
-    Raises:
-        ConfigError: one line naming the first differing field, this invocation's value
-            and the saved one (``RESUME_MAY_CHANGE`` fields may differ).
-    """
-    saved, current = _plain(saved), _plain(current)
-    diff = [k for k in config_diff(saved, current) if k not in RESUME_MAY_CHANGE]
-    if not diff:
-        return
-    key = diff[0]
-    old, new = flatten(saved).get(key, "<absent>"), flatten(current).get(key, "<absent>")
-    more = f" (and {len(diff) - 1} more field(s))" if len(diff) > 1 else ""
-    raise ConfigError(f"{key}: got {new!r}, expected {old!r} as in the checkpoint being resumed ({where}){more}")
 
 
 def train(
@@ -461,18 +383,9 @@ def train(
     cfg = run.cfg.train
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=cfg.steps, initial=run.step, disable=not show, unit="step", dynamic_ncols=True)
-    losses: list[float] = []
-    bases: list[float] = []
-    windows: list[int] = []
-    best_val: float | None = None
+    records: list[dict[str, float]] = []
 
     def on_step(step: int, rec: dict[str, float]) -> None:
-        nonlocal best_val
-        losses.append(rec["loss"])
-        bases.append(rec["rope_base"])
-        windows.append(int(rec["window"]))
-        if "val_loss" in rec:
-            best_val = rec["val_loss"] if best_val is None else min(best_val, rec["val_loss"])
         bar.update(1)
         if show:
             post = {"loss": f"{rec['loss']:.3f}", "base": f"{rec['rope_base']:.4g}", "window": int(rec["window"])}
@@ -484,32 +397,39 @@ def train(
     every = cfg.checkpoint_every if (checkpoint_dir and cfg.checkpoint_every) else cfg.steps
     try:
         while not run.done:
-            run.advance(every - run.step % every, sink, on_step)
+            records += run.advance(every - run.step % every, sink, on_step)
             if checkpoint_dir:
                 run.save(checkpoint_dir)
     finally:
         bar.close()
+    return summarize(records, run, time.perf_counter() - t0)
+
+
+def summarize(records: list[dict[str, float]], run: TrainingRun, seconds: float) -> Summary:
+    """The `Summary` of a run's trace rows of this process (both engines build it here).
+
+    Args:
+        records: the rows of the steps run (``loss``, ``rope_base``, ``window``, and
+            ``val_loss`` at evaluation steps).
+        run: the run (its step, latest evaluation and non-finite counters).
+        seconds: the wall time of the call.
+    """
+    losses = [r["loss"] for r in records]
+    bases = [r["rope_base"] for r in records]
+    windows = [int(r["window"]) for r in records]
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
     return Summary(
         steps=run.step,
         final_loss=losses[-1] if losses else float("nan"),
         final_val_loss=run.last_val.get("val_loss"),
-        best_val_loss=best_val,
+        best_val_loss=min(vals) if vals else None,
         rope_base_range=(min(bases), max(bases)) if bases else (float("nan"),) * 2,
         window_range=(min(windows), max(windows)) if windows else (0, 0),
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
         eval_metrics={k: v for k, v in run.last_val.items() if k != "val_loss"},
         diverged=run.diverged,
         nonfinite_steps=run.nonfinite_steps,
     )
-
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists (JSON's view), so that a config read back compares equal."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 # ---------------------------------------------------------------- the hf engine's share
@@ -524,32 +444,6 @@ def save_run_state(run: TrainingRun, folder: str | Path) -> Path:
                                "nonfinite": {"steps": run.nonfinite_steps, "streak": run.nonfinite_streak}}))
     os.replace(tmp, path)
     return path
-
-
-def read_run_state(folder: str | Path, same_as: RunConfig | None = None) -> dict[str, Any]:
-    """Read ``folder/run_state.json`` ({} for a checkpoint written before it existed).
-
-    Args:
-        folder: an hf engine ``checkpoint-<step>`` folder.
-        same_as: if given, refuse a saved config that differs from this one.
-
-    Raises:
-        CheckpointError: the file is not valid JSON of the expected shape.
-        ConfigError: ``same_as`` differs from the saved config (names the first field).
-    """
-    path = Path(folder) / RUN_STATE_FILE
-    if not path.is_file():
-        return {}
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable ({_first_line(e)}); expected the JSON written by "
-                              "metalearner") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: got {type(state).__name__}, expected a JSON object")
-    if same_as is not None and "config" in state:
-        check_same_config(state["config"], same_as.to_dict(), str(path))
-    return state
 
 
 def load_run_state(run: TrainingRun, folder: str | Path) -> None:

@@ -481,7 +481,7 @@ def test_metrics_db_of_a_schema_it_was_not_tested_against_exits_2_naming_it(tmp_
     naming what was found (the store is accepted before it is broken, and after it is mended)."""
     import psycopg2
 
-    from metalearner.tracking_access import check_metrics_db
+    from metalearner.tracking.access import check_metrics_db
 
     uri = pg_server[0]
     table, columns, named = GUARD_CASES[case]
@@ -527,7 +527,7 @@ def test_only_the_tracking_layer_reaches_the_bulk_path():
     tracking = layer("metalearner.tracking")
     assert sorted(m for m, targets in graph.items() if "metalearner.metrics_db" in targets and layer(m) != tracking) \
         == []
-    assert "metalearner.tracking_access" in graph["metalearner.inputs"]  # the --metrics-db pre-flight check
+    assert "metalearner.tracking.access" in graph["metalearner.inputs"]  # the --metrics-db pre-flight check
 
 
 # ---------------------------------------------------------------- spec paths (no services)

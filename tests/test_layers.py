@@ -15,8 +15,8 @@ LAYERS = [
     ["metalearner.model"],
     ["metalearner.tasks"],
     ["metalearner.config", "metalearner.experiment"],
-    ["metalearner.train", "metalearner.hf"],
-    ["metalearner.tracking", "metalearner.tracking_access", "metalearner.journal", "metalearner.report",
+    ["metalearner.train", "metalearner.hf", "metalearner.checkpoint"],
+    ["metalearner.tracking", "metalearner.journal", "metalearner.report",
      "metalearner.sweep_state", "metalearner.metrics_db"],  # journal, sweep_state: stdlib only, no mlflow;
     # metrics_db: psycopg2 only
     ["trainables"],
@@ -112,10 +112,23 @@ def test_the_checks_see_the_circle_of_an_engine_that_imports_the_cli(tmp_path):
     assert layer("metalearner.cli") > layer("metalearner.hf")  # hf -> cli is the upward arrow
 
 
+TRACKING_LAYER = ("metalearner.tracking", "metalearner.metrics_db")  # what talks to the tracking store
+
+
+def module_name(f: Path) -> str:
+    return ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
 def test_only_tracking_imports_mlflow_and_only_trainables_import_ray():
     for f in sorted((ROOT / "metalearner").rglob("*.py")):
         tree = ast.parse(f.read_text())
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert "ray" not in imported or f.name == "cli.py", f
-        assert "mlflow" not in imported or f.name in ("tracking.py", "tracking_access.py"), f
+        name = module_name(f)
+        assert "mlflow" not in imported or name.startswith(TRACKING_LAYER), f
+
+
+def test_the_tracking_modules_each_do_one_job_in_a_readable_size():
+    for f in sorted((ROOT / "metalearner" / "tracking").glob("*.py")):
+        assert len(f.read_text().splitlines()) <= 500, f

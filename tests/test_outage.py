@@ -180,8 +180,8 @@ def test_run_creation_does_not_wait_for_an_unreachable_server(tmp_path, server):
                             last_result={}, status="RUNNING")
     cb.on_trial_start(0, [trial], trial)
     for start in (1, 6):
-        trace = {"step": list(range(start, start + 5)), "loss": [1.0] * 5, "lr": [0.1] * 5}
-        cb.on_trial_result(0, [trial], trial, {"trace": trace, "params": {"controller.name": "ewma"}})
+        rows = [{"step": s, "loss": 1.0, "lr": 0.1} for s in range(start, start + 5)]
+        cb.on_trial_result(0, [trial], trial, {"rows": rows, "params": {"controller.name": "ewma"}})
     trial.last_result = {"step": 10, "total_steps": 10}
     cb.on_trial_complete(0, [trial], trial)
     writer.terminate(parent)

@@ -76,7 +76,7 @@ def test_an_orphan_chunk_is_journaled_once_with_the_replayed_report(tmp_path):
 
     def put(first: int, last: int, value: float, params: bool = False) -> None:
         steps = list(range(first, last + 1))
-        payload = {"trace": {"step": steps, "loss": [value] * len(steps)}}
+        payload = {"rows": [{"step": s, "loss": value} for s in steps]}
         if params:
             payload["params"] = {"controller.name": "ewma"}
         inbox.put.remote("t0", last, payload)

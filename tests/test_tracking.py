@@ -12,7 +12,7 @@ from metalearner.tracking import MlflowWriter, resolve_tracking_uri
 def writer(sqlite_uri):
     w = MlflowWriter(sqlite_uri, flush_every=1000, flush_seconds=60)
     yield w
-    if w._thread.is_alive():
+    if w.left is None:
         w.close()
 
 
@@ -114,3 +114,11 @@ def test_default_tracking_uri(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert resolve_tracking_uri(None) == "http://127.0.0.1:5000"
     assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_the_reader_only_reads():
+    """Every write, the report's included, goes through the journaled writer."""
+    from metalearner.tracking import TrackingReader
+
+    writes = [n for n in dir(TrackingReader) if n.startswith(("log_", "set_", "write_", "delete_", "create_"))]
+    assert writes == []

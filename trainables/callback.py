@@ -1,15 +1,16 @@
 """Driver-side Tune callback: the sweep's single MLflow writer (the live display of the
 trials is `trainables.progress.ProgressTable`, which this callback feeds).
 
-Trials never talk to MLflow. Each report's trace chunk (of the steps since the last
-report) waits in the sweep's inbox (`trainables.channel`; Tune's results carry scalars
-only; a report names its inbox); this callback (on the driver) takes it when it handles
-the report and journals it through one
-`MlflowWriter`, whose own thread delivers it with batched ``log_batch`` calls, so
-parallel trials cannot lock the SQLite store and Tune's event loop never waits on the
-store (a child run is a local run key ``trial-TRIAL_ID`` until the writer has created it).
-The writer drops steps it already holds, which keeps exactly one point per step per key
-when a trial restarts from a checkpoint or PBT clones another trial's checkpoint.
+Trials never talk to MLflow. Each report's chunk of trace rows (the steps since the last
+report, as the trial's `trainables.channel.TrialSink` received them) waits in the
+sweep's inbox (Tune's results carry scalars only; a report names its inbox); this
+callback (on the driver) takes it when it handles the report and journals it, rows as
+they came, through one `MlflowWriter` (`log_rows`: one journal append per report), whose
+delivery thread sends it with batched ``log_batch`` calls, so parallel trials cannot lock
+the SQLite store and Tune's event loop never waits on the store (a child run is a local
+run key ``trial-TRIAL_ID`` until the writer has created it). The writer, and nothing
+here, keeps exactly one point per step per key when a trial restarts from a checkpoint or
+PBT clones another trial's checkpoint.
 
 In a resumed sweep (``metalearner sweep --resume``) each trial keeps its child run: the
 journal continues, so a run key it holds is reopened (and loses its
@@ -45,8 +46,8 @@ from trainables.reporting import (
     LATEST_KEYS,
     NODE_KEY,
     PARAMS_KEY,
+    ROWS_KEY,
     SETTINGS_KEY,
-    TRACE_KEY,
     cell_config,
 )
 
@@ -239,25 +240,18 @@ class MlflowTraceCallback(Callback):
             self.progress.render(final=True)
 
     # ------------------------------------------------------------ chunk intake
-    def _journal_chunk(self, run_id: str, tid: str, payload: dict[str, Any]) -> None:
+    def _journal_chunk(self, run_key: str, tid: str, payload: dict[str, Any]) -> None:
         """Journal one report's payload: params (once), the trace rows (the writer drops
         steps it holds) and, with a population-based scheduler, changed settings."""
         if PARAMS_KEY in payload and tid not in self._params_logged:
-            self.writer.log_params(run_id, payload[PARAMS_KEY])
+            self.writer.log_params(run_key, payload[PARAMS_KEY])
             self._params_logged.add(tid)
-        trace = payload.get(TRACE_KEY) or {}
-        steps = trace.get("step", [])
-        keys = [k for k in trace if k != "step"]
-        first_new = None
-        for i, step in enumerate(steps):
-            row = {k: trace[k][i] for k in keys if trace[k][i] is not None}
-            if self.writer.log_metrics(run_id, row, int(step)) and first_new is None:
-                first_new = int(step)
+        first_new = self.writer.log_rows(run_key, payload.get(ROWS_KEY) or ())
         if self.mutable_keys and first_new is not None:
             # the settings the trial's process ran this chunk with (not trial.config, which
             # PBT may already have changed for the next restart); logged where they change
             ran = payload.get(SETTINGS_KEY) or {}
             current = {k: float(ran[k]) for k in self.mutable_keys if k in ran}
             if current != self._mutable_seen.get(tid):
-                self.writer.log_extra_metrics(run_id, current, first_new)
+                self.writer.log_extra_metrics(run_key, current, first_new)
                 self._mutable_seen[tid] = current

@@ -1,24 +1,25 @@
-"""The trace channel: how a trial's non-scalar report payload reaches the driver's writer
-without passing through Tune's results.
+"""The trace channel: a Ray trial's `TraceSink`, and how what it collects reaches the
+driver's writer without passing through Tune's results.
 
-A trial's report has two parts (`trainables.reporting.report_metrics` builds both): scalars
-(step, loss, knobs, val metrics, ...) and the payload (``trace``: the chunk of steps since
-the last report, ``settings``: the controller settings it ran with, ``params``: in the
-first report). Tune copies every result into ``trial.last_result``, its JSON logger, the
-experiment state and its schedulers, so `send_report` hands only the scalars to
-``tune.report``; the payload goes first to the sweep's *inbox*, a small Ray actor
-(``num_cpus=0``, pinned to the driver's node, one per sweep) that the driver's
-`MlflowTraceCallback` empties when it processes the report. The report names its inbox
-(``inbox``: a short string among the scalars), so the callback needs no configuration.
+A trial feeds its trace to a `TrialSink`, the same `metalearner.trace.TraceSink`
+protocol that ``metalearner train`` feeds: one row per step (``{"step": s, "loss": ...}``).
+At each report the sink ships its rows, as rows, with the controller settings and (the
+first time) the params, to the sweep's *inbox*: a small Ray actor (``num_cpus=0``, pinned
+to the driver's node, one per sweep) that the driver's `MlflowTraceCallback` empties when
+it handles the report; the scalars (step, loss, knobs, val metrics, ...) go to
+``tune.report``. Tune copies every result into ``trial.last_result``, its JSON logger, the
+experiment state and its schedulers; the traces stay out of all of them. The report
+names its inbox (``inbox``: a short string among the scalars), so the callback needs no
+configuration.
 
 Order: the trial waits for its ``put`` before it calls ``tune.report``, so when the driver
 handles a report, that report's chunk (and every earlier one) is already in the inbox;
-`take` returns the trial's chunks up to the report's step, in the order they were put.
-A worker killed between ``put`` and ``tune.report`` leaves a chunk with no report; the
-restarted trial replays its steps from its checkpoint, the orphan is taken with the first
-replayed report at or past its step (ahead of that report's own chunk), and the writer
-drops the steps it already holds: one point per step, the orphan's (a replay from a
-checkpoint repeats the same values).
+`take_payloads` returns the trial's chunks up to the report's step, in the order they
+were put. A worker killed between ``put`` and ``tune.report`` leaves a chunk with no
+report; the restarted trial replays its steps from its checkpoint, the orphan is taken
+with the first replayed report at or past its step (ahead of that report's own chunk),
+and the writer keeps one point per step (`MlflowWriter.log_rows`: the orphan's, since a
+replay from a checkpoint repeats the same values).
 
 The inbox's name reaches trials through ``tune.with_parameters``, which ``Tuner.restore``
 re-supplies: a resumed sweep's driver opens a new inbox and passes its name with the
@@ -35,7 +36,17 @@ from typing import Any
 
 import ray
 
-from trainables.reporting import INBOX_KEY, PAYLOAD_KEYS
+from trainables.reporting import (
+    INBOX_KEY,
+    NODE_KEY,
+    PARAMS_KEY,
+    PAYLOAD_KEYS,
+    ROWS_KEY,
+    SETTINGS_KEY,
+    chunk_stamp,
+    report_metrics,
+    run_settings,
+)
 
 _handles: dict[str, Any] = {}  # inbox name -> actor handle, per process
 
@@ -108,31 +119,66 @@ def _inbox(name: str) -> Any:
     return _handles[name]
 
 
-def split_report(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(scalars for ``tune.report``, payload for the inbox) of a `report_metrics` dict."""
-    scalars = {k: v for k, v in metrics.items() if k not in PAYLOAD_KEYS}
-    payload = {k: metrics[k] for k in PAYLOAD_KEYS if k in metrics}
-    return scalars, payload
-
-
-def send_report(inbox: str | None, metrics: dict[str, Any], checkpoint: Any = None) -> None:
-    """Report from inside a trial: the payload to the inbox (waited for), then the scalars,
-    the inbox's name among them, and ``checkpoint`` to Tune.
+class TrialSink:
+    """The `TraceSink` of a Ray trial (both engines): keeps the rows of the steps since
+    the last report and ships them with the next one (`report`).
 
     Args:
         inbox: the sweep's inbox name; None sends everything through ``tune.report``
             (a trainable run without a sweep runner's inbox).
-        metrics: a `trainables.reporting.report_metrics` dict (``step`` included).
-        checkpoint: a ``tune.Checkpoint`` or None.
+        cfg: the trial's run config (its controller settings go with each chunk).
+        meta: the trial's arm and phase.
     """
-    from ray import tune
 
-    if inbox is not None:
-        metrics, payload = split_report(metrics)
-        trial_id = tune.get_context().get_trial_id()
-        ray.get(_inbox(inbox).put.remote(trial_id, int(metrics["step"]), payload))
-        metrics[INBOX_KEY] = inbox
-    tune.report(metrics, checkpoint=checkpoint)
+    def __init__(self, inbox: str | None, cfg: Any, meta: dict[str, Any]) -> None:
+        self.inbox, self.cfg, self.meta = inbox, cfg, meta
+        self.rows: list[dict[str, float]] = []
+        self.params: dict[str, Any] | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        # settings that are None (e.g. a static controller's factor) are left out: a
+        # missing param reads as "not set", the string "null" as a value
+        self.params = {k: v for k, v in params.items() if v is not None}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.rows.append({"step": step, **metrics})
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass
+
+    def report(self, step: int, last_val: dict[str, float], train_seconds: float, diverged: bool = False,
+               checkpoint_dir: Any = None, evaluated: dict[str, float] | None = None) -> None:
+        """Report from inside the trial: the rows since the last report (the last one
+        completed with ``evaluated`` and `chunk_stamp`), the settings and, the first time,
+        the params, to the inbox (waited for); then the scalars, and the checkpoint folder
+        ``checkpoint_dir`` (or None), to Tune.
+
+        Args:
+            step: the last step done.
+            last_val: the latest evaluation (``val_loss`` + the task's metrics).
+            train_seconds: the training seconds so far.
+            diverged: the run was ended by ``train.max_nonfinite``.
+            checkpoint_dir: a folder holding this step's checkpoint, or None.
+            evaluated: an evaluation of the last step done after its row was logged.
+        """
+        from ray import tune
+
+        rows, self.rows = self.rows, []
+        last = {**rows[-1], **(evaluated or {})}
+        rows[-1] = {**last, **chunk_stamp(step, train_seconds, last, last_val)}
+        scalars = report_metrics(step, self.cfg, last, last_val, train_seconds, self.meta, diverged)
+        scalars[NODE_KEY] = ray.get_runtime_context().get_node_id()
+        payload: dict[str, Any] = {ROWS_KEY: rows, SETTINGS_KEY: run_settings(self.cfg)}
+        if self.params is not None:
+            payload[PARAMS_KEY], self.params = self.params, None
+        if self.inbox is not None:
+            trial_id = tune.get_context().get_trial_id()
+            ray.get(_inbox(self.inbox).put.remote(trial_id, step, payload))
+            scalars[INBOX_KEY] = self.inbox
+        else:
+            scalars.update(payload)
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        tune.report(scalars, checkpoint=checkpoint)
 
 
 def take_payloads(trial_id: str, result: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,15 +1,15 @@
 """The Ray Tune function trainable for ``train.engine: hf``: one trial = one `run_hf`.
 
-Same reports as `trainables.trial.train_trial`, so the driver's `MlflowTraceCallback`
-and the sweep runner need not know which engine ran: every ``train.report_every`` steps
-(and at the end) the step is evaluated and reported through `trainables.channel.send_report`:
-the scalars to ``tune.report``; the trace chunk of the steps since the last report
-(``trace``: dict of lists) and, in the first report, the flattened ``params``, to the
-sweep's inbox. A checkpoint goes with every report, or with every
-``train.checkpoint_every`` steps when that is a multiple of it; it is the Trainer's
-``checkpoint-<step>`` folder (``controller.json`` included). On (re)start the trial resumes
-from ``tune.get_checkpoint()``: weights, optimizer, schedule, RNG, step and controller
-*state*; the controller's *settings* come from the trial config (PBT/PB2 perturbations).
+Same path as `trainables.trial.train_trial`, so the driver's `MlflowTraceCallback` and the
+sweep runner need not know which engine ran: `run_hf` feeds its trace rows to a
+`trainables.channel.TrialSink`, and every ``train.report_every`` steps (and at the end) the
+step is evaluated and the sink reports: the rows since the last report, and the params
+with the first one, to the sweep's inbox; the scalars to ``tune.report``. A checkpoint
+goes with every report, or with every ``train.checkpoint_every`` steps when that is a
+multiple of it; it is the Trainer's ``checkpoint-<step>`` folder (``controller.json``
+included). On (re)start the trial resumes from ``tune.get_checkpoint()``: weights,
+optimizer, schedule, RNG, step and controller *state*; the controller's *settings* come
+from the trial config (PBT/PB2 perturbations).
 
 Import it lazily (the sweep runner picks it by ``train.engine``): it pulls in transformers.
 """
@@ -19,15 +19,14 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
-import ray
 import torch
 from ray import tune
 
 from metalearner.config import load_run_config
 from metalearner.hf import StepReport, run_hf
 from metalearner.tasks import Task
-from trainables.channel import send_report
-from trainables.reporting import NODE_KEY, cadence, cell_config, report_metrics, shared_task
+from trainables.channel import TrialSink
+from trainables.reporting import cadence, cell_config, shared_task
 
 
 def train_trial_hf(config: dict[str, Any], task: Task | None = None, task_key: tuple | None = None,
@@ -39,23 +38,16 @@ def train_trial_hf(config: dict[str, Any], task: Task | None = None, task_key: t
     cfg = load_run_config(run_dict)
     checkpoint = tune.get_checkpoint()
     _, ckpt_every = cadence(cfg)
-    first = True
+    sink = TrialSink(inbox, cfg, meta)
 
     def on_report(rep: StepReport) -> None:
-        nonlocal first
-        metrics = report_metrics(rep.step, cfg, rep.records, rep.last_val, rep.train_seconds, meta,
-                                 rep.params if first else None, diverged=rep.diverged)
-        first = False
-        metrics[NODE_KEY] = ray.get_runtime_context().get_node_id()
-        if rep.checkpoint is not None:
-            send_report(inbox, metrics, checkpoint=tune.Checkpoint.from_directory(str(rep.checkpoint)))
-        else:
-            send_report(inbox, metrics)
+        sink.report(rep.step, rep.last_val, rep.train_seconds, rep.diverged, checkpoint_dir=rep.checkpoint)
 
     mine = shared_task(task, task_key, cfg)
     with tempfile.TemporaryDirectory(prefix="metalearner-hf-trial-") as out:
         if checkpoint is None:
-            run_hf(cfg, None, out, task=mine, on_report=on_report, checkpoint_every=ckpt_every)
+            run_hf(cfg, sink, out, task=mine, on_report=on_report, checkpoint_every=ckpt_every, log_params=True)
         else:
             with checkpoint.as_directory() as d:
-                run_hf(cfg, None, out, resume=d, task=mine, on_report=on_report, checkpoint_every=ckpt_every)
+                run_hf(cfg, sink, out, resume=d, task=mine, on_report=on_report, checkpoint_every=ckpt_every,
+                       log_params=True)

@@ -1,12 +1,13 @@
 """What a trial reports, for both engines' trainables and for the driver's callback.
 
-One trial's report holds the latest values (scalars), the trace chunk of the steps since
-the last report (``trace``: dict of lists, stored by the driver's `MlflowTraceCallback`),
-the controller settings the chunk ran with (``settings``) and, in the first report, the
-flattened ``params``. Only the scalars go to ``tune.report``; the three ``PAYLOAD_KEYS``
-travel through the sweep's inbox (`trainables.channel`), so Tune's results, loggers and
-experiment state never hold a copy of the traces. This module holds that format and the
-cadence both trainables share; it imports neither engine, neither trainable, nor ray.
+One trial's report has two parts. The scalars (the latest step, loss, knobs, val metrics,
+``diverged``; `report_metrics`) go to ``tune.report``. The payload travels through the
+sweep's inbox (`trainables.channel`), so Tune's results, loggers and experiment state
+never hold a copy of the traces: ``rows`` (the trace rows of the steps since the last
+report, one dict per step, as the trial's `TraceSink` received them; the last one also
+carries `chunk_stamp`), ``settings`` (the controller settings the chunk ran with) and, in
+the first report, ``params``. This module holds that format and the cadence both
+trainables share; it imports neither engine, neither trainable, nor ray.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch stays out of the processes that only move reports (the inbox actor)
     from metalearner.tasks import Task
 
-TRACE_KEY = "trace"  # the trace chunk in a report
+ROWS_KEY = "rows"  # the trace chunk of a report: one dict per step ({"step": s, key: value, ...})
 SETTINGS_KEY = "settings"  # the controller settings a chunk ran with
 PARAMS_KEY = "params"  # the flattened params, in a trial's first report
-PAYLOAD_KEYS = (TRACE_KEY, SETTINGS_KEY, PARAMS_KEY)  # the non-scalar part: never a Tune result
+PAYLOAD_KEYS = (ROWS_KEY, SETTINGS_KEY, PARAMS_KEY)  # the non-scalar part: never a Tune result
 INBOX_KEY = "inbox"  # the name of the inbox holding a report's payload (`trainables.channel`)
 DIVERGED_KEY = "diverged"  # True in the last report of a run ended by train.max_nonfinite
 NODE_KEY = "node_id"  # the Ray node a report came from (the driver tags the child run metalearner.node_id)
@@ -69,27 +70,12 @@ def cadence(cfg: Any) -> tuple[int, int]:
     return every, (ck if ck and ck % every == 0 else every)
 
 
-def report_metrics(step: int, cfg: Any, records: list[dict[str, float]], last_val: dict[str, float],
-                   train_seconds: float, meta: dict[str, Any], params: dict[str, Any] | None = None,
-                   diverged: bool = False) -> dict[str, Any]:
-    """What a trial reports (split by `trainables.channel.send_report` into the scalars
-    Tune gets and the ``PAYLOAD_KEYS`` the inbox gets): the latest values, the trace chunk of ``records`` (dict of
-    lists, read by the driver's MLflow writer; ``nonfinite_steps`` rides in it), the
-    controller settings this process ran the chunk with (``settings``: PBT may have
-    changed the trial's config since), ``diverged`` (the run ended by
-    ``train.max_nonfinite``) and, in the first report, the params (settings that are None,
-    e.g. a static controller's factor, are left out: a missing param reads as "not set",
-    the string "null" as a value).
-
-    The last record of the chunk also carries ``REPORT_TRACE_KEYS``: cumulative
-    ``train_seconds``, ``steps_completed`` and ``val_loss_final`` (the latest val loss)."""
-    last = records[-1]
-    stamp = {"train_seconds": float(train_seconds), "steps_completed": float(step)}
-    latest_val = last.get("val_loss", last_val.get("val_loss"))
-    if latest_val is not None:
-        stamp["val_loss_final"] = float(latest_val)
-    records = [*records[:-1], {**last, **stamp}]
-    metrics: dict[str, Any] = {
+def report_metrics(step: int, cfg: Any, last: dict[str, float], last_val: dict[str, float], train_seconds: float,
+                   meta: dict[str, Any], diverged: bool = False) -> dict[str, Any]:
+    """The scalars of a report (what ``tune.report`` gets): the latest values (of the
+    chunk's ``last`` row), the trial's arm and phase, and ``diverged`` (the run ended by
+    ``train.max_nonfinite``)."""
+    return {
         "step": step,
         "total_steps": cfg.train.steps,
         "loss": last["loss"],
@@ -97,22 +83,25 @@ def report_metrics(step: int, cfg: Any, records: list[dict[str, float]], last_va
         "window": last["window"],
         "train_seconds": train_seconds,
         DIVERGED_KEY: bool(diverged),
-        TRACE_KEY: {k: [r.get(k) for r in records] for k in _trace_keys(records)},
         "arm": meta.get("arm", ""),
         "phase": meta.get("phase", ""),
-        SETTINGS_KEY: {f"controller.{k}": v for k, v in cfg.controller.items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool)},
         **last_val,
     }
-    if params is not None:
-        metrics[PARAMS_KEY] = {k: v for k, v in params.items() if v is not None}
-    return metrics
 
 
-def _trace_keys(records: list[dict[str, float]]) -> list[str]:
-    keys: list[str] = []
-    for r in records:
-        for k in r:
-            if k not in keys:
-                keys.append(k)
-    return keys
+def chunk_stamp(step: int, train_seconds: float, last: dict[str, float],
+                last_val: dict[str, float]) -> dict[str, float]:
+    """The `REPORT_TRACE_KEYS` the last row of a chunk carries: cumulative
+    ``train_seconds``, ``steps_completed`` and ``val_loss_final`` (the latest val loss)."""
+    stamp = {"train_seconds": float(train_seconds), "steps_completed": float(step)}
+    latest_val = last.get("val_loss", last_val.get("val_loss"))
+    if latest_val is not None:
+        stamp["val_loss_final"] = float(latest_val)
+    return stamp
+
+
+def run_settings(cfg: Any) -> dict[str, float]:
+    """The numeric controller settings this process runs with (``settings``: PBT may have
+    changed the trial's config since), as dotted keys."""
+    return {f"controller.{k}": v for k, v in cfg.controller.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}

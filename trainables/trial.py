@@ -1,11 +1,12 @@
 """The Ray Tune function trainable of ``train.engine: torch``: one trial = one training run.
 
 It builds task, model and controller from the trial config and drives the one train
-loop (`metalearner.train.TrainingRun`). Every ``train.report_every`` steps it evaluates
-and reports: the scalars to ``tune.report``, the trace chunk of the steps since the last
-report to the sweep's inbox (`trainables.channel.send_report`; the driver's MLflow writer
-stores it); a checkpoint goes with every report,
-or with every ``train.checkpoint_every`` steps when that is a multiple of it. On (re)start it restores
+loop (`metalearner.train.TrainingRun.advance`) into a `trainables.channel.TrialSink`, the
+same `TraceSink` protocol ``metalearner train`` feeds. Every ``train.report_every`` steps
+it evaluates and reports: the sink ships the rows of the steps since the last report to
+the sweep's inbox (the driver's MLflow writer journals them) and the scalars to
+``tune.report``; a checkpoint goes with every report, or with every
+``train.checkpoint_every`` steps when that is a multiple of it. On (re)start it restores
 from ``tune.get_checkpoint()`` — model, optimizer, controller *state*, RNG and step —
 while the controller's *settings* always come from the trial config, so a PBT/PB2
 perturbation takes effect from the next step on.
@@ -21,15 +22,14 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
-import ray
 import torch
 from ray import tune
 
 from metalearner.config import load_run_config
 from metalearner.tasks import Task
 from metalearner.train import TrainingRun
-from trainables.channel import send_report
-from trainables.reporting import NODE_KEY, cadence, cell_config, report_metrics, shared_task
+from trainables.channel import TrialSink
+from trainables.reporting import cadence, cell_config, shared_task
 
 
 def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tuple | None = None,
@@ -48,20 +48,16 @@ def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tupl
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             run.load(d)
-    params = run.params()
+    sink = TrialSink(inbox, cfg, meta)
+    sink.log_params(run.params())
     every, ckpt_every = cadence(cfg)
-    first = True
     while not run.done:
-        records = run.advance(every - run.step % every)
-        if records and "val_loss" not in records[-1]:
-            records[-1].update(run.evaluate())
-        metrics = report_metrics(run.step, cfg, records, run.last_val, run.train_seconds, meta,
-                                 params if first else None, diverged=run.diverged)
-        first = False
-        metrics[NODE_KEY] = ray.get_runtime_context().get_node_id()
+        rows = run.advance(every - run.step % every, sink)
+        evaluated = {} if "val_loss" in rows[-1] else run.evaluate()  # every report step is evaluated
+        progress = (run.step, run.last_val, run.train_seconds, run.diverged)
         if run.step % ckpt_every == 0 or run.done:
             with tempfile.TemporaryDirectory() as d:
                 run.save(d)
-                send_report(inbox, metrics, checkpoint=tune.Checkpoint.from_directory(d))
+                sink.report(*progress, checkpoint_dir=d, evaluated=evaluated)
         else:
-            send_report(inbox, metrics)
+            sink.report(*progress, evaluated=evaluated)

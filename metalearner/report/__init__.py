@@ -46,6 +46,8 @@ from metalearner.trace import TRACE_KEYS
 from metalearner.tracking import (
     NOTE_TAG,
     RUN_COLOR_TAG,
+    MlflowWriter,
+    TrackingIncomplete,
     TrackingReader,
     arm_colours,
     experiment_url,
@@ -95,6 +97,8 @@ def write_report(tracking_uri: str, name_or_run_id: str, out_dir: str | Path,
 
     Raises:
         ValueError: one line, when no sweep matches ``name_or_run_id``.
+        TrackingIncomplete: the report's writes did not all reach the store (they are
+            journaled: ``metalearner sync`` delivers them).
     """
     reader = TrackingReader(tracking_uri)
     parent = reader.find_sweep(name_or_run_id)
@@ -142,9 +146,14 @@ def write_report(tracking_uri: str, name_or_run_id: str, out_dir: str | Path,
         files.append(best)
     files += plot_traces(runs_df, traces_df, out)
     url, key = experiment_url(tracking_uri, exp_id), ""
-    if log_to_mlflow:
-        reader.log_artifacts(pid, files, "report")
-        url, key = publish(reader, parent, runs_df, comp, tracking_uri)
+    if log_to_mlflow:  # journaled and delivered like every write, through the writer
+        writer = MlflowWriter(tracking_uri)
+        for f in files:
+            writer.log_artifact(writer.adopt_run(pid), f, "report")
+        url, key = publish(reader, writer, parent, runs_df, comp, tracking_uri)
+        left = writer.close()
+        if not left.complete:
+            raise TrackingIncomplete(left, writer.journal_dir)
     return SweepReport(parent_run_id=pid, table=table, text=text, files=files, experiment=experiment,
                        duplicates=dups, comparison=comp, url=url, view_key=key)
 
@@ -176,8 +185,8 @@ def summary_metrics(comp: Comparison) -> dict[str, float]:
     return out
 
 
-def publish(reader: TrackingReader, parent: object, runs_df: pd.DataFrame, comp: Comparison,
-            tracking_uri: str) -> tuple[str, str]:
+def publish(reader: TrackingReader, writer: MlflowWriter, parent: object, runs_df: pd.DataFrame,
+            comp: Comparison, tracking_uri: str) -> tuple[str, str]:
     """Write what the MLflow UI shows: summary metrics and the description of the parent
     run, run colours where missing, and the saved view. Each UI step is skipped quietly
     where `ui_features` does not vouch for it.
@@ -187,12 +196,12 @@ def publish(reader: TrackingReader, parent: object, runs_df: pd.DataFrame, comp:
     """
     pid, exp_id = parent.info.run_id, reader.experiment_id(parent)  # type: ignore[attr-defined]
     feats = ui_features()
-    reader.log_summary_metrics(pid, summary_metrics(comp))
+    writer.log_summary(writer.adopt_run(pid), summary_metrics(comp))
     key = ""
     if feats["saved_view"] and len(runs_df):
         n = int((runs_df["phase"] == "compare").sum())
         key, value = saved_view(view_state(pid, n))
-        if not reader.write_saved_view(exp_id, key, value):
+        if not writer.set_saved_view(exp_id, key, value):
             key = ""
     url = experiment_url(tracking_uri, exp_id, key or None)
     if feats["run_color"] and len(runs_df):
@@ -202,7 +211,7 @@ def publish(reader: TrackingReader, parent: object, runs_df: pd.DataFrame, comp:
             if RUN_COLOR_TAG not in r.data.tags:
                 c = run_colour(r.data.tags.get("metalearner.arm", ""), r.data.tags.get("metalearner.phase", ""), colours)
                 if c:
-                    reader.set_run_tags(r.info.run_id, {RUN_COLOR_TAG: c})
+                    writer.set_tags(writer.adopt_run(r.info.run_id), {RUN_COLOR_TAG: c})
     old = str(parent.data.tags.get(NOTE_TAG, ""))  # type: ignore[attr-defined]
     kept = old.split(NOTE_END, 1)[1].lstrip() if NOTE_END in old else old
     head = [f"**{line}**" if i == 0 else line for i, line in enumerate(comp.verdicts or ["no arm compared with static"])]
@@ -210,7 +219,7 @@ def publish(reader: TrackingReader, parent: object, runs_df: pd.DataFrame, comp:
     if comp.mde_sentence:
         note += comp.mde_sentence + "\n\n"
     note += NOTE_END + ("\n\n" + kept if kept else "")
-    reader.set_run_tags(pid, {NOTE_TAG: note})
+    writer.set_tags(writer.adopt_run(pid), {NOTE_TAG: note})
     return url, key
 
 
