@@ -365,7 +365,7 @@ def stop_on_signals(stop: Any, resume: str) -> Iterator[None]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from metalearner.report import export_best_controller, load_traces, write_report
-    from metalearner.tracking import resolve_tracking_uri, ui_command
+    from metalearner.tracking import TrackingIncomplete, resolve_tracking_uri, ui_command
 
     try:
         compare_inputs(args)
@@ -376,6 +376,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         report = write_report(uri, args.sweep, Path(args.out), log_to_mlflow=not args.no_log)
     except ValueError as e:
         fail(str(e))
+    except TrackingIncomplete as e:  # the report is on disk; its writes to the store wait in the journal
+        return tracking_failed(e.pending, e.journal_dir, f"the report in {args.out} could not be logged to the store")
     print(report.text)
     print(f"\nreport: {args.out}  (parent run {report.parent_run_id})")
     if args.export_best:
