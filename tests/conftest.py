@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,21 @@ def cli():
     return run_cli
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory):
+    """An MLflow SQLite store with MLflow's tables made and nothing in them, made once per
+    test process by MLflow itself (its schema migrations take seconds per new store)."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def sqlite_uri(tmp_path):
+def sqlite_uri(tmp_path, empty_store):
+    """A new, empty MLflow SQLite store in the test's folder (a copy of `empty_store`)."""
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 

@@ -131,10 +131,10 @@ def test_help_documents_every_command(cli):
         assert not empty, (command, empty)
 
 
-def test_sweep_then_compare_then_train_the_exported_controller(cli, tmp_path):
+def test_sweep_then_compare_then_train_the_exported_controller(cli, tmp_path, sqlite_uri):
     """The main job's path through the real command line: sweep, compare, export, train."""
     root = __import__("pathlib").Path(__file__).resolve().parent.parent
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_uri
     res = cli("sweep", root / "experiments/compare_policies.yaml", "--smoke-test", "--tracking-uri", uri,
               "--storage", tmp_path / "ray", "--num-cpus", 2, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -165,6 +165,6 @@ def test_bad_sweep_input_exits_2_before_ray_starts(cli, tmp_path, override, mess
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "ray").exists()
 
 
-def test_compare_unknown_sweep_exits_2(cli, tmp_path):
-    res = cli("compare", "nothing-here", "--tracking-uri", f"sqlite:///{tmp_path}/m.db", cwd=tmp_path)
+def test_compare_unknown_sweep_exits_2(cli, tmp_path, sqlite_uri):
+    res = cli("compare", "nothing-here", "--tracking-uri", sqlite_uri, cwd=tmp_path)
     assert res.returncode == 2 and "nothing-here" in res.stderr

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import mlflow
 import psutil
+import pytest
 import yaml
 from conftest import history
 from test_outage import Server, _free_port
@@ -320,6 +321,7 @@ def _chained_faults(tmp_path: Path, spec: Path, runs_of: dict[str, set[str]]) ->
     matrix("3 SIGKILL of the driver, then --resume", f"killed then {rc3}", *total("driver"), scenario3_s)
 
 
+@pytest.mark.usefixtures("sqlite_uri")  # an empty store at uri(tmp_path)
 def test_a_search_whose_trials_all_fail_is_a_failed_arm(tmp_path):
     # the one search trial fails for real: its worker is killed at its first report, and
     # resources.max_failures=0 allows no restart. No best, nothing exported or confirmed.
