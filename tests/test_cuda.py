@@ -22,8 +22,7 @@ import torch._dynamo
 from metalearner.config import load_run_config
 from metalearner.knobs import Knobs
 from metalearner.model import build_model, tiny
-from metalearner.tasks import RecallConfig, RecallTask
-from metalearner.tasks.base import IGNORE_INDEX, batch_loss
+from metalearner.tasks.base import IGNORE_INDEX
 from metalearner.train import TrainingRun
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,17 +117,12 @@ def test_recall_evaluate_on_a_device_counts_what_the_cpu_model_predicts(device):
     before the fix) gives the accuracy that the same weights' predictions on the CPU give,
     counted here. Two values per key and a few training steps make that accuracy a figure
     strictly between 0 and 1, which a wrong mask, batch or device would change."""
-    task = RecallTask(RecallConfig(n_pairs=4, distance=16, n_keys=4, n_values=2, eval_size=64), batch_size=8,
-                      seq_len=64, seed=0)
-    torch.manual_seed(0)
-    cpu_model = build_model(tiny(d_model=64, window=16, vocab_size=task.vocab_size, max_seq_len=64))
-    opt = torch.optim.AdamW(cpu_model.parameters(), lr=3e-3)
-    for step in range(1, 5):
-        loss = batch_loss(cpu_model, task.train_batch(step))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    cpu_model.eval()
+    trained = TrainingRun(load_run_config({
+        "task": {"name": "recall", "n_pairs": 4, "distance": 16, "n_keys": 4, "n_values": 2, "eval_size": 64},
+        "controller": {"name": "static"}, "model": {"preset": "tiny", "d_model": 64, "window": 16},
+        "train": {"steps": 4, "batch_size": 8, "seq_len": 64, "lr": 3e-3, "warmup_steps": 1, "device": "cpu"}}))
+    trained.advance(4)
+    task, cpu_model = trained.task, trained.model.eval()
     hits = total = 0
     with torch.no_grad():
         for batch in task.eval_batches():
