@@ -1,6 +1,7 @@
 """The `metalearner` command line, run for real in a subprocess."""
 
 import csv
+import re
 
 import mlflow
 import pytest
@@ -78,16 +79,62 @@ def test_controller_spec_file_is_accepted(cli, tmp_path, sqlite_uri):
     assert float(run.data.params["controller.factor"]) == 1.02 and float(run.data.params["controller.beta"]) == 0.8
 
 
+# The options DESIGN.md's CLI contract names, per command (each command may have more).
+CONTRACT = {
+    "train": {"--task", "--controller", "--steps", "--set", "--tracking-uri", "--trace-csv"},
+    "sweep": {"--smoke-test", "--tracking-uri", "--storage", "--address", "--set", "--resume"},
+    "compare": {"--tracking-uri", "--out"},
+    "sync": {"--tracking-uri"},
+    "data speech-digits": {"--out", "--n", "--seed"},
+}
+
+
+def help_entries(text, section):
+    """{first word of an entry: its help text} of one section of argparse's help output
+    (``options:`` or ``positional arguments:``); an entry's help may start on its own line,
+    deeper indented, and run over several lines."""
+    entries, name = {}, None
+    lines = text.split(section + "\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    for line in lines:
+        if len(line) - len(line.lstrip()) in (2, 4):  # an entry (4: a command under COMMAND)
+            words = line.strip().split("  ", 1)  # the name (and metavar) ends where two spaces start
+            name = words[0].split(", ")[-1].split()[0]  # "-h, --help" -> "--help"
+            entries[name] = words[1].strip() if len(words) > 1 else ""
+        elif name is not None:  # deeper indented: the entry's help goes on
+            entries[name] = (entries[name] + " " + line.strip()).strip()
+    return entries
+
+
 def test_help_documents_every_command(cli):
-    for cmd in ("train", "sweep", "compare", "data"):
-        res = cli(cmd, "--help")
-        assert res.returncode == 0 and "usage" in res.stdout
+    """``metalearner --help`` lists every command the parser accepts, each with a line of
+    help; each command's ``--help`` documents every option its usage line shows (the
+    parser's own list) and every option of DESIGN.md's contract, each with help text."""
+    res = cli("no-such-command")
+    assert res.returncode == 2
+    commands = re.findall(r"'([\w-]+)'", res.stderr.split("expected one of", 1)[1])  # the parser's choices
+    assert set(commands) >= {"train", "sweep", "compare", "sync", "data"}, res.stderr
+    res = cli("--help")
+    assert res.returncode == 0, res.stderr
+    listed = {k: v for k, v in help_entries(res.stdout, "positional arguments:").items() if k != "COMMAND"}
+    assert set(listed) == set(commands), res.stdout
+    assert all(listed.values()), listed
+
+    for command, contract in CONTRACT.items():
+        res = cli(*command.split(), "--help")
+        assert res.returncode == 0 and res.stdout.startswith(f"usage: metalearner {command} "), res.stderr
+        usage = res.stdout.split("\n\n", 1)[0]
+        shown = set(re.findall(r"[\s\[](--?[a-z][\w-]*)", usage)) - {"-h"}  # every option the parser has
+        documented = help_entries(res.stdout, "options:")
+        assert shown >= contract, (command, contract - shown)
+        assert set(documented) - {"--help"} == shown, (command, res.stdout)
+        empty = [name for name, text in documented.items() if not text]
+        assert not empty, (command, empty)
 
 
-def test_sweep_then_compare_then_train_the_exported_controller(cli, tmp_path):
+def test_sweep_then_compare_then_train_the_exported_controller(cli, tmp_path, sqlite_uri):
     """The main job's path through the real command line: sweep, compare, export, train."""
     root = __import__("pathlib").Path(__file__).resolve().parent.parent
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_uri
     res = cli("sweep", root / "experiments/compare_policies.yaml", "--smoke-test", "--tracking-uri", uri,
               "--storage", tmp_path / "ray", "--num-cpus", 2, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -118,6 +165,6 @@ def test_bad_sweep_input_exits_2_before_ray_starts(cli, tmp_path, override, mess
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "ray").exists()
 
 
-def test_compare_unknown_sweep_exits_2(cli, tmp_path):
-    res = cli("compare", "nothing-here", "--tracking-uri", f"sqlite:///{tmp_path}/m.db", cwd=tmp_path)
+def test_compare_unknown_sweep_exits_2(cli, tmp_path, sqlite_uri):
+    res = cli("compare", "nothing-here", "--tracking-uri", sqlite_uri, cwd=tmp_path)
     assert res.returncode == 2 and "nothing-here" in res.stderr

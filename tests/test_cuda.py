@@ -7,6 +7,7 @@ everywhere. On a GPU: `python -m pytest -q tests/test_cuda.py` (benchmarks/devic
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import subprocess
@@ -21,7 +22,7 @@ import torch._dynamo
 from metalearner.config import load_run_config
 from metalearner.knobs import Knobs
 from metalearner.model import build_model, tiny
-from metalearner.tasks import RecallConfig, RecallTask
+from metalearner.tasks.base import IGNORE_INDEX
 from metalearner.train import TrainingRun
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,13 +111,30 @@ def flex_model_config(**overrides):
     return tiny(d_model=64, n_heads=4, n_global_heads=1, window=16, max_seq_len=256, **overrides)
 
 
-@needs_cuda
-def test_recall_evaluate_runs_a_cuda_model():
-    task = RecallTask(RecallConfig(n_pairs=4, distance=16, eval_size=8), batch_size=4, seq_len=64, seed=0)
-    torch.manual_seed(0)
-    model = build_model(tiny(d_model=64, window=16, vocab_size=task.vocab_size, max_seq_len=64)).cuda()
-    out = task.evaluate(model)  # fed CPU tensors to the CUDA model before the fix
-    assert 0.0 <= out["recall_acc"] <= 1.0
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_recall_evaluate_on_a_device_counts_what_the_cpu_model_predicts(device):
+    """`RecallTask.evaluate` of a model on ``device`` (it fed CPU tensors to a CUDA model
+    before the fix) gives the accuracy that the same weights' predictions on the CPU give,
+    counted here. Two values per key and a few training steps make that accuracy a figure
+    strictly between 0 and 1, which a wrong mask, batch or device would change."""
+    trained = TrainingRun(load_run_config({
+        "task": {"name": "recall", "n_pairs": 4, "distance": 16, "n_keys": 4, "n_values": 2, "eval_size": 64},
+        "controller": {"name": "static"}, "model": {"preset": "tiny", "d_model": 64, "window": 16},
+        "train": {"steps": 4, "batch_size": 8, "seq_len": 64, "lr": 3e-3, "warmup_steps": 1, "device": "cpu"}}))
+    trained.advance(4)
+    task, cpu_model = trained.task, trained.model.eval()
+    hits = total = 0
+    with torch.no_grad():
+        for batch in task.eval_batches():
+            mask = batch["targets"] != IGNORE_INDEX
+            hits += int((cpu_model(batch["tokens"]).argmax(-1)[mask] == batch["targets"][mask]).sum())
+            total += int(mask.sum())
+    assert 0 < hits < total and total == 64 * 4, (hits, total)
+
+    model = copy.deepcopy(cpu_model).to(device).train()
+    got = task.evaluate(model)["recall_acc"]
+    assert model.training  # evaluate puts the model back in training mode
+    assert abs(got - hits / total) <= 2 / total, (got, hits / total)  # another device's kernels: a near-tie may flip
 
 
 def run_config(device: str, steps: int = 12, **train) -> object:

@@ -62,9 +62,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def smoke_sweep(tmp_path_factory):
+def smoke_sweep(tmp_path_factory, empty_store):
     """The quickstart's smoke sweep through the real CLI; returns (uri, stdout)."""
     tmp = tmp_path_factory.mktemp("ui-sweep")
+    shutil.copyfile(empty_store, tmp / "mlflow.db")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)

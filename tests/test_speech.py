@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from metalearner.model import ModelConfig, build_model
 from metalearner.tasks.base import IGNORE_INDEX, Task, batch_loss
 from metalearner.tasks.speech import BOS_ID, EOS_ID, PAD_ID, SpeechConfig, SpeechTask, edit_distance
 from metalearner.tasks.speech_data import (
@@ -281,17 +282,14 @@ def test_user_audiofolder_with_other_rate_channels_and_columns(tmp_path, caplog)
 
 @needs_espeak
 def test_real_model_learns_and_decodes(task):
-    model_mod = pytest.importorskip("metalearner.model")
-    if not hasattr(model_mod, "build_model"):
-        pytest.skip("metalearner.model is not ready")
     o = task.model_overrides()
-    cfg = model_mod.ModelConfig(
+    cfg = ModelConfig(
         arch="encoder_decoder", vocab_size=o["vocab_size"], d_model=32, n_layers=2, n_heads=4,
         n_global_heads=1, max_seq_len=64, n_mels=80, window=8,
     )
     cfg.max_source_frames = o["max_source_frames"]  # the task's figure must fit its longest clip
     torch.manual_seed(0)
-    model = model_mod.build_model(cfg)
+    model = build_model(cfg)
     probe = next(iter(task.eval_batches()))
     with torch.no_grad():
         before = batch_loss(model, probe).item()

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs the espeak-ng Debian package")
 
 
-def test_speech_ewma_smoke_sweep(tmp_path):
+def test_speech_ewma_smoke_sweep(tmp_path, sqlite_uri):
     import ray
 
     from metalearner.tasks.speech_data import generate_speech_digits
@@ -20,7 +20,7 @@ def test_speech_ewma_smoke_sweep(tmp_path):
 
     data = generate_speech_digits(tmp_path / "digits", 40, seed=0, progress=False)
     spec = load_experiment(ROOT / "experiments/speech_ewma.yaml", smoke=True, overrides=[f"task.data_dir={data}"])
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_uri
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False).run()

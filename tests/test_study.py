@@ -104,9 +104,9 @@ def test_bad_per_seed_exits_2_before_ray_starts(cli, tmp_path):
     assert not (tmp_path / "m.db").exists()  # nothing started
 
 
-def test_per_seed_pbt_promotes_each_populations_best_member(cli, tmp_path):
+def test_per_seed_pbt_promotes_each_populations_best_member(cli, tmp_path, sqlite_uri):
     """Real Ray, real MLflow: two seeds, a population of two on each; compare pairs the arm."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_uri
     res = cli("sweep", _spec(tmp_path), "--tracking-uri", uri, "--storage", tmp_path / "ray", "--num-cpus", 2,
               cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pytest
 import yaml
 from conftest import Sweep, history, wait_for
 from test_outage import Server, _free_port
@@ -145,12 +147,15 @@ def matrix(name: str, rc: str, lost: int, dup: int, seconds: float) -> None:
             fh.write(line + "\n")
 
 
-def test_worker_kill_interrupt_and_driver_kill_lose_and_duplicate_nothing(tmp_path):
+def test_worker_kill_interrupt_and_driver_kill_lose_and_duplicate_nothing(tmp_path, empty_store):
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(SPEC))
     runs_of: dict[str, set[str]] = {}  # scenario -> the trial ids its fault hit
 
-    # the sweep writes to a real `mlflow server` on 127.0.0.1 (SQLite behind it), its own process group
+    # the sweep writes to a real `mlflow server` on 127.0.0.1 (SQLite behind it, an empty store
+    # to start from), its own process group
+    (tmp_path / "server").mkdir()
+    shutil.copyfile(empty_store, tmp_path / "server" / "server.db")
     server = Server(tmp_path / "server", _free_port())
     server.start()
     SERVERS[tmp_path] = server.uri
@@ -248,6 +253,7 @@ def _chained_faults(tmp_path: Path, spec: Path, runs_of: dict[str, set[str]]) ->
     matrix("3 SIGKILL of the driver, then --resume", f"killed then {rc3}", *total("driver"), scenario3_s)
 
 
+@pytest.mark.usefixtures("sqlite_uri")  # an empty store at uri(tmp_path)
 def test_a_search_whose_trials_all_fail_is_a_failed_arm(tmp_path):
     # the one search trial fails for real: its worker is killed at its first report, and
     # resources.max_failures=0 allows no restart. No best, nothing exported or confirmed.

@@ -119,7 +119,7 @@ def test_pb2_scheduler_gets_the_bounds_of_the_space():
 # ---------------------------------------------------------------- ASHA
 
 
-def test_asha_stops_the_weak_trial_and_mlflow_marks_it_killed(tmp_path, local_ray):
+def test_asha_stops_the_weak_trial_and_mlflow_marks_it_killed(tmp_path, local_ray, sqlite_uri):
     """Two trials, one at a time (ASHA's verdict depends on who reaches a rung first, and
     Tune does not promise an order), chosen so that exactly one is stopped in either order:
     with 20 warmup steps, lr 0.3 has the lower val_loss at step 5 (the first rung) and the
@@ -131,7 +131,7 @@ def test_asha_stops_the_weak_trial_and_mlflow_marks_it_killed(tmp_path, local_ra
     spec = spec_with({"scheduler": {"name": "asha", "grace_period": every, "reduction_factor": 2},
                       "num_samples": 1, "space": {"train.lr": {"grid": [0.3, 0.02]}}},
                      steps, every, train={"warmup_steps": 20}, resources={"max_concurrent": 1})
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_uri
     result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False).run()
     assert not result.errors
 
@@ -163,7 +163,7 @@ def test_asha_stops_the_weak_trial_and_mlflow_marks_it_killed(tmp_path, local_ra
 # ---------------------------------------------------------------- PB2
 
 
-def test_pb2_sweep_explores_the_controller_within_its_bounds(tmp_path, local_ray):
+def test_pb2_sweep_explores_the_controller_within_its_bounds(tmp_path, local_ray, sqlite_uri):
     """A real PB2 sweep (GP-UCB over the controller's factor): at the perturbation step the
     weaker trial takes the stronger one's checkpoint and a new factor inside the bounds;
     the controller.factor metric records it from the step it takes effect, and from there
@@ -175,7 +175,7 @@ def test_pb2_sweep_explores_the_controller_within_its_bounds(tmp_path, local_ray
     spec = spec_with({"scheduler": {"name": "pb2", "perturbation_interval": interval, "quantile_fraction": 0.5},
                       "num_samples": 2, "space": {"controller.factor": {"uniform": [lo, hi]}}},
                      steps, every)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_uri
     result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False).run()
     assert not result.errors
 
