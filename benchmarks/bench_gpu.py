@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metalearner.knobs import Knobs  # noqa: E402
 from metalearner.model import HybridAttention, RotaryEmbedding, build_model  # noqa: E402
 from metalearner.model import attention as attn_mod  # noqa: E402
+from metalearner.model import flex as flex_mod  # noqa: E402
 from metalearner.model.transformer import ModelConfig  # noqa: E402
 
 GOALS = {
@@ -195,7 +196,7 @@ def run_sweep(sizes: Sizes, timer: Timer, dtype: torch.dtype) -> attn_mod.FlexCo
     print("\n== sweep: FlexAttention tilings (kernel alone, fwd+bwd, ms; ratio to SDPA causal) ==", flush=True)
     for q_block, kv_block, options in SWEEP:
         cfg = attn_mod.FlexConfig(q_block, kv_block, tuple(sorted(options)))
-        attn_mod.set_flex_config(cfg)
+        flex_mod.set_flex_config(cfg)
         t0 = time.perf_counter()
         try:
             fresh_compiles()
@@ -448,8 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     only = set(filter(None, args.only.split(","))) or {"kernel", "module", "hybrid", "model", "knobs"}
     if args.sweep and device.type == "cuda":
-        attn_mod.set_flex_config(run_sweep(sizes, timer, dtype))
-    print(f"FlexAttention tiling: {attn_mod.FLEX}", flush=True)
+        flex_mod.set_flex_config(run_sweep(sizes, timer, dtype))
+    print(f"FlexAttention tiling: {flex_mod.FLEX}", flush=True)
     results: list[str] = []
     t_start = time.perf_counter()
 
@@ -510,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"\nbench_gpu: {time.perf_counter() - t_start:.0f} s; device {name}; torch {torch.__version__}; "
-        f"tiling {attn_mod.FLEX}; dynamo graphs compiled {dynamo_graphs()}"
+        f"tiling {flex_mod.FLEX}; dynamo graphs compiled {dynamo_graphs()}"
     )
     for line in results:
         print(line)

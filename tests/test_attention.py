@@ -15,12 +15,12 @@ from metalearner.model.attention import (
     FlexConfig,
     HybridAttention,
     LocalMaskCache,
-    _band_mask_mod,
     band_block_bounds,
     band_block_mask,
     blocked_local_attention,
     local_block_size,
 )
+from metalearner.model.flex import band_mask_mod
 from metalearner.model.rope import RotaryEmbedding
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -213,7 +213,7 @@ def band(seq_len: int, window: int, causal: bool) -> torch.Tensor:
 @pytest.mark.parametrize("causal", [True, False])
 def test_band_mask_mod_matches_dense_band_and_reads_the_window_tensors(causal):
     window, reach = torch.tensor(5, dtype=torch.int32), torch.tensor(1, dtype=torch.int32)
-    mask_mod = _band_mask_mod(window, reach)
+    mask_mod = band_mask_mod(window, reach)
     q_idx = torch.arange(SEQ).view(-1, 1)
     kv_idx = torch.arange(SEQ).view(1, -1)
     zero = torch.zeros((), dtype=torch.long)
@@ -249,7 +249,7 @@ def test_band_block_mask_covers_exactly_the_band(causal, tiles, seq_len):
     q_block, kv_block = tiles
     windows = sorted({1, 5, 63, 64, 65, 128, 129, 200, seq_len - 1, seq_len})
     for window in (w for w in windows if 1 <= w <= seq_len):
-        mod = _band_mask_mod(torch.tensor(window), torch.tensor(1 if causal else window))
+        mod = band_mask_mod(torch.tensor(window), torch.tensor(1 if causal else window))
         bm = band_block_mask(seq_len, window, causal, mod, torch.device("cpu"), q_block, kv_block)
         got = visible_from_block_mask(bm, seq_len, window, causal)
         assert torch.equal(got, band(seq_len, window, causal)), (window, tiles)
@@ -261,7 +261,7 @@ def test_band_block_mask_uses_full_tiles_and_skips_far_ones():
     # of which 2 lie wholly inside every query's band
     lo, hi, flo, fhi = band_block_bounds(1024, 200, True, 64, 64)
     assert (lo[10], hi[10], flo[10], fhi[10]) == (6, 10, 8, 9)
-    mod = _band_mask_mod(torch.tensor(200), torch.tensor(1))
+    mod = band_mask_mod(torch.tensor(200), torch.tensor(1))
     bm = band_block_mask(1024, 200, True, mod, torch.device("cpu"), 64, 64)
     assert int(bm.kv_num_blocks.max()) == 3 and int(bm.full_kv_num_blocks.max()) == 2
     # the CPU part of a build is closed form: no T x T evaluation of the mask function

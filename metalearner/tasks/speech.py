@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from metalearner.model.attention import round_up  # its one definition (the model's padding)
+from metalearner.model.band import round_up  # its one definition (the model's padding)
 from metalearner.tasks.base import IGNORE_INDEX, Batch, step_generator
 from metalearner.tasks.speech_data import METADATA, SAMPLE_RATE
 
