@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -386,10 +387,24 @@ def test_resume_takes_the_uri_storage_it_started_with_and_refuses_another(workdi
         assert f"--storage: got {storage!r} with --resume, expected 's3://b/ray?region=x'" in err[0], err
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a folder without write permission")
-def test_a_read_only_storage_folder_exits_2(workdir, capsys):
+@pytest.fixture
+def read_only_folder(workdir):
+    """A folder this user cannot write into: mode 0555, and for root (who ignores modes, as
+    CI runs) the immutable attribute too (`chattr +i`, removed at the end)."""
+    folder = workdir / "ro"
+    folder.mkdir(mode=0o555)
+    immutable = os.geteuid() == 0
+    if immutable and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("root writes into any folder, and chattr +i (the immutable attribute) is not available here")
+    try:
+        yield folder
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_a_read_only_storage_folder_exits_2(workdir, read_only_folder, capsys):
     write(workdir / "spec.yaml", SPEC)
-    (workdir / "ro").mkdir(mode=0o555)
     with pytest.raises(SystemExit) as exit_info:
         main(sweep("spec.yaml", "--storage", "ro/ray"))
     err = capsys.readouterr().err.strip().splitlines()
