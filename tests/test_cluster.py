@@ -107,8 +107,7 @@ def test_sweep_on_s3_storage_checkpoints_there_and_restores_from_there(tmp_path,
              {**base, "meta": {"arm": "crashed", "phase": "compare"}}]
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
-        task, key = runner._shared_task()
-        grid = make_tuner(runner.spec, runner.storage, runner._trainable(task, key),
+            grid = make_tuner(runner.spec, runner.storage, runner.trainable(),
                           {"cell": tune.grid_search(cells)}, "restore", cb).fit()
     finally:
         ray.shutdown()

@@ -63,7 +63,7 @@ def test_an_orphan_chunk_is_journaled_once_with_the_replayed_report(tmp_path):
     step waits for its own report."""
     from metalearner.tracking import MlflowWriter
     from trainables.callback import MlflowTraceCallback
-    from trainables.channel import _inbox, close_inbox, inbox_name, open_inbox
+    from trainables.channel import close_inbox, inbox_actor, inbox_name, open_inbox
 
     name = open_inbox(inbox_name(f"orphan-{tmp_path.name}"))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -72,7 +72,7 @@ def test_an_orphan_chunk_is_journaled_once_with_the_replayed_report(tmp_path):
     cb = MlflowTraceCallback(writer, "orphan", parent)
     trial = SimpleNamespace(trial_id="t0", config={"cell": {"train": {"seed": 0}}, "meta": {"arm": "a"}},
                             last_result={}, status="RUNNING")
-    inbox = _inbox(name)
+    inbox = inbox_actor(name)
 
     def put(first: int, last: int, value: float, params: bool = False) -> None:
         steps = list(range(first, last + 1))

@@ -158,8 +158,7 @@ def test_restored_trial_continues_with_an_identical_trace(tmp_path, engine):
     cb = KillWorkerOnce(writer, "restore-test", parent, arm="crashed", at=25)
     cells = [{**base, "meta": {"arm": "clean", "phase": "compare"}},
              {**base, "meta": {"arm": "crashed", "phase": "compare"}}]
-    task, key = runner._shared_task()
-    grid = make_tuner(runner.spec, runner.storage, runner._trainable(task, key),
+    grid = make_tuner(runner.spec, runner.storage, runner.trainable(),
                   {"cell": tune.grid_search(cells)}, "restore", cb).fit()
     writer.terminate(parent)
     assert writer.close().complete

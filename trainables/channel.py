@@ -113,7 +113,8 @@ def close_inbox(name: str) -> None:
         pass
 
 
-def _inbox(name: str) -> Any:
+def inbox_actor(name: str) -> Any:
+    """The handle of the inbox actor ``name`` (looked up once per process)."""
     if name not in _handles:
         _handles[name] = ray.get_actor(name)
     return _handles[name]
@@ -173,7 +174,7 @@ class TrialSink:
             payload[PARAMS_KEY], self.params = self.params, None
         if self.inbox is not None:
             trial_id = tune.get_context().get_trial_id()
-            ray.get(_inbox(self.inbox).put.remote(trial_id, step, payload))
+            ray.get(inbox_actor(self.inbox).put.remote(trial_id, step, payload))
             scalars[INBOX_KEY] = self.inbox
         else:
             scalars.update(payload)
@@ -189,7 +190,7 @@ def take_payloads(trial_id: str, result: dict[str, Any]) -> list[dict[str, Any]]
         return [{k: result[k] for k in PAYLOAD_KEYS if k in result}]
     step = int(result.get("step") or 0)
     try:
-        return ray.get(_inbox(inbox).take.remote(trial_id, step))
+        return ray.get(inbox_actor(inbox).take.remote(trial_id, step))
     except Exception as e:  # gone (Ray down, actor killed) or unreachable: say which inbox
         raise RuntimeError(f"trace inbox {inbox!r} (actor on the driver's node): got {type(e).__name__}: "
                            f"{(str(e).strip().splitlines() or [''])[0]}, expected it to hand over trial "
@@ -200,4 +201,4 @@ def drop_payloads(trial: Any) -> None:
     """On the driver: forget what an ended Tune trial left in its inbox."""
     inbox = (trial.last_result or {}).get(INBOX_KEY)
     if inbox is not None:
-        _inbox(inbox).drop.remote(trial.trial_id)
+        inbox_actor(inbox).drop.remote(trial.trial_id)

@@ -97,7 +97,8 @@ class SweepRunner:
         self.inbox: str | None = None  # the trace inbox's name, once a trainable is made (`_open_inbox`)
 
     # ------------------------------------------------------------ pieces
-    def _init_ray(self) -> None:
+    def init_ray(self) -> None:
+        """Start (or join, with ``address``) Ray for this sweep, keeping the face's SIGTERM handler."""
         import ray
 
         # the sweep is where Ray starts: its environment is set here (workers inherit it)
@@ -135,6 +136,12 @@ class SweepRunner:
         task = build_task(cfg.task, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed,
                           eval_batches=t.eval_batches)
         return task, task_key(cfg)
+
+    def trainable(self) -> Any:
+        """The sweep's trainable (Ray is up): the engine's trial function with the driver's
+        task (data loaded once) and the trial resources."""
+        task, key = self._shared_task()
+        return self._trainable(task, key)
 
     def _trainable(self, task: Any, key: tuple | None) -> Any:
         """The engine's trainable (``train.engine``), with the shared task and resources."""
@@ -217,10 +224,9 @@ class SweepRunner:
         status = "FAILED"
         try:
             state, set_right = self._open(writer)
-            self._init_ray()
-            task, task_key = self._shared_task()
+            self.init_ray()
             phases = PhaseRunner(
-                spec, self.storage, self._trainable(task, task_key), writer, state, PARENT_KEY, self.stop,
+                spec, self.storage, self.trainable(), writer, state, PARENT_KEY, self.stop,
                 self.resume_dir, load_run_config(spec.run_config(spec.arms[0], spec.seeds[0])).train.steps,
                 error_log, colours=arm_colours(a.name for a in spec.arms) if ui_features()["run_color"] else None,
                 set_right=set_right, progress=self.progress)
