@@ -48,26 +48,30 @@ def task(**cfg):
 
 
 def test_batches_come_from_the_corpus_in_every_format(corpus):
+    """Decoded, every window is a piece of the corpus's documents in order: bytes of the
+    documents joined by a blank line, or tokens with an end-of-sequence after each document."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(corpus / "tok"), local_files_only=True)
-    whole = " ".join(DOCS)
-    readings = {"jsonl": dict(files=[str(corpus / "c.jsonl")], text_field="body"),
-                "parquet": dict(files=[str(corpus / "c.parquet")], text_field="body"),
-                "text": dict(files=[str(corpus / f"part{i}.txt") for i in range(3)], format="text")}
-    for reading, cfg in readings.items():
+    files = [corpus / f"part{i}.txt" for i in range(3)]
+    readings = {"jsonl": (dict(files=[str(corpus / "c.jsonl")], text_field="body"), DOCS),
+                "parquet": (dict(files=[str(corpus / "c.parquet")], text_field="body"), DOCS),
+                "text": (dict(files=list(map(str, files)), format="text"), [f.read_text() for f in files])}
+    for reading, (cfg, docs) in readings.items():
         byte_task = task(**cfg)
         assert byte_task.params()["reading"] == reading and byte_task.vocab_size == 256
-        text = bytes(byte_task.train_batch(1)["tokens"][0].tolist()).decode("utf-8", errors="replace")
-        assert any(w in text for w in ("record", *WORDS)), (reading, text)
+        for step in (1, 2):
+            window = bytes(byte_task.train_batch(step)["tokens"][0].tolist()).decode("utf-8")
+            assert window in "\n\n".join(docs), (reading, window)
         t = task(tokenizer=str(corpus / "tok"), **cfg)
+        stream = " ".join(" ".join(doc.split()) + " [EOS]" for doc in docs)
         for step in (1, 2, 3):
             b = t.train_batch(step)
             assert b["tokens"].max() < t.vocab_size == len(tok) and b["tokens"].min() >= 0
             assert (b["tokens"][:, 1:] == b["targets"][:, :-1]).all()
-            words = tok.decode(b["tokens"][0].tolist(), skip_special_tokens=True).split()
-            assert words and "[UNK]" not in words
-            assert " ".join(words) in whole or all(w in whole.split() for w in words), (reading, words)
+            for row in b["tokens"]:
+                window = tok.decode(row.tolist())
+                assert window in stream and "[UNK]" not in window, (reading, window)
         assert t.model_overrides()["vocab_size"] == t.vocab_size
 
 
@@ -153,6 +157,26 @@ def test_bad_input_exits_2_with_one_line_naming_the_field(corpus, workdir, capsy
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and field in err[0], (sets, err)
         assert sorted(p.name for p in workdir.iterdir()) == before  # no mlflow.db
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()
+
+
+def test_a_sweep_refuses_a_bad_corpus_before_ray_starts(corpus, workdir, capsys):
+    import yaml
+
+    (workdir / "brokentok").mkdir()
+    (workdir / "brokentok" / "tokenizer.json").write_text("{}")
+    base = {"name": "probe", "model": {"preset": "tiny"}, "train": {"steps": 2, "seq_len": 16}, "seeds": [0],
+            "arms": [{"name": "static", "controller": {"name": "static"}}]}
+    jsonl = {"name": "text", "files": [str(corpus / "c.jsonl")]}
+    for task_section, field in (({**jsonl, "text_field": "content"}, "task.text_field: got 'content'"),
+                                ({**jsonl, "text_field": "body", "tokenizer": "brokentok"}, "task.tokenizer: got")):
+        (workdir / "spec.yaml").write_text(yaml.safe_dump({**base, "task": task_section}))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sweep", "spec.yaml", "--num-cpus", "2"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and field in err[0], err
+        assert sorted(p.name for p in workdir.iterdir()) == ["brokentok", "spec.yaml"]  # no ray_results, no mlflow.db
     ray = sys.modules.get("ray")
     assert ray is None or not ray.is_initialized()
 
