@@ -124,6 +124,19 @@ def test_plain_files_read_as_before(tmp_path):
     assert bytes(t.train_data.tolist()) + bytes(t.val_data.tolist()) == raw
 
 
+def test_plain_files_with_a_tokenizer_are_one_document_each(corpus, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(corpus / "tok"), local_files_only=True)
+    files = [str(corpus / f"part{i}.txt") for i in range(3)]
+    t = task(files=files, tokenizer=str(corpus / "tok"))
+    stream = " ".join(" ".join(open(f).read().split()) + " [EOS]" for f in files)
+    assert t.params()["reading"] == "bytes" and tok.decode(t.train_batch(1)["tokens"][0].tolist()) in stream
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 ".encode("latin-1") * 200)
+    with pytest.raises(ValueError, match=r"^task\.files: got '.*latin\.txt', not UTF-8"):
+        task(files=[str(tmp_path / "latin.txt")], tokenizer=str(corpus / "tok"))
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

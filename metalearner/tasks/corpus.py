@@ -35,6 +35,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 FORMATS = ("auto", "text", "jsonl", "parquet")
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}  # format auto; others read as bytes
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # one of them marks a tokenizer folder
@@ -150,9 +152,29 @@ def read_bytes(files: list[str]) -> bytes:
     """The ``bytes`` reading: the files joined by a blank line, or CPython's pydoc topics."""
     if files:
         return b"\n\n".join(Path(f).read_bytes() for f in files)
+    return pydoc_topics().encode("utf-8")
+
+
+def decode_files(files: list[str]) -> list[str]:
+    """The ``bytes`` reading as documents to tokenize: each file's UTF-8 text (or the pydoc
+    topics); raises ValueError naming ``files`` for a file that is not UTF-8."""
+    if not files:
+        return [pydoc_topics()]
+    docs = []
+    for f in files:
+        try:
+            docs.append(Path(f).read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"files: got {f!r}, not UTF-8 at byte {e.start}; expected UTF-8 text to tokenize "
+                             "with task.tokenizer") from None
+    return docs
+
+
+def pydoc_topics() -> str:
+    """The documentation topics that ship with every CPython, joined by blank lines."""
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
+    return "\n\n".join(topics[k] for k in sorted(topics))
 
 
 def read_documents(files: list[str], reading: str, text_field: str) -> list[str]:
@@ -208,18 +230,22 @@ def corpus_fingerprint(corpus: bytes | list[str]) -> str:
     return h.hexdigest()
 
 
-def encode_documents(tokenizer: Any, docs: list[str], batch: int = 1000) -> list[int]:
+def encode_documents(tokenizer: Any, docs: list[str], batch: int = 1000) -> np.ndarray:
     """The token ids of ``docs``, each tokenized on its own (no special tokens) and
-    followed by the tokenizer's end-of-sequence token (or the tokens of a blank line)."""
+    followed by the tokenizer's end-of-sequence token (or the tokens of a blank line).
+
+    Returns:
+        One int32 array of every document's ids in order (built a batch of documents at a
+        time, so a large corpus never becomes one Python list of ints).
+    """
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else \
         tokenizer(DOC_SEPARATOR, add_special_tokens=False)["input_ids"]
-    ids: list[int] = []
+    chunks = [np.zeros(0, dtype=np.int32)]
     with quiet("transformers"):  # a long document is no error here: it is cut into windows
         for i in range(0, len(docs), batch):
-            for one in tokenizer(docs[i: i + batch], add_special_tokens=False)["input_ids"]:
-                ids += one
-                ids += sep
-    return ids
+            encoded = tokenizer(docs[i: i + batch], add_special_tokens=False)["input_ids"]
+            chunks.append(np.fromiter((t for ids in encoded for t in (*ids, *sep)), dtype=np.int32))
+    return np.concatenate(chunks)
 
 
 @contextmanager

@@ -26,6 +26,7 @@ from metalearner.tasks.corpus import (
     check_corpus,
     check_tokenizer_folder,
     corpus_fingerprint,
+    decode_files,
     encode_documents,
     load_tokenizer,
     read_bytes,
@@ -77,11 +78,7 @@ def read_tokens(cfg: TextConfig) -> tuple[torch.Tensor, str, int]:
             fingerprint = corpus_fingerprint(raw)
             if tokenizer is None:
                 return torch.frombuffer(bytearray(raw), dtype=torch.uint8), fingerprint, BYTE_VOCAB
-            try:
-                docs = [raw.decode("utf-8")]
-            except UnicodeDecodeError as e:
-                raise ValueError(f"files: got bytes that are not UTF-8 (at offset {e.start}), expected UTF-8 text "
-                                 "to tokenize with task.tokenizer") from None
+            docs = decode_files(cfg.files)
         else:
             docs = read_documents(cfg.files, reading, cfg.text_field)
             fingerprint = corpus_fingerprint(docs)
@@ -90,7 +87,7 @@ def read_tokens(cfg: TextConfig) -> tuple[torch.Tensor, str, int]:
     if tokenizer is None:
         text = "\n\n".join(docs).encode("utf-8")
         return torch.frombuffer(bytearray(text), dtype=torch.uint8), fingerprint, BYTE_VOCAB
-    return torch.tensor(encode_documents(tokenizer, docs), dtype=torch.int32), fingerprint, len(tokenizer)
+    return torch.from_numpy(encode_documents(tokenizer, docs)), fingerprint, len(tokenizer)
 
 
 class TextTask:
