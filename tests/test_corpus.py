@@ -213,3 +213,20 @@ def test_train_on_a_jsonl_corpus_with_a_tokenizer_logs_the_fingerprint(corpus, c
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
     assert len(losses) == 6 and all(v == v for v in losses)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [3, 6]
+
+
+def test_a_missing_datasets_or_transformers_names_the_extra(corpus, monkeypatch):
+    import importlib.util
+
+    from metalearner.config import load_run_config, missing_extras
+
+    cfg = load_run_config({"task": {"name": "text", "files": [str(corpus / "c.parquet")], "text_field": "body",
+                                    "tokenizer": str(corpus / "tok")}})
+    assert missing_extras(cfg) is None
+    find_spec = importlib.util.find_spec
+    for gone, field in (("datasets", "task.format: got 'parquet'"), ("transformers", "task.tokenizer: got")):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, gone=gone: None if name == gone
+                            else find_spec(name, *a))
+        err = str(missing_extras(cfg))
+        assert err.startswith(field) and "pip install 'metalearner[hf]'" in err, err
+    assert missing_extras(load_run_config({"task": {"name": "text"}})) is None  # the default needs neither
