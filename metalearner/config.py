@@ -78,6 +78,7 @@ TASK_MODEL_KEYS: dict[str, tuple[str, ...]] = {
 EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "train.engine='hf'": ("hf", ("transformers", "accelerate", "datasets")),
     "task.name='speech'": ("speech", ("datasets", "soundfile", "soxr")),
+    **{f"task.format='{f}'": ("hf", ("datasets",)) for f in ("text", "jsonl", "parquet")},
 }
 
 
@@ -270,7 +271,17 @@ def missing_extras(cfg: RunConfig) -> ConfigError | None:
         needs.append("train.engine='hf'")
     if cfg.task.name == "speech":
         needs.append("task.name='speech'")
-    return probe(needs)
+    table = dict(EXTRAS)
+    if cfg.task.name == "text":
+        from metalearner.tasks.corpus import resolve_format
+
+        reading = resolve_format(cfg.task.files, cfg.task.format)  # checked when the config loaded
+        if reading != "bytes":
+            needs.append(f"task.format='{reading}'")
+        if cfg.task.tokenizer is not None:
+            needs.append(f"task.tokenizer={cfg.task.tokenizer!r}")
+            table[needs[-1]] = ("hf", ("transformers",))
+    return probe(needs, table)
 
 
 def probe(needs: list[str], table: dict[str, tuple[str, tuple[str, ...]]] | None = None) -> ConfigError | None:

@@ -13,7 +13,7 @@ step clamps mutated values onto them — must make a valid run config.
 Validation runs on strict pydantic models (`metalearner.schema`); every error is a
 `ConfigError`: one line naming the field. Must not import ray.
 
-Paths in a spec (``task.data_dir``, ``task.files``) are made absolute when the spec is
+Paths in a spec (``task.data_dir``, ``task.files``, ``task.tokenizer``) are made absolute when the spec is
 loaded, relative to the *working folder* of the command (as the shell completes them and
 as a ``--set`` override is typed), never to the spec file's folder; the trials get the
 absolute paths, so they never depend on their own working folder (Ray moves each trial
@@ -54,7 +54,7 @@ TASK_METRIC_MODES: dict[str, dict[str, str]] = {"recall": {"recall_acc": "max"},
                                                "text": {}}
 
 # the spec keys that hold local paths (one path, or a list of paths)
-PATH_KEYS: dict[str, str] = {"data_dir": "one", "files": "list"}
+PATH_KEYS: dict[str, str] = {"data_dir": "one", "files": "list", "tokenizer": "one"}
 
 # optional dependencies of searchers and schedulers: (spec field=value, pip extra, imports)
 SEARCH_EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {

@@ -202,6 +202,7 @@ def train_inputs(args: argparse.Namespace) -> RunConfig:
     err = missing_extras(cfg)
     if err is not None:
         raise err
+    task_data(cfg)
     check_name(args.experiment, "--experiment")
     if args.run_name is not None:
         check_name(args.run_name, "--run-name")
@@ -240,6 +241,19 @@ def check_checkpoint(directory: Path, cfg: RunConfig) -> dict[str, Any]:
     return state
 
 
+def task_data(cfg: RunConfig) -> None:
+    """What a config load checks only cheaply, checked in full once per command: the text
+    task's tokenizer folder must load (`metalearner.tasks.corpus.load_tokenizer`). The
+    corpus's records are checked where they are read, when the task is built."""
+    if cfg.task.name == "text" and cfg.task.tokenizer is not None:
+        from metalearner.tasks.corpus import load_tokenizer
+
+        try:
+            load_tokenizer(cfg.task.tokenizer)
+        except ValueError as e:
+            raise ConfigError(f"task.{e}") from None
+
+
 # ---------------------------------------------------------------- sweep, compare, data
 
 
@@ -271,6 +285,7 @@ def sweep_inputs(args: argparse.Namespace) -> Any:
     else:
         spec = load_experiment(args.experiment, overrides=args.set, smoke=args.smoke_test)
     check_extras(spec)
+    task_data(load_run_config(spec.run_config(spec.arms[0], spec.seeds[0])))
     if args.address is None:
         cpus = args.num_cpus or local_cpus()
         need = spec.resources.cpus_per_trial
