@@ -127,26 +127,33 @@ def mask_cost(args: argparse.Namespace, w: int) -> str:
     return "; ".join(parts)
 
 
+# integer options, one a line: name, default, help; --quick replaces some of them
+OPTIONS = """
+seq_len      1024  sequence length T (also the full window)
+window         64  local window to compare with the full one
+batch           4  batch size
+hidden        128  hidden size
+intermediate    0  SwiGLU width; 0 = 8/3 x hidden rounded up to a multiple of 8 (344 for 128)
+heads           4  attention heads
+kv_heads        2  key/value heads (grouped-query attention)
+layers          4  layers, all sliding-window
+vocab         512  vocabulary size
+repeats         7  timed repeats per variant (median)
+rounds          2  side-by-side measurements, each printed
+threads         1  torch threads
+"""
+QUICK = {"seq_len": 128, "window": 16, "batch": 1, "hidden": 64, "layers": 2, "repeats": 1, "rounds": 1}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: T=128, w=16, batch 1, hidden 64, 2 layers, 1 repeat")
-    parser.add_argument("--seq-len", type=int, default=1024, help="sequence length T (also the full window)")
-    parser.add_argument("--window", type=int, default=64, help="local window to compare with the full one")
-    parser.add_argument("--batch", type=int, default=4, help="batch size")
-    parser.add_argument("--hidden", type=int, default=128, help="hidden size")
-    parser.add_argument("--intermediate", type=int, default=0,
-                        help="SwiGLU width; default 8/3 x hidden rounded up to a multiple of 8 (344 for 128)")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads")
-    parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads (grouped-query attention)")
-    parser.add_argument("--layers", type=int, default=4, help="layers, all sliding-window")
-    parser.add_argument("--vocab", type=int, default=512, help="vocabulary size")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per variant (median)")
-    parser.add_argument("--rounds", type=int, default=2, help="side-by-side measurements, each printed")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--quick", action="store_true", help=f"smoke run, seconds: {QUICK}")
+    for line in OPTIONS.strip().splitlines():
+        name, default, text = line.split(maxsplit=2)
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=int(default), help=text)
     args = parser.parse_args()
     if args.quick:
-        args.seq_len, args.window, args.batch, args.hidden, args.layers = 128, 16, 1, 64, 2
-        args.repeats, args.rounds = 1, 1
+        vars(args).update(QUICK)
     torch.set_num_threads(args.threads)
     register_local_attention()
     t, w = args.seq_len, args.window
