@@ -148,6 +148,21 @@ def test_padding_falls_back_to_sdpa_with_the_mask_and_agrees(ids, band_calls):
     assert band_calls == [WINDOW] * 2
 
 
+def test_attention_dropout_falls_back_to_sdpa_with_the_window_and_agrees(ids, band_calls):
+    register_local_attention()
+    results = []
+    for attn in ("sdpa", ATTN_NAME):
+        make_config, _ = FAMILIES["mistral"]
+        config = make_config(WINDOW)
+        config.attention_dropout = 0.2
+        torch.manual_seed(0)
+        model = transformers.MistralForCausalLM._from_config(config, attn_implementation=attn).train()
+        torch.manual_seed(5)  # the same dropout draws in both
+        results.append(step(model, ids))
+    assert_same(results[1], results[0])
+    assert band_calls == []
+
+
 def test_no_dense_mask_is_built_unless_there_is_padding(ids):
     register_local_attention()
     model = build("qwen2", WINDOW, ATTN_NAME)
@@ -187,3 +202,14 @@ def test_the_benchmark_quick_mode_runs(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "metalearner_local: None" in out  # no T x T mask built for the band
     assert "RESULT hf_window: ratio=" in out
+
+
+def test_generation_with_a_cache_gives_the_tokens_of_sdpa(band_calls):
+    # the prompt (prefill) runs the band; each decoded token (key length > 1 query) goes to sdpa
+    register_local_attention()
+    ref = build("qwen2", WINDOW, "sdpa").eval()
+    local = build("qwen2", WINDOW, ATTN_NAME, ref.state_dict()).eval()
+    prompt = torch.randint(0, VOCAB, (1, 3 * WINDOW), generator=torch.Generator().manual_seed(2))
+    tokens = [m.generate(prompt, max_new_tokens=10, do_sample=False, min_new_tokens=10) for m in (ref, local)]
+    assert torch.equal(tokens[0], tokens[1])
+    assert band_calls == [WINDOW]

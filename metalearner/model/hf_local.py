@@ -34,7 +34,14 @@ import torch.nn.functional as F
 from metalearner.model.band import blocked_local_attention
 from metalearner.model.flex import flex_local_attention, local_kernel_for
 
-__all__ = ["ATTN_NAME", "HF_MISSING", "local_attention_forward", "local_mask", "register_local_attention"]
+__all__ = [
+    "ATTN_NAME",
+    "HF_MISSING",
+    "local_attention_forward",
+    "local_mask",
+    "register_local_attention",
+    "window_mask",
+]
 
 ATTN_NAME = "metalearner_local"
 HF_MISSING = "attn_implementation 'metalearner_local' needs the 'hf' extra: pip install 'metalearner[hf]'"
@@ -167,6 +174,8 @@ def local_attention_forward(
         and not any(kwargs.get(name) for name in _SDPA_ONLY)
     )
     if not band_ok:
+        if attention_mask is None and causal and sliding_window is not None and sliding_window < key.shape[2]:
+            attention_mask = window_mask(t, key.shape[2], int(sliding_window), query.device)  # `local_mask` left it out
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
             **kwargs,
@@ -184,3 +193,15 @@ def local_attention_forward(
     else:
         out = blocked_local_attention(query, key, value, int(sliding_window), causal=True)
     return out.transpose(1, 2).contiguous(), None
+
+
+def window_mask(q_length: int, kv_length: int, window: int, device: torch.device) -> torch.Tensor:
+    """The dense causal sliding-window mask, for a layer that falls back to sdpa when
+    `local_mask` returned None: the queries are the last `q_length` of `kv_length` positions.
+
+    Returns:
+        (1, 1, q_length, kv_length) boolean, True = attend (key s of query t: t - window < s <= t).
+    """
+    t = torch.arange(kv_length - q_length, kv_length, device=device).view(-1, 1)
+    s = torch.arange(kv_length, device=device).view(1, -1)
+    return ((s <= t) & (s > t - window)).view(1, 1, q_length, kv_length)
