@@ -20,6 +20,11 @@ or packed sequences in the batch, a key length that differs from the query lengt
 with a cache), bidirectional attention, attention dropout > 0, and anything that asks for
 attention weights or a position bias (`softcap` raises there, as it does with `sdpa`).
 
+Both registrations are needed: transformers gives an attention name without a mask function
+no mask at all, so padding would be silently ignored. They are per process: call
+`register_local_attention()` before building the model in every process that builds one (a
+Ray worker too; the HF model adapter does it when a spec asks for this implementation).
+
 Imports torch and the model layer; transformers is imported when `register_local_attention`
 runs (it needs the 'hf' extra). Must not import ray, mlflow or anything above the model layer.
 """
