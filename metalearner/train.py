@@ -177,7 +177,7 @@ class TrainingRun:
             dotted key -> value; a setting whose value is None (an unset optional, e.g. a
             static controller's absent bounds) is left out, never logged as "null".
         """
-        ctrl = {"name": self.controller.name, **self.controller.settings()}
+        ctrl = {"name": self.cfg.controller["name"], **self.controller.settings()}  # a plugin: its module:Class
         task = {**asdict(self.cfg.task), **self.task.params()}
         model = {"preset": self.cfg.model.preset, **asdict(self.model_config)}
         flat = flatten({"task": task, "model": model, "train": asdict(self.cfg.train), "controller": ctrl})
