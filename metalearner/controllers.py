@@ -14,8 +14,9 @@ To add a policy: write a class with the same constructor shape
 (``init: Knobs, **settings``), give it a ``PARAMS`` table and register it in
 ``CONTROLLERS``; or, outside this package, subclass `BaseController` and name it by its
 import path (``controller.name: my_pkg.policies:MyPolicy``) or by an entry point in the
-group ``metalearner.controllers`` (`metalearner.plugins` loads and checks it, then
-registers it here, so that it is treated exactly as a built-in policy).
+group ``metalearner.controllers``. `metalearner.registry` turns any name into its class
+(loading and checking a plugin) and builds a controller by name, so that a plugin is
+treated exactly as a built-in policy.
 """
 
 from __future__ import annotations
@@ -112,8 +113,12 @@ def check_setting(key: str, p: Param, v: Any) -> Any:
     return v
 
 
-def _resolve(name: str, table: dict[str, Param], given: dict[str, Any]) -> dict[str, Any]:
-    """Validate ``given`` against ``table`` and fill defaults; raise ValueError naming the field."""
+def resolve_settings(name: str, table: dict[str, Param], given: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``given`` against ``table`` (the policy ``name``'s) and fill defaults.
+
+    Raises:
+        ValueError: naming the field: unknown, missing, failing its check, or bounds reversed.
+    """
     unknown = sorted(set(given) - set(table))
     if unknown:
         raise ValueError(
@@ -163,7 +168,7 @@ class BaseController:
     def __init__(self, init: Knobs, **settings: Any) -> None:
         if not isinstance(init, Knobs):
             raise ValueError(f"init: got {init!r}, expected a Knobs instance")
-        self._settings = _resolve(self.name, {**self.PARAMS, **BOUND_PARAMS}, settings)
+        self._settings = resolve_settings(self.name, {**self.PARAMS, **BOUND_PARAMS}, settings)
         s = self._settings
         self.init = init
         self._base_f = _clamp(float(init.rope_base), s["min_base"], s["max_base"])
@@ -415,46 +420,3 @@ CONTROLLERS: dict[str, Callable[..., Controller]] = {
     "ewma": EWMAController,
     "plateau": PlateauController,
 }
-BUILTIN = tuple(CONTROLLERS)  # the names that are not plugins (plugins join CONTROLLERS once loaded)
-
-
-def controller_class(name: str) -> Any:
-    """The class registered as ``name``: a built-in policy, or a plugin (an import path
-    ``module:Class`` or an entry point in the group ``metalearner.controllers``), which is
-    loaded, checked and registered in `CONTROLLERS` the first time it is named.
-
-    Raises:
-        ValueError: ``"name: got ..., ..."``: unknown, not importable, or not a policy.
-    """
-    if not isinstance(name, str):
-        raise ValueError(f"name: got {name!r}, expected one of {sorted(BUILTIN)} or a plugin (module:Class)")
-    if name not in CONTROLLERS:
-        from metalearner.plugins import load_plugin  # the loader imports this module
-
-        CONTROLLERS[name] = load_plugin(name)
-    return CONTROLLERS[name]
-
-
-def controller_params(name: str) -> list[str]:
-    """The settings ``name`` accepts (bounds included)."""
-    return [*getattr(controller_class(name), "PARAMS", {}), *BOUND_PARAMS]
-
-
-def build_controller(name: str, *, init: Knobs, **settings: Any) -> Controller:
-    """Build the controller registered as ``name`` (a built-in name or a plugin, see
-    `controller_class`); its settings are checked against its ``PARAMS`` and the bounds
-    and completed with their defaults before its constructor sees them.
-
-    Raises:
-        ValueError: unknown name (the message lists the known ones) or an invalid setting
-            (the message names it, the value and the allowed range).
-    """
-    cls = controller_class(name)
-    resolved = _resolve(name, {**getattr(cls, "PARAMS", {}), **BOUND_PARAMS}, settings)
-    if name in BUILTIN:
-        return cls(init=init, **resolved)
-    try:
-        return cls(init=init, **resolved)
-    except Exception as e:  # noqa: BLE001 - a plugin's own failure, named in one line
-        raise ValueError(f"name: got {name!r}, whose constructor raised {type(e).__name__}: "
-                         f"{(str(e).strip().splitlines() or [''])[0]}") from None

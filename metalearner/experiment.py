@@ -42,7 +42,7 @@ from metalearner.config import (
     read_yaml,
     set_dotted,
 )
-from metalearner.plugins import default_arm_name
+from metalearner.registry import default_arm_name
 from metalearner.runtime_env import driver_paths, importable, merge_runtime_env, resolve_runtime_env
 from metalearner.schema import STRICT, SafeName, check_name, load_dataclass, short, validate
 

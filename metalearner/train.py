@@ -55,9 +55,10 @@ from metalearner.checkpoint import (
     read_run_state,
 )
 from metalearner.config import ConfigError, RunConfig, flatten
-from metalearner.controllers import BOUND_PARAMS, Controller, build_controller
+from metalearner.controllers import BOUND_PARAMS, Controller
 from metalearner.knobs import Knobs
 from metalearner.model import ModelConfig, build_model, preset
+from metalearner.registry import build_controller
 from metalearner.tasks import Task, batch_loss, build_task
 from metalearner.trace import NONFINITE_KEY, TraceSink
 

@@ -20,10 +20,10 @@ from conftest import children, history
 
 from metalearner.cli import build_parser, main
 from metalearner.config import ConfigError, load_run_config
-from metalearner.controllers import CONTROLLERS, build_controller, controller_params
 from metalearner.experiment import parse_experiment
 from metalearner.inputs import sweep_inputs
 from metalearner.knobs import Knobs
+from metalearner.registry import PLUGINS, build_controller, controller_params
 from metalearner.trace import STEP_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +62,7 @@ def test_an_import_path_plugin_is_treated_like_a_builtin_policy(tmp_path, monkey
     c = build_controller(name, init=K0, every=2)
     assert [c.observe(s, 1.0).window for s in range(1, 5)] == [8, 16, 16, 32]
     assert c.settings()["gain"] == 2.0 and c.settings()["min_window"] == 1  # defaults filled, bounds too
-    assert CONTROLLERS[name].__name__ == "Doubler"  # registered once, like a built-in
+    assert PLUGINS[name].__name__ == "Doubler"  # loaded once, then an entry like a built-in's
     with pytest.raises(ValueError, match=r"^gain: got 0.5, expected a float > 1$"):
         build_controller(name, init=K0, gain=0.5)
     cfg = load_run_config({**BASE, "controller": {"name": name, "every": 3}})

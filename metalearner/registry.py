@@ -1,4 +1,4 @@
-"""Controller plugins: a policy that lives outside this package, loaded and checked by name.
+"""Controller names to controllers: the built-in policies and plugins, built by name.
 
 ``controller.name`` is a built-in name (`metalearner.controllers.CONTROLLERS`), an import
 path ``module:Class`` (``my_pkg.policies:GrowOnPlateau``), or the name of an entry point
@@ -7,13 +7,15 @@ in the group ``metalearner.controllers`` of an installed package::
     [project.entry-points."metalearner.controllers"]
     grow_on_plateau = "my_pkg.policies:GrowOnPlateau"
 
-`load_plugin` imports the class and checks it once, when it is first named: it must be a
-class with every member of the `Controller` protocol and a ``PARAMS`` table of
-`metalearner.controllers.Param` whose defaults pass their own checks.
-`metalearner.controllers.controller_class` registers it in ``CONTROLLERS``, so that
-validation, search spaces, PBT bounds, export and compare treat it as a built-in policy.
-Every refusal is a ``ValueError`` whose message starts ``name: got ...`` (the config
-layer prefixes ``controller.``).
+`controller_class` resolves a name to its class, the one entry shape (a class with a
+``PARAMS`` table) for built-ins and plugins alike; a plugin is imported and checked
+(`load_plugin`) the first time it is named, then kept in `PLUGINS`. `controller_params`
+and `build_controller` work on that entry, so validation, search spaces, PBT bounds,
+export and compare treat a plugin as a built-in policy. A plugin must be a class with
+every member of the `Controller` protocol and a ``PARAMS`` table of
+`metalearner.controllers.Param` whose defaults pass their own checks. Every refusal is a
+``ValueError`` whose message starts ``name: got ...`` (the config layer prefixes
+``controller.``).
 
 Must not import ray, mlflow or torch (a plugin module may).
 """
@@ -25,7 +27,16 @@ import re
 from importlib.metadata import entry_points
 from typing import Any
 
-from metalearner.controllers import BOUND_PARAMS, BUILTIN, REQUIRED, Param, check_setting
+from metalearner.controllers import (
+    BOUND_PARAMS,
+    CONTROLLERS,
+    REQUIRED,
+    Controller,
+    Param,
+    check_setting,
+    resolve_settings,
+)
+from metalearner.knobs import Knobs
 from metalearner.schema import short
 
 ENTRY_POINT_GROUP = "metalearner.controllers"
@@ -34,8 +45,51 @@ IMPORT_PATH = re.compile(rf"({_DOTTED}):({_DOTTED})")
 # what the train loop and the sweep use of a policy (the `Controller` protocol, plus its table)
 MEMBERS = ("name", "PARAMS", "knobs", "loss_ewma", "observe", "settings", "state_dict", "load_state_dict")
 METHODS = ("observe", "settings", "state_dict", "load_state_dict")
-KNOWN = (f"one of {sorted(BUILTIN)}, an import path module:Class, or an entry point in the group "
+KNOWN = (f"one of {sorted(CONTROLLERS)}, an import path module:Class, or an entry point in the group "
          f"'{ENTRY_POINT_GROUP}'")
+
+
+PLUGINS: dict[str, type] = {}  # plugin name -> its class, once loaded and checked
+
+
+def controller_class(name: Any) -> Any:
+    """The class ``name`` names: a built-in policy, or a plugin (loaded and checked the
+    first time, see `load_plugin`).
+
+    Raises:
+        ValueError: ``"name: got ..., ..."``: unknown, not importable, or not a policy.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"name: got {short(name)}, expected {KNOWN}")
+    if name in CONTROLLERS:
+        return CONTROLLERS[name]
+    if name not in PLUGINS:
+        PLUGINS[name] = load_plugin(name)
+    return PLUGINS[name]
+
+
+def controller_params(name: str) -> list[str]:
+    """The settings the controller ``name`` accepts (its ``PARAMS``, then the bounds)."""
+    return [*getattr(controller_class(name), "PARAMS", {}), *BOUND_PARAMS]
+
+
+def build_controller(name: str, *, init: Knobs, **settings: Any) -> Controller:
+    """Build the controller ``name`` names (a built-in name or a plugin); its settings are
+    checked against its ``PARAMS`` and the bounds and completed with their defaults
+    before its constructor sees them.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones) or an invalid setting
+            (the message names it, the value and the allowed range).
+    """
+    cls = controller_class(name)
+    resolved = resolve_settings(name, {**getattr(cls, "PARAMS", {}), **BOUND_PARAMS}, settings)
+    if name in CONTROLLERS:
+        return cls(init=init, **resolved)
+    try:
+        return cls(init=init, **resolved)
+    except Exception as e:  # noqa: BLE001 - a plugin's own failure, named in one line
+        raise ValueError(f"name: got {short(name)}, whose constructor raised {_first_line(e)}") from None
 
 
 def is_import_path(name: str) -> bool:
