@@ -292,3 +292,23 @@ def test_the_plugin_sweeps_best_exports_and_resume_keeps_its_runtime_env(plugin_
     cfg = load_run_config({**BASE, "controller": doc["controller"]})  # the export trains as it was
     assert cfg.controller["factor"] == doc["controller"]["factor"]
 
+
+
+def test_the_example_plugin_resumes_exactly_and_grows_only_on_a_plateau(monkeypatch):
+    """experiments/plugins/grow_on_plateau.py: falling losses leave the window alone, a flat
+    loss grows it by ``factor`` per horizon; a state_dict taken midway continues identically."""
+    monkeypatch.syspath_prepend(str(ROOT / "experiments" / "plugins"))
+    name = "grow_on_plateau:GrowOnPlateau"
+    falling = build_controller(name, init=K0, patience=3, factor=2.0)
+    assert {falling.observe(s, 10.0 / s).window for s in range(1, 13)} == {8}
+    flat = build_controller(name, init=K0, patience=3, factor=2.0)
+    assert [flat.observe(s, 1.0).window for s in range(1, 8)] == [8, 8, 8, 16, 16, 16, 32]
+    losses = [2.0, 1.5, 1.2, 1.0] + [1.0] * 8  # falling, then flat
+    a = build_controller(name, init=K0, patience=2, beta=0.0)
+    for s, x in enumerate(losses[:6], 1):  # mid-horizon, before the first growth
+        a.observe(s, x)
+    b = build_controller(name, init=K0, patience=2, beta=0.0)
+    b.load_state_dict(a.state_dict())
+    rest = list(enumerate(losses[6:], 7))
+    assert [a.observe(s, x) for s, x in rest] == [b.observe(s, x) for s, x in rest]
+    assert a.state_dict() == b.state_dict() and a.knobs.window > K0.window  # it grew, on both
