@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metalearner.config import load_run_config  # noqa: E402
-from metalearner.controllers import build_controller  # noqa: E402
+from metalearner.registry import build_controller  # noqa: E402
 from metalearner.tasks import build_task  # noqa: E402
 from metalearner.train import TrainingRun  # noqa: E402
 

@@ -1,8 +1,9 @@
 """metalearner: meta-learn online controllers of a transformer's RoPE base and
 local-attention window with Ray Tune, traced in MLflow. See DESIGN.md for the contract."""
 
-from metalearner.controllers import CONTROLLERS, Controller, build_controller
+from metalearner.controllers import CONTROLLERS, Controller
 from metalearner.knobs import Knobs
+from metalearner.registry import build_controller
 
 __version__ = "0.1.0"
 

@@ -441,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="one controlled training run, traced in MLflow",
                        description="Train one model with an online controller; every step is traced in MLflow.")
     t.add_argument("--task", help="recall | text | speech (default: text)")
-    t.add_argument("--controller", help="static | schedule | ewma | plateau (default: ewma)")
+    t.add_argument("--controller", help="static | schedule | ewma | plateau, or a plugin: module:Class or an "
+                   "entry point of the group metalearner.controllers (default: ewma)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: train.steps = 300)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field with a dotted key, e.g. controller.factor=1.01 (repeatable)")
@@ -476,6 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", help="folder for the comparison report (default: STORAGE/NAME-TIMESTAMP/report; for a URI "
                     "storage written to ./sweeps/NAME-TIMESTAMP/report and copied to the URI)")
     sw.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: Ray's own count)")
+    sw.add_argument("--py-modules", action="append", default=None, metavar="PATH",
+                    help="a package folder, .py module or .whl file every Ray worker must import (a controller "
+                         "plugin): added to the spec's runtime_env.py_modules (repeatable; kept by --resume)")
+    sw.add_argument("--working-dir", metavar="DIR",
+                    help="a folder Ray ships to every worker as its code root (runtime_env.working_dir; "
+                         "replaces the spec's; kept by --resume)")
     sw.add_argument("--metrics-db", default=os.environ.get("METALEARNER_METRICS_DB") or None, metavar="URI",
                     help="the tracking server's PostgreSQL backend (postgresql://USER@HOST:PORT/DB): trace points "
                          "are written there in bulk, everything else through the server; for sweeps that log faster "

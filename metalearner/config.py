@@ -30,8 +30,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field
 
-from metalearner.controllers import BOUND_PARAMS, CONTROLLERS, build_controller, controller_params
+from metalearner.controllers import BOUND_PARAMS
 from metalearner.knobs import Knobs
+from metalearner.registry import build_controller, controller_params
 from metalearner.schema import ConfigError, checker, load_dataclass, short
 
 __all__ = ["ConfigError", "RunConfig", "TrainConfig", "load_run_config", "apply_overrides", "flatten",
@@ -210,10 +211,11 @@ def _param_estimate(mc: Any) -> int:
 
 def _load_controller(data: dict[str, Any]) -> dict[str, Any]:
     name = data.get("name", "ewma")
-    if not isinstance(name, str) or name not in CONTROLLERS:
-        raise ConfigError(f"controller.name: got {short(name)}, expected one of {sorted(CONTROLLERS)}")
+    try:
+        known = controller_params(name)  # a plugin is imported and checked here (metalearner.registry)
+    except ValueError as e:
+        raise ConfigError(f"controller.{e}") from None
     settings = {k: v for k, v in data.items() if k != "name"}
-    known = controller_params(name)
     for key in settings:
         if key not in known:
             raise ConfigError(f"controller.{key}: unknown parameter for controller '{name}'; "

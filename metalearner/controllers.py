@@ -12,7 +12,11 @@ takes effect at once instead of being undone by the checkpoint.
 
 To add a policy: write a class with the same constructor shape
 (``init: Knobs, **settings``), give it a ``PARAMS`` table and register it in
-``CONTROLLERS``.
+``CONTROLLERS``; or, outside this package, subclass `BaseController` and name it by its
+import path (``controller.name: my_pkg.policies:MyPolicy``) or by an entry point in the
+group ``metalearner.controllers``. `metalearner.registry` turns any name into its class
+(loading and checking a plugin) and builds a controller by name, so that a plugin is
+treated exactly as a built-in policy.
 """
 
 from __future__ import annotations
@@ -83,8 +87,38 @@ _THRESHOLD = Param(0.01, lambda v: _is_num(v) and v >= 0, "a float >= 0")
 _THRESHOLD_MODE = Param("abs", lambda v: v in ("abs", "rel"), "'abs' or 'rel'", str)
 
 
-def _resolve(name: str, table: dict[str, Param], given: dict[str, Any]) -> dict[str, Any]:
-    """Validate ``given`` against ``table`` and fill defaults; raise ValueError naming the field."""
+def check_setting(key: str, p: Param, v: Any) -> Any:
+    """``v`` as setting ``key`` of table entry ``p``: an int where a float is declared becomes
+    a float (and a whole float an int where an int is declared), then ``p.check`` must pass.
+
+    Args:
+        key: the setting's name (for the message).
+        p: its `Param`.
+        v: the value given (or the default).
+    Returns:
+        The converted value.
+    Raises:
+        ValueError: ``"<key>: got <v>, expected <p.expected>"`` (a check that raises fails too).
+    """
+    if p.kind is float and _is_int(v):
+        v = float(v)
+    if p.kind is int and isinstance(v, float) and v.is_integer():
+        v = int(v)
+    try:
+        ok = bool(p.check(v))
+    except Exception:  # noqa: BLE001 - a check that cannot judge the value (a plugin's) rejects it
+        ok = False
+    if not ok:
+        raise ValueError(f"{key}: got {v!r}, expected {p.expected}")
+    return v
+
+
+def resolve_settings(name: str, table: dict[str, Param], given: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``given`` against ``table`` (the policy ``name``'s) and fill defaults.
+
+    Raises:
+        ValueError: naming the field: unknown, missing, failing its check, or bounds reversed.
+    """
     unknown = sorted(set(given) - set(table))
     if unknown:
         raise ValueError(
@@ -96,13 +130,7 @@ def _resolve(name: str, table: dict[str, Param], given: dict[str, Any]) -> dict[
         v = given.get(key, p.default)
         if v is REQUIRED:
             raise ValueError(f"{key}: missing, required by controller '{name}' ({p.expected})")
-        if p.kind is float and _is_int(v):
-            v = float(v)
-        if p.kind is int and isinstance(v, float) and v.is_integer():
-            v = int(v)
-        if not p.check(v):
-            raise ValueError(f"{key}: got {v!r}, expected {p.expected}")
-        out[key] = v
+        out[key] = check_setting(key, p, v)
     if out["min_window"] > out["max_window"]:
         raise ValueError(
             f"max_window: got {out['max_window']}, expected >= min_window ({out['min_window']})"
@@ -125,8 +153,14 @@ def _round_window(w: float) -> int:
 # ---------------------------------------------------------------- shared base
 
 
-class _Base:
-    """Bookkeeping shared by every policy: settings, bounds, continuous knob values."""
+class BaseController:
+    """Bookkeeping shared by every policy: settings, bounds, continuous knob values.
+
+    A policy (built in or a plugin) sets ``name`` and ``PARAMS`` and overrides `update`,
+    moving the knobs with `scale`; state of its own goes into `state_dict` /
+    `load_state_dict` (call ``super()``), its settings are `settings()`. The bounds
+    (`BOUND_PARAMS`) are checked and applied here.
+    """
 
     name = "base"
     PARAMS: dict[str, Param] = {}
@@ -134,7 +168,7 @@ class _Base:
     def __init__(self, init: Knobs, **settings: Any) -> None:
         if not isinstance(init, Knobs):
             raise ValueError(f"init: got {init!r}, expected a Knobs instance")
-        self._settings = _resolve(self.name, {**self.PARAMS, **BOUND_PARAMS}, settings)
+        self._settings = resolve_settings(self.name, {**self.PARAMS, **BOUND_PARAMS}, settings)
         s = self._settings
         self.init = init
         self._base_f = _clamp(float(init.rope_base), s["min_base"], s["max_base"])
@@ -183,17 +217,19 @@ class _Base:
         if not math.isfinite(loss):
             self.nonfinite += 1
             return self._knobs
-        self._update(step, loss)
+        self.update(step, loss)
         return self._knobs
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._settings}, knobs={self._knobs})"
 
     # -- for subclasses
-    def _update(self, step: int, loss: float) -> None:
-        """Move ``_base_f`` / ``_window_f`` from a finite loss, then call ``_commit``."""
+    def update(self, step: int, loss: float) -> None:
+        """Move the knobs from one finite training loss (`observe` counts non-finite ones)."""
 
-    def _scale(self, m_base: float, m_window: float) -> None:
+    def scale(self, m_base: float, m_window: float) -> None:
+        """Multiply the continuous base and window by ``m_base`` / ``m_window``, clamped to
+        the bounds; the knobs are the window rounded to the nearest int."""
         s = self._settings
         self._base_f = _clamp(self._base_f * m_base, s["min_base"], s["max_base"])
         self._window_f = _clamp(self._window_f * m_window, s["min_window"], s["max_window"])
@@ -206,14 +242,14 @@ class _Base:
 # ---------------------------------------------------------------- policies
 
 
-class StaticController(_Base):
+class StaticController(BaseController):
     """Never moves the knobs: the baseline every policy is compared with."""
 
     name = "static"
     PARAMS: dict[str, Param] = {}
 
 
-class EWMAController(_Base):
+class EWMAController(BaseController):
     """The seed's rule, corrected (DESIGN.md).
 
     Keeps an EWMA of the loss. When the loss falls below it by more than ``threshold``
@@ -250,16 +286,16 @@ class EWMAController(_Base):
     def loss_ewma(self) -> float | None:
         return self._running
 
-    def _update(self, step: int, loss: float) -> None:
+    def update(self, step: int, loss: float) -> None:
         s = self._settings
         beta = s["beta"]
         self._running = loss if self._running is None else beta * self._running + (1 - beta) * loss
         change = loss - self._running
         thr = s["threshold"] * abs(self._running) if s["threshold_mode"] == "rel" else s["threshold"]
         if change < -thr:
-            self._scale(self._fb, self._fw)
+            self.scale(self._fb, self._fw)
         elif change > thr:
-            self._scale(1.0 / self._fb, 1.0 / self._fw)
+            self.scale(1.0 / self._fb, 1.0 / self._fw)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "running": self._running}
@@ -269,7 +305,7 @@ class EWMAController(_Base):
         self._running = None if state["running"] is None else float(state["running"])
 
 
-class ScheduleController(_Base):
+class ScheduleController(BaseController):
     """Warms the window (and optionally the base, geometrically) up over ``warmup_steps``.
 
     ``shape`` is ``linear`` or ``cubic`` (4x^3 - 6x^2 + 3x). Ignores the loss. After
@@ -295,7 +331,7 @@ class ScheduleController(_Base):
             return 4 * x**3 - 6 * x**2 + 3 * x
         return x
 
-    def _update(self, step: int, loss: float) -> None:
+    def update(self, step: int, loss: float) -> None:
         s = self._settings
         p = self._progress(step)
         w = self._w0 + (s["final_window"] - self._w0) * p
@@ -312,7 +348,7 @@ class ScheduleController(_Base):
         self._w0, self._b0 = float(state["w0"]), float(state["b0"])
 
 
-class PlateauController(_Base):
+class PlateauController(BaseController):
     """"Expand when stuck": grow both knobs by ``factor`` when the (smoothed) loss has not
     improved on its best by ``threshold`` for ``patience`` steps, then wait ``cooldown``
     steps. ReduceLROnPlateau's bookkeeping; ``beta`` smooths the loss first (0 = raw).
@@ -339,7 +375,7 @@ class PlateauController(_Base):
     def loss_ewma(self) -> float | None:
         return self._running
 
-    def _update(self, step: int, loss: float) -> None:
+    def update(self, step: int, loss: float) -> None:
         s = self._settings
         beta = s["beta"]
         self._running = loss if self._running is None else beta * self._running + (1 - beta) * loss
@@ -357,7 +393,7 @@ class PlateauController(_Base):
             self._cooldown_left -= 1
             self._num_bad = 0
         if self._num_bad >= s["patience"]:
-            self._scale(s["factor"], s["factor"])
+            self.scale(s["factor"], s["factor"])
             self._cooldown_left = s["cooldown"]
             self._num_bad = 0
 
@@ -384,23 +420,3 @@ CONTROLLERS: dict[str, Callable[..., Controller]] = {
     "ewma": EWMAController,
     "plateau": PlateauController,
 }
-
-
-def controller_params(name: str) -> list[str]:
-    """The settings ``name`` accepts (bounds included)."""
-    if name not in CONTROLLERS:
-        raise ValueError(f"controller.name: got {name!r}, expected one of {sorted(CONTROLLERS)}")
-    cls = CONTROLLERS[name]
-    return [*getattr(cls, "PARAMS", {}), *BOUND_PARAMS]
-
-
-def build_controller(name: str, *, init: Knobs, **settings: Any) -> Controller:
-    """Build the controller registered as ``name``.
-
-    Raises:
-        ValueError: unknown name (the message lists the known ones) or an invalid setting
-            (the message names it, the value and the allowed range).
-    """
-    if name not in CONTROLLERS:
-        raise ValueError(f"name: got {name!r}, expected one of {sorted(CONTROLLERS)}")
-    return CONTROLLERS[name](init=init, **settings)

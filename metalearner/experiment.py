@@ -17,7 +17,9 @@ Paths in a spec (``task.data_dir``, ``task.files``, ``task.tokenizer``) are made
 loaded, relative to the *working folder* of the command (as the shell completes them and
 as a ``--set`` override is typed), never to the spec file's folder; the trials get the
 absolute paths, so they never depend on their own working folder (Ray moves each trial
-into its trial folder).
+into its trial folder). The one exception is ``runtime_env`` (the code a plugin
+controller needs on every worker, `metalearner.runtime_env`): its paths are relative to
+the spec file, since that code ships with the spec.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from metalearner.config import (
     read_yaml,
     set_dotted,
 )
+from metalearner.registry import default_arm_name
+from metalearner.runtime_env import driver_paths, importable, merge_runtime_env, resolve_runtime_env
 from metalearner.schema import STRICT, SafeName, check_name, load_dataclass, short, validate
 
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -130,6 +134,7 @@ class ExperimentSpec:
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
     tracking: Tracking = field(default_factory=Tracking)
+    runtime_env: dict[str, Any] = field(default_factory=dict)  # Ray's, local paths absolute (metalearner.runtime_env)
 
     def run_config(self, arm: Arm, seed: int, controller: dict[str, Any] | None = None) -> dict[str, Any]:
         """The nested run config of one cell (arm x seed) without search domains."""
@@ -184,6 +189,7 @@ class SpecFile(BaseModel):
     seeds: Annotated[list[Seed], BeforeValidator(_count_to_seeds), Field(min_length=1, max_length=MAX_SEEDS)] = [0]
     resources: Mapping | None = None
     tracking: Mapping | None = None
+    runtime_env: Mapping | None = None
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"
     target_loss: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None  # compute-to-target
@@ -192,7 +198,7 @@ class SpecFile(BaseModel):
     seed: Seed = 0
 
     @field_validator("task", "model", "train", "controller", "search", "arms", "resources", "tracking", "stop",
-                     "smoke", mode="before")
+                     "smoke", "runtime_env", mode="before")
     @classmethod
     def _not_null(cls, value: Any) -> Any:
         if value is None:
@@ -380,9 +386,19 @@ def parse_experiment(data: Any, source: str = "<spec>") -> ExperimentSpec:
                               "on one of 'seeds' (and a search on search.seed), which would replace it")
     resources = load_dataclass(Resources, top.resources, "resources.")
     tracking = load_dataclass(Tracking, top.tracking, "tracking.")
-    seeds = list(top.seeds)
-    budget = top.stop.time_budget_s if top.stop else 0.0
+    runtime_env = resolve_runtime_env(top.runtime_env, Path.cwd())  # a spec file's paths are absolute by now
+    with importable(driver_paths(runtime_env)):  # a plugin controller imports here as on the workers
+        arms = _load_arms(top, base)
+    _check_devices(resources, base)
+    return ExperimentSpec(name=name, description=top.description, base=base, arms=arms, seeds=list(top.seeds),
+                          resources=resources, metric=top.metric, mode=top.mode,
+                          target_loss=None if top.target_loss is None else float(top.target_loss),
+                          time_budget_s=float(top.stop.time_budget_s if top.stop else 0.0), seed=top.seed,
+                          source=source, raw=copy.deepcopy(data), tracking=tracking, runtime_env=runtime_env)
 
+
+def _load_arms(top: SpecFile, base: dict[str, Any]) -> list[Arm]:
+    """The arms of a spec, each validated with its search space."""
     default_ctrl = top.controller or {"name": "ewma"}
     implicit = top.arms is None  # the top-level controller (+ search) is the single arm
     if implicit:
@@ -409,21 +425,28 @@ def parse_experiment(data: Any, source: str = "<spec>") -> ExperimentSpec:
             raise ConfigError(f"{where}.{msg}" if where and msg.startswith("controller.") else msg) from None
         _check_cell(resolved, top)
         arm_name = a.name if a.name is not None else check_name(
-            "tuned" if implicit and search else resolved.controller["name"], f"{where}.name".lstrip("."))
+            "tuned" if implicit and search else default_arm_name(resolved.controller["name"]),
+            f"{where}.name".lstrip("."))
         if any(arm_name == b.name for b in arms):
             raise ConfigError(f"{where}.name: got {arm_name!r} twice, expected distinct arm names")
         arms.append(Arm(name=arm_name, controller=ctrl, search=search))
-    _check_devices(resources, base)
-    return ExperimentSpec(name=name, description=top.description, base=base, arms=arms, seeds=seeds,
-                          resources=resources, metric=top.metric, mode=top.mode,
-                          target_loss=None if top.target_loss is None else float(top.target_loss),
-                          time_budget_s=float(budget), seed=top.seed, source=source, raw=copy.deepcopy(data),
-                          tracking=tracking)
+    return arms
 
 
-def load_experiment(path: str | Path, overrides: list[str] | None = None, smoke: bool = False) -> ExperimentSpec:
+def load_experiment(path: str | Path, overrides: list[str] | None = None, smoke: bool = False,
+                    runtime_env: dict[str, Any] | None = None) -> ExperimentSpec:
     """Read, apply ``smoke`` and ``--set`` overrides, validate. Raises `ConfigError`
-    (and nothing else, whatever the file holds)."""
+    (and nothing else, whatever the file holds).
+
+    Args:
+        path: the spec file.
+        overrides: ``--set`` items.
+        smoke: apply the spec's smoke block.
+        runtime_env: the CLI's ``--py-modules`` / ``--working-dir``, resolved
+            (`metalearner.runtime_env.resolve_runtime_env`), added to the spec's.
+    Returns:
+        The validated spec; its ``raw`` (saved with the sweep) holds the absolute paths.
+    """
     p = Path(path)
     data = read_yaml(p, "experiment")
     if not isinstance(data, dict):
@@ -437,6 +460,9 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None, smoke:
         data = apply_smoke(data, smoke_block)
     data = apply_overrides(data, overrides or [])
     data = absolute_paths(data, Path.cwd())
+    env = merge_runtime_env(resolve_runtime_env(data.get("runtime_env"), p.absolute().parent), runtime_env or {})
+    if env:
+        data["runtime_env"] = env
     spec = parse_experiment(data, source=str(p))
     spec.raw["smoke"] = smoke_block
     return spec

@@ -32,6 +32,7 @@ from metalearner.config import (
     missing_extras,
     read_yaml,
 )
+from metalearner.runtime_env import flag_runtime_env
 from metalearner.schema import check_name, short
 
 URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -277,13 +278,14 @@ def sweep_inputs(args: argparse.Namespace) -> Any:
 
     if args.num_cpus is not None and not 1 <= args.num_cpus <= MAX_CPUS:
         raise ConfigError(f"--num-cpus: got {args.num_cpus}, expected an int in 1..{MAX_CPUS}")
+    code = flag_runtime_env(getattr(args, "py_modules", None), getattr(args, "working_dir", None))
     if args.resume is not None:
-        spec = resume_spec(args)
+        spec = resume_spec(args, code)
     elif args.experiment is None:
         raise ConfigError("experiment: missing, expected a spec file such as experiments/quickstart.yaml "
                           "(or --resume EXPERIMENT_DIR)")
     else:
-        spec = load_experiment(args.experiment, overrides=args.set, smoke=args.smoke_test)
+        spec = load_experiment(args.experiment, overrides=args.set, smoke=args.smoke_test, runtime_env=code)
     check_extras(spec)
     task_data(load_run_config(spec.run_config(spec.arms[0], spec.seeds[0])))
     if args.address is None:
@@ -323,10 +325,11 @@ def metrics_db_location(uri: str, tracking_uri: str | None) -> None:
         raise ConfigError(str(e)) from None
 
 
-def resume_spec(args: argparse.Namespace) -> Any:
-    """``sweep --resume DIR``: the spec saved in DIR. A spec file, ``--set`` or
-    ``--smoke-test`` given too must yield that same spec: a resume never changes what
-    the sweep runs (the first differing field is named)."""
+def resume_spec(args: argparse.Namespace, code: dict[str, Any] | None = None) -> Any:
+    """``sweep --resume DIR``: the spec saved in DIR (its ``runtime_env`` included). A spec
+    file, ``--set``, ``--smoke-test``, ``--py-modules`` or ``--working-dir`` given too must
+    yield that same spec: a resume never changes what the sweep runs (the first differing
+    field is named). ``code``: the runtime_env of those flags (`flag_runtime_env`)."""
     from metalearner.experiment import load_experiment
     from metalearner.sweep_state import SPEC_FILE, SweepState
     from trainables.storage import same_storage
@@ -346,7 +349,8 @@ def resume_spec(args: argparse.Namespace) -> Any:
                           "(a resumed sweep delivers to the tracking store it started with)")
     saved_file = folder / SPEC_FILE
     saved = load_experiment(saved_file)
-    given = load_experiment(args.experiment or saved_file, overrides=args.set, smoke=args.smoke_test)
+    given = load_experiment(args.experiment or saved_file, overrides=args.set, smoke=args.smoke_test,
+                            runtime_env=code)
     for key, old, new in spec_diff(saved.raw, given.raw):
         raise ConfigError(f"{key}: got {short(new)}, expected {short(old)} as in the sweep being resumed "
                           f"({saved_file}); a resume runs the spec it started with")

@@ -55,9 +55,10 @@ from metalearner.checkpoint import (
     read_run_state,
 )
 from metalearner.config import ConfigError, RunConfig, flatten
-from metalearner.controllers import BOUND_PARAMS, Controller, build_controller
+from metalearner.controllers import BOUND_PARAMS, Controller
 from metalearner.knobs import Knobs
 from metalearner.model import ModelConfig, build_model, preset
+from metalearner.registry import build_controller
 from metalearner.tasks import Task, batch_loss, build_task
 from metalearner.trace import NONFINITE_KEY, TraceSink
 
@@ -177,7 +178,7 @@ class TrainingRun:
             dotted key -> value; a setting whose value is None (an unset optional, e.g. a
             static controller's absent bounds) is left out, never logged as "null".
         """
-        ctrl = {"name": self.controller.name, **self.controller.settings()}
+        ctrl = {"name": self.cfg.controller["name"], **self.controller.settings()}  # a plugin: its module:Class
         task = {**asdict(self.cfg.task), **self.task.params()}
         model = {"preset": self.cfg.model.preset, **asdict(self.model_config)}
         flat = flatten({"task": task, "model": model, "train": asdict(self.cfg.train), "controller": ctrl})

@@ -11,10 +11,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # DESIGN.md's layers, lowest first: a module imports its own layer or those below it
 LAYERS = [
     ["metalearner.knobs", "metalearner.environment", "metalearner.trace", "metalearner.schema"],
-    ["metalearner.controllers"],
+    ["metalearner.controllers", "metalearner.registry"],  # registry: a controller name to its class (plugins too)
     ["metalearner.model"],
     ["metalearner.tasks"],
-    ["metalearner.config", "metalearner.experiment"],
+    ["metalearner.config", "metalearner.experiment", "metalearner.runtime_env"],
     ["metalearner.train", "metalearner.hf", "metalearner.checkpoint"],
     ["metalearner.tracking", "metalearner.journal", "metalearner.report",
      "metalearner.sweep_state", "metalearner.metrics_db"],  # journal, sweep_state: stdlib only, no mlflow;

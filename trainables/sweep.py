@@ -45,6 +45,7 @@ from metalearner.config import flatten, load_run_config
 from metalearner.environment import HF_OFFLINE, TUNE_QUIET, set_defaults
 from metalearner.experiment import Arm, ExperimentSpec
 from metalearner.journal import JOURNAL_DIR
+from metalearner.runtime_env import driver_paths, importable
 from metalearner.sweep_state import PARENT_KEY, SPEC_FILE, SweepState
 from metalearner.tracking import INTERRUPTED_TAG, KIND_TAG, MlflowWriter, arm_colours, ui_features
 from trainables.phase_runner import Phase, PhaseRunner, StopRequest
@@ -104,17 +105,22 @@ class SweepRunner:
         # the sweep is where Ray starts: its environment is set here (workers inherit it)
         set_defaults(TUNE_QUIET, HF_OFFLINE)
         if ray.is_initialized():
+            if self.spec.runtime_env:
+                log.warning("Ray was started before the sweep: the spec's runtime_env %s is not applied (give it "
+                            "to your ray.init, or let the sweep start Ray)", self.spec.runtime_env)
             return
         # ray.init installs a SIGTERM handler of its own (sys.exit(15)); the face's (the
         # CLI's stop_on_signals: stop the sweep, exit 130) stays in force
         main = threading.current_thread() is threading.main_thread()
         term = signal.getsignal(signal.SIGTERM) if main else None
+        # the code every worker must import (a plugin controller): Ray ships it to the cluster
+        env = {"runtime_env": self.spec.runtime_env} if self.spec.runtime_env else {}
         try:
             if self.address:
-                ray.init(address=self.address, include_dashboard=False, logging_level="WARNING")
+                ray.init(address=self.address, include_dashboard=False, logging_level="WARNING", **env)
             else:
                 ray.init(num_cpus=self.num_cpus, include_dashboard=False,  # None: Ray's own (cgroup-aware) count
-                         logging_level="WARNING", log_to_driver=False, configure_logging=True)
+                         logging_level="WARNING", log_to_driver=False, configure_logging=True, **env)
         finally:
             if main and term is not None:
                 signal.signal(signal.SIGTERM, term)
@@ -206,6 +212,12 @@ class SweepRunner:
         return SweepState.create(self.folder, self.tracking_uri, self.stamp, self.storage), set()
 
     def run(self) -> SweepResult:
+        """Run the sweep (see the module docstring); while it runs, the code its spec's
+        ``runtime_env`` ships is importable on the driver too, as on the workers."""
+        with importable(driver_paths(self.spec.runtime_env)):
+            return self._run()
+
+    def _run(self) -> SweepResult:
         spec = self.spec
         t0 = time.perf_counter()
         # PBT's explore step and the random searcher draw from these: a seeded sweep
