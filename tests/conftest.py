@@ -196,6 +196,7 @@ SLOWEST_FILES = (
     "test_cluster.py",
     "test_sweep.py",
     "test_outage.py",
+    "test_plugins.py",
     "test_resume_checkpoints.py",
     "test_sweep_faults.py",
     "test_cli.py",
