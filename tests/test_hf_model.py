@@ -195,7 +195,7 @@ def test_hf_qwen2_study_smoke_sweeps_compares_and_exports(cli, tmp_path, sqlite_
     for arm in ("static", "schedule", "ewma-tuned"):
         assert arm in res.stdout
     res = cli("compare", "hf_qwen2", "--tracking-uri", sqlite_uri, "--out", tmp_path / "report",
-              "--export-best", tmp_path / "best.yaml", cwd=tmp_path)
+              "--export-best", tmp_path / "best.yaml", "--arm", "ewma-tuned", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "report" / "comparison.csv").is_file()
     best = yaml.safe_load((tmp_path / "best.yaml").read_text())["controller"]
