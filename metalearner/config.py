@@ -244,7 +244,7 @@ def _load_hf(data: dict[str, Any], task: str, seq_len: int) -> dict[str, Any]:
         if importlib.util.find_spec("transformers") is None:
             raise ConfigError("model.hf: got a Hugging Face model, which needs the package 'transformers' (not "
                               "installed); expected it installed: pip install 'metalearner[hf]'")
-        mc = resolve_hf_config(out, None, seq_len)
+        mc = resolve_hf_config(out, None, seq_len, max_params=MAX_PARAMS)
     except HFModelError as e:
         raise ConfigError(str(e)) from None
     if mc.n_params > MAX_PARAMS:

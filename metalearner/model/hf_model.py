@@ -278,7 +278,8 @@ def load_hf_config(section: dict[str, Any], vocab_size: int | None = None) -> An
                                                 **overrides)
         else:
             config = AutoConfig.for_model(model_type, **overrides)
-    except (ValueError, TypeError, KeyError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure of the config class on user input (its strict
+        # validation raises huggingface_hub's own errors, which are no ValueError)
         raise HFModelError(f"model.hf.config: got {short_dict(overrides)}, which {model_type} rejects "
                            f"({first_line(e)})") from None
     if not pretrained:
@@ -353,7 +354,18 @@ def check_knob_layout(config: Any) -> None:
         raise HFModelError(f"model.hf.config.head_dim: got {head_dim}, expected an even rotary dimension")
 
 
-def resolve_hf_config(section: dict[str, Any], vocab_size: int | None, seq_len: int) -> HFModelConfig:
+def rough_params(config: Any) -> float:
+    """Parameters of a model of ``config``, roughly (attention, MLP, embeddings; experts
+    counted), from its sizes alone: a guard before anything is built."""
+    h = float(config.hidden_size)
+    inner = max(h, float(config.num_attention_heads) * float(getattr(config, "head_dim", None) or 0))
+    ffn = float(getattr(config, "intermediate_size", None) or 4 * h)
+    experts = float(getattr(config, "num_local_experts", None) or 1)
+    return float(config.num_hidden_layers) * (4 * h * inner + 3 * h * ffn * experts) + float(config.vocab_size) * h
+
+
+def resolve_hf_config(section: dict[str, Any], vocab_size: int | None, seq_len: int,
+                      max_params: float | None = None) -> HFModelConfig:
     """The `HFModelConfig` of a ``model.hf`` section for a run.
 
     Args:
@@ -362,6 +374,8 @@ def resolve_hf_config(section: dict[str, Any], vocab_size: int | None, seq_len: 
             pretrained model must embed at least as many; None (validation before the
             task is built): the config's own.
         seq_len: the run's sequence length (the window is capped there).
+        max_params: refuse a config whose rough size (`rough_params`) is above it,
+            before the model is built on the meta device.
 
     Raises:
         HFModelError: the section, or its pairing with the task, is not usable; the model
@@ -375,9 +389,16 @@ def resolve_hf_config(section: dict[str, Any], vocab_size: int | None, seq_len: 
         raise HFModelError(f"model.hf.path: got a model with vocab_size {config.vocab_size}, expected at least the "
                            f"task's {vocab_size} token ids")
     try:
+        size = rough_params(config)
+    except (TypeError, ValueError) as e:
+        raise HFModelError(f"model.hf.config: got sizes {model_type} cannot use ({first_line(e)})") from None
+    if max_params is not None and not size <= max_params:
+        raise HFModelError(f"model.hf.config: got a {model_type} model of about {size:.3g} parameters, expected at "
+                           f"most {max_params:.3g}")
+    try:
         with torch.device("meta"):
             lm = build_lm(config, "eager", None)
-    except (ValueError, TypeError, KeyError, RuntimeError, AssertionError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure of transformers' model code on this config
         raise HFModelError(f"model.hf.config: the {model_type} model cannot be built from it ({first_line(e)})") from None
     heads = int(config.num_attention_heads)
     return HFModelConfig(
