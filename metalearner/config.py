@@ -75,6 +75,9 @@ TASK_MODEL_KEYS: dict[str, tuple[str, ...]] = {
     "speech": ("arch", "vocab_size", "n_mels", "max_seq_len", "max_source_frames"),
 }
 
+# tasks an HF causal LM (model.hf) can learn: tokens in, next-token logits out
+HF_TASKS = ("text", "recall")
+
 # optional dependencies: (what needs them, pip extra, import names)
 EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "train.engine='hf'": ("hf", ("transformers", "accelerate", "datasets")),
@@ -115,10 +118,17 @@ class TrainConfig:
 
 @dataclass
 class ModelSection:
-    """``model.preset`` plus any `ModelConfig` field as an override."""
+    """``model.preset`` plus any `ModelConfig` field as an override; or ``model.hf``, a
+    Hugging Face causal LM (`metalearner.model.hf_model`), and then nothing else."""
 
     preset: str = "small"
     overrides: dict[str, Any] = field(default_factory=dict)
+    hf: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.hf is not None:
+            return {"hf": copy.deepcopy(self.hf)}
+        return {"preset": self.preset, **self.overrides}
 
 
 @dataclass
@@ -135,7 +145,7 @@ class RunConfig:
             del train["seq_len"]  # the speech task takes it from task.max_text_len
         return {
             "task": dataclasses.asdict(self.task),
-            "model": {"preset": self.model.preset, **self.model.overrides},
+            "model": self.model.to_dict(),
             "train": train,
             "controller": dict(self.controller),
         }
@@ -179,10 +189,12 @@ def _model_checker() -> Any:
     return _MODEL_CHECKER
 
 
-def _load_model(data: dict[str, Any], task: str) -> ModelSection:
+def _load_model(data: dict[str, Any], task: str, seq_len: int) -> ModelSection:
     from metalearner.model import PRESETS
     from metalearner.schema import validate
 
+    if "hf" in data:
+        return ModelSection(hf=_load_hf(data, task, seq_len))
     preset = data.pop("preset", "small")
     if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"model.preset: got {short(preset)}, expected one of {sorted(PRESETS)}")
@@ -201,6 +213,46 @@ def _load_model(data: dict[str, Any], task: str) -> ModelSection:
         raise ConfigError(f"model.d_model: got {mc.d_model} with n_layers {mc.n_layers} and vocab_size "
                           f"{mc.vocab_size} (about {params:.3g} parameters), expected at most {MAX_PARAMS:.3g}")
     return ModelSection(preset=preset, overrides=overrides)
+
+
+@dataclass
+class HFSection:
+    """``model.hf``: a Hugging Face causal LM (see `metalearner.model.hf_model`)."""
+
+    config: dict[str, Any] | None = None  # a config dict with model_type (random init), or overrides of path's
+    path: str | None = None  # a local model folder (from_pretrained, local files only)
+    attn_implementation: str | None = None  # "sdpa", "eager" or "metalearner_local"; None: the family's
+
+
+def _load_hf(data: dict[str, Any], task: str, seq_len: int) -> dict[str, Any]:
+    """Check ``model.hf`` (alone in the model section) down to the model it builds: the
+    family, the folder, the config keys, both knobs' layout, the size (on the meta
+    device); returns the section as given, without unset keys."""
+    from metalearner.model.hf_model import FAMILY_LIST, HFModelError, resolve_hf_config, section_model_type
+
+    others = [k for k in data if k != "hf"]
+    if others:
+        raise ConfigError(f"model.{others[0]}: got {short(data[others[0]])} with model.hf, expected it unset (an HF "
+                          "model takes its sizes from model.hf.config)")
+    if task not in HF_TASKS:
+        raise ConfigError(f"model.hf: got it with task.name {task!r}, expected a decoder task: one of {list(HF_TASKS)}")
+    section = load_dataclass(HFSection, data["hf"], "model.hf.")
+    out = {k: v for k, v in dataclasses.asdict(section).items() if v is not None}
+    if section.config is not None and "vocab_size" in section.config:
+        raise ConfigError(f"model.hf.config.vocab_size: got {short(section.config['vocab_size'])}, expected it unset: "
+                          f"the {task} task sets vocab_size from its data (the run would not use your value)")
+    try:
+        section_model_type(out)
+        if importlib.util.find_spec("transformers") is None:
+            raise ConfigError("model.hf: got a Hugging Face model, which needs the package 'transformers' (not "
+                              "installed); expected it installed: pip install 'metalearner[hf]'")
+        mc = resolve_hf_config(out, None, seq_len, max_params=MAX_PARAMS)
+    except HFModelError as e:
+        raise ConfigError(str(e)) from None
+    if mc.n_params > MAX_PARAMS:
+        raise ConfigError(f"model.hf.config: got a {mc.model_type} model of {mc.n_params:.3g} parameters, expected at "
+                          f"most {MAX_PARAMS:.3g} (families: {FAMILY_LIST})")
+    return out
 
 
 def _param_estimate(mc: Any) -> int:
@@ -243,7 +295,7 @@ def load_run_config(data: Any) -> RunConfig:
     if task.name == "speech" and "seq_len" in sections["train"]:
         raise ConfigError(f"train.seq_len: got {short(sections['train']['seq_len'])}, expected it unset: the speech "
                           "task takes its sequence length from task.max_text_len")
-    cfg = RunConfig(task=task, model=_load_model(sections["model"], task.name), train=train,
+    cfg = RunConfig(task=task, model=_load_model(sections["model"], task.name, train.seq_len), train=train,
                     controller=_load_controller(sections["controller"]))
     _check_window_bounds(cfg)
     if hasattr(cfg.task, "check_files"):

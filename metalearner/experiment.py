@@ -479,6 +479,9 @@ def absolute_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         for validation to reject with its own message.
     """
     out = copy.deepcopy(data)
+    hf = out["model"].get("hf") if isinstance(out.get("model"), dict) else None
+    if isinstance(hf, dict) and isinstance(hf.get("path"), str) and hf["path"]:
+        hf["path"] = _absolute(hf["path"], base)  # model.hf.path, a local model folder
     task = out.get("task")
     if not isinstance(task, dict):
         return out

@@ -59,6 +59,7 @@ from metalearner.controllers import BOUND_PARAMS, Controller
 from metalearner.knobs import Knobs
 from metalearner.model import ModelConfig, build_model, preset
 from metalearner.registry import build_controller
+from metalearner.model.hf_model import HFCausalLM, HFModelConfig, HFModelError, resolve_hf_config
 from metalearner.tasks import Task, batch_loss, build_task
 from metalearner.trace import NONFINITE_KEY, TraceSink
 
@@ -74,8 +75,14 @@ def lr_at(step: int, cfg: Any) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-def resolve_model_config(cfg: RunConfig, task: Task) -> ModelConfig:
-    """Preset, then the user's overrides, then what the data dictates."""
+def resolve_model_config(cfg: RunConfig, task: Task) -> ModelConfig | HFModelConfig:
+    """Preset, then the user's overrides, then what the data dictates; or the HF model of
+    ``model.hf`` with the task's vocabulary and sequence length."""
+    if cfg.model.hf is not None:
+        try:
+            return resolve_hf_config(cfg.model.hf, task.model_overrides()["vocab_size"], task.seq_len)
+        except HFModelError as e:
+            raise ConfigError(str(e)) from None
     mc = preset(cfg.model.preset, **cfg.model.overrides)
     for key, value in task.model_overrides().items():
         setattr(mc, key, value)
@@ -93,14 +100,22 @@ def resolve_model_config(cfg: RunConfig, task: Task) -> ModelConfig:
     return mc
 
 
-def window_cap(mc: ModelConfig) -> int:
+def build_run_model(mc: ModelConfig | HFModelConfig) -> torch.nn.Module:
+    """Our model of ``mc``, or the HF causal LM behind the same interface; the weights
+    are drawn from the current torch seed (or read from ``model.hf.path``)."""
+    if isinstance(mc, HFModelConfig):
+        return HFCausalLM(mc)
+    return build_model(mc)
+
+
+def window_cap(mc: ModelConfig | HFModelConfig) -> int:
     """The longest window that still changes anything: the model's sequence length."""
     if mc.arch == "encoder_decoder":
         return max(mc.max_seq_len, mc.max_source_frames)
     return mc.max_seq_len
 
 
-def make_controller(cfg: RunConfig, mc: ModelConfig) -> Controller:
+def make_controller(cfg: RunConfig, mc: ModelConfig | HFModelConfig) -> Controller:
     settings = cfg.controller_settings()
     cap = window_cap(mc)  # DESIGN.md: the train loop caps max_window at the sequence length
     settings["max_window"] = min(int(settings.get("max_window", BOUND_PARAMS["max_window"].default)), cap)
@@ -155,7 +170,7 @@ class TrainingRun:
         self.model_config = resolve_model_config(cfg, self.task)
         random.seed(t.seed)
         torch.manual_seed(t.seed)
-        self.model = build_model(self.model_config).to(self.device)
+        self.model = build_run_model(self.model_config).to(self.device)
         self.controller = make_controller(cfg, self.model_config)
         self.model.apply_knobs(self.controller.knobs)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
@@ -180,7 +195,10 @@ class TrainingRun:
         """
         ctrl = {"name": self.cfg.controller["name"], **self.controller.settings()}  # a plugin: its module:Class
         task = {**asdict(self.cfg.task), **self.task.params()}
-        model = {"preset": self.cfg.model.preset, **asdict(self.model_config)}
+        if isinstance(self.model_config, HFModelConfig):
+            model = self.model_config.params()
+        else:
+            model = {"preset": self.cfg.model.preset, **asdict(self.model_config)}
         flat = flatten({"task": task, "model": model, "train": asdict(self.cfg.train), "controller": ctrl})
         return {k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in flat.items() if v is not None}
 

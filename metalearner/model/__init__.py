@@ -4,6 +4,9 @@
     model = build_model(preset("tiny", window=16))
     model.apply_knobs(Knobs(rope_base=20_000.0, window=32))
 
+`hf_model` puts a Hugging Face causal LM behind the same interface (`HFCausalLM`;
+transformers is imported only when one is built).
+
 Imports torch and `metalearner.knobs` only; must not import ray, mlflow or anything above
 the model layer.
 """
@@ -14,6 +17,7 @@ from metalearner.model.attention import (
     blocked_local_attention,
     local_block_size,
 )
+from metalearner.model.hf_model import FAMILIES, HFCausalLM, HFModelConfig, HFModelError, resolve_hf_config
 from metalearner.model.rope import RotaryEmbedding, rope_tables
 from metalearner.model.transformer import (
     PRESETS,
@@ -33,6 +37,10 @@ __all__ = [
     "CrossAttention",
     "DecoderLM",
     "EncoderDecoder",
+    "FAMILIES",
+    "HFCausalLM",
+    "HFModelConfig",
+    "HFModelError",
     "HybridAttention",
     "ModelConfig",
     "RotaryEmbedding",
@@ -40,6 +48,7 @@ __all__ = [
     "build_model",
     "local_block_size",
     "preset",
+    "resolve_hf_config",
     "rope_tables",
     "small",
     "tiny",
