@@ -200,3 +200,25 @@ def test_hf_qwen2_study_smoke_sweeps_compares_and_exports(cli, tmp_path, sqlite_
     assert (tmp_path / "report" / "comparison.csv").is_file()
     best = yaml.safe_load((tmp_path / "best.yaml").read_text())["controller"]
     assert best["name"] == "ewma" and 1.001 <= best["factor"] <= 1.05
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral", "gemma3_text"])
+def test_moved_window_reaches_the_band_attention_of_every_sliding_layer(model_type):
+    """With ``attn_implementation: metalearner_local`` the band reads each sliding layer's own
+    ``sliding_window``: after a move, logits and gradients match transformers' sdpa model built
+    with the new values (dense window mask), so the per-layer update is what makes them agree."""
+    extra = EXTRA.get(model_type, {})
+    torch.manual_seed(0)
+    mc = resolve_hf_config({"config": family_config(model_type, extra), "attn_implementation": "metalearner_local"},
+                           vocab_size=VOCAB, seq_len=T)
+    model = HFCausalLM(mc)
+    tokens = torch.randint(0, VOCAB, (2, T))
+    base, window = 31_337.0, 5
+    model.apply_knobs(Knobs(rope_base=base, window=window))
+    moved, moved_grads = logits_and_grads(model, tokens, model)
+    fresh = fresh_with(model_type, extra, base, window, "sdpa")
+    fresh.load_state_dict(model.lm.state_dict())
+    ref, ref_grads = logits_and_grads(fresh, tokens, lambda t: fresh(input_ids=t, use_cache=False).logits)
+    torch.testing.assert_close(moved, ref, rtol=1e-5, atol=1e-5)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(moved_grads[f"lm.{name}"], grad, rtol=1e-4, atol=1e-5, msg=name)
