@@ -168,6 +168,8 @@ def test_unusable_hf_models_exit_2_naming_model_hf_and_the_families(cli, tmp_pat
      "model.hf.config.rope_parameters.rope_type: got 'dynamic'"),
     ({"hiden_size": 32}, "model.hf.config.hiden_size: unknown key for model_type 'qwen2'"),
     ({"vocab_size": 300}, "model.hf.config.vocab_size: got 300, expected it unset"),
+    ({"num_key_value_heads": 10**12}, "model.hf.config.num_key_value_heads: got 1000000000000, expected an int in 1"),
+    ({"head_dim": 10**12}, "model.hf.config.head_dim: got 1000000000000, expected an int in 1"),
 ])
 def test_hf_configs_whose_knobs_cannot_move_are_refused(change, field):
     section = {"config": {**family_config("qwen2", EXTRA["qwen2"]), **change}}

@@ -354,6 +354,11 @@ def check_knob_layout(config: Any) -> None:
         raise HFModelError(f"model.hf.config.head_dim: got {head_dim}, expected an even rotary dimension")
 
 
+COUNT_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
+                "num_experts_per_tok")
+MAX_COUNT = 65_536  # far beyond any model this runs, far below what makes a meta build hang
+
+
 def rough_params(config: Any) -> float:
     """Parameters of a model of ``config``, roughly (attention, MLP, embeddings; experts
     counted), from its sizes alone: a guard before anything is built."""
@@ -388,6 +393,10 @@ def resolve_hf_config(section: dict[str, Any], vocab_size: int | None, seq_len: 
     if pretrained and vocab_size is not None and config.vocab_size < vocab_size:
         raise HFModelError(f"model.hf.path: got a model with vocab_size {config.vocab_size}, expected at least the "
                            f"task's {vocab_size} token ids")
+    for name in COUNT_FIELDS:  # counts the size estimate does not see (heads, kv heads) hang the build
+        value = getattr(config, name, None)
+        if value is not None and not (isinstance(value, int) and 1 <= value <= MAX_COUNT):
+            raise HFModelError(f"model.hf.config.{name}: got {value!r}, expected an int in 1 .. {MAX_COUNT}")
     try:
         size = rough_params(config)
     except (TypeError, ValueError) as e:
