@@ -197,6 +197,7 @@ SLOWEST_FILES = (
     "test_sweep.py",
     "test_outage.py",
     "test_plugins.py",
+    "test_hf_model.py",
     "test_resume_checkpoints.py",
     "test_sweep_faults.py",
     "test_cli.py",
