@@ -62,7 +62,7 @@ import os, signal, sys, types
 from trainables.sweep import SweepRunner
 
 signal.signal(signal.SIGTERM, lambda *a: os._exit(130))  # the CLI's handler: stop, then exit 130
-SweepRunner.init_ray(types.SimpleNamespace(address=sys.argv[1], num_cpus=None))
+SweepRunner.init_ray(types.SimpleNamespace(address=sys.argv[1], num_cpus=None, spec=types.SimpleNamespace(runtime_env=None)))
 os.kill(os.getpid(), signal.SIGTERM)  # ray.init's own handler would exit 15
 os._exit(3)
 """
