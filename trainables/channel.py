@@ -145,7 +145,8 @@ class TrialSink:
         self.rows.append({"step": step, **metrics})
 
     def close(self, status: str = "FINISHED") -> None:
-        pass
+        """Nothing to do: every row leaves with a report (`report`), and the run's status is
+        set by the driver's callback when Tune ends the trial."""
 
     def report(self, step: int, last_val: dict[str, float], train_seconds: float, diverged: bool = False,
                checkpoint_dir: Any = None, evaluated: dict[str, float] | None = None) -> None:
