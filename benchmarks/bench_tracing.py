@@ -101,6 +101,14 @@ def thread_cpu(thread: Any) -> float:
     return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
 
 
+def settle(writer: MlflowWriter, key: str, timeout: float = 60.0) -> None:
+    """Journal what is buffered and wait until run ``key`` exists in the store: the store
+    is up (tables created, run made) before anything is timed."""
+    writer.flush()
+    if writer.run_id(key, timeout=timeout) is None:
+        raise SystemExit(f"the store did not create run {key} within {timeout:.0f} s: {writer.errors}")
+
+
 def bench_steps(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     steps = args.warmup + args.blocks * args.block + 1  # the last (evaluation) step is never timed
     cfg = run_config(args, steps)
@@ -112,14 +120,14 @@ def bench_steps(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     start = time.perf_counter()
     sink = MlflowSink.start(uri, "bench-tracing", "tiny-on", tags={"metalearner.kind": "train"})
     sink.log_params(runs["on"].params())
-    sink.writer.call(lambda: None)  # params stored: the store is up before timing
+    settle(sink.writer, sink.key)  # the store is up before timing
     setup = time.perf_counter() - start
     timed = TimedSink(sink)
     sinks = {"on": timed, "off": None, "off-b": None}
     for name, run in runs.items():
         run.advance(args.warmup, sinks[name])
     timed.seconds, timed.calls = 0.0, 0
-    cpu0 = thread_cpu(sink.writer._thread)
+    cpu0 = thread_cpu(sink.writer.delivery.thread)
     names = list(runs)
     block_means: dict[str, list[float]] = {n: [] for n in names}
     for i in range(args.blocks):
@@ -128,7 +136,7 @@ def bench_steps(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             start = time.perf_counter()
             runs[name].advance(args.block, sinks[name])
             block_means[name].append((time.perf_counter() - start) / args.block)
-    writer_cpu = thread_cpu(sink.writer._thread) - cpu0
+    writer_cpu = thread_cpu(sink.writer.delivery.thread) - cpu0
     start = time.perf_counter()
     sink.close()
     close = time.perf_counter() - start
@@ -144,7 +152,8 @@ def bench_throughput(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     uri = f"sqlite:///{tmp / 'throughput.db'}"
     writer = MlflowWriter(uri)
     run_ids = [writer.create_run("bench-tracing", f"throughput-{i}") for i in range(args.runs)]
-    writer.call(lambda: None)
+    for rid in run_ids:
+        settle(writer, rid)
     chunk = 25
     caller = 0.0
     calls = 0
@@ -179,7 +188,7 @@ def bench_contention(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     run.advance(3)
     writer = MlflowWriter(f"sqlite:///{tmp / 'contention.db'}")
     rid = writer.create_run("bench-tracing", "contention")
-    writer.call(lambda: None)
+    settle(writer, rid)
     stop = threading.Event()
 
     def feed() -> None:  # a thread that keeps the writer busy (it mostly waits on the writer)
@@ -189,7 +198,6 @@ def bench_contention(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
                 writer.log_metrics(rid, {k: 1.0 for k in KEYS[:5]}, step)
                 step += 1
             writer.flush(rid)
-            writer.call(lambda: None)
 
     idle: list[float] = []
     busy: list[float] = []
