@@ -260,9 +260,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     set_defaults({"TUNE_DISABLE_SIGINT_HANDLER": "1"})  # Ctrl-C goes to our handler (below), not Tune's
     from trainables.sweep import SweepRunner
 
+    def on_event(event: Any) -> None:  # the link, as soon as the parent run exists (before the first trial)
+        if event.kind == "link":
+            print(f"  open the review: {event.url}\n    (the UI: {ui_command(uri)})", flush=True)
+
     runner = SweepRunner(spec, uri, storage=args.storage, address=args.address, num_cpus=args.num_cpus,
                          progress=None,  # the face shows the trials: live on a terminal, plain lines elsewhere
-                         resume=args.resume, metrics_db=args.metrics_db)
+                         resume=args.resume, metrics_db=args.metrics_db, on_event=on_event)
     resume = resume_command(runner.experiment_dir, args)
     print(f"metalearner sweep '{spec.name}'{' (smoke test)' if args.smoke_test else ''}"
           f"{' resumed' if args.resume else ''}: {len(spec.arms)} arm(s) x {len(spec.seeds)} seed(s); "

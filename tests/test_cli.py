@@ -5,6 +5,7 @@ import re
 
 import mlflow
 import pytest
+from _view import assert_view_finds_runs, parent_of
 
 from metalearner.trace import STEP_KEYS as TRACE_KEYS  # noqa: E402 - the one definition
 
@@ -141,6 +142,7 @@ def test_sweep_then_compare_then_train_the_exported_controller(cli, tmp_path, sq
     assert "verdict" in res.stdout and "mlflow ui --backend-store-uri" in res.stdout
     for arm in ("static", "schedule", "ewma", "plateau"):
         assert arm in res.stdout
+    assert len(assert_view_finds_runs(uri, parent_of(res.stdout))) == 4
     res = cli("compare", "compare_policies", "--tracking-uri", uri, "--out", tmp_path / "report",
               "--export-best", tmp_path / "best.yaml", cwd=tmp_path)
     assert res.returncode == 0, res.stderr

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _view import assert_view_finds_runs, parent_of
 
 pytest.importorskip("transformers", reason="needs the 'hf' extra")
 
@@ -196,6 +197,7 @@ def test_hf_qwen2_study_smoke_sweeps_compares_and_exports(cli, tmp_path, sqlite_
     assert "trace audit: one point per step per key in every run" in res.stdout
     for arm in ("static", "schedule", "ewma-tuned"):
         assert arm in res.stdout
+    assert len(assert_view_finds_runs(sqlite_uri, parent_of(res.stdout), searched=True)) == 3
     res = cli("compare", "hf_qwen2", "--tracking-uri", sqlite_uri, "--out", tmp_path / "report",
               "--export-best", tmp_path / "best.yaml", "--arm", "ewma-tuned", cwd=tmp_path)
     assert res.returncode == 0, res.stderr

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _view import assert_view_finds_runs
 from conftest import children, history
 
 from metalearner.cli import build_parser, main
@@ -251,6 +252,8 @@ def test_plugin_sweep_through_runtime_env_has_complete_traces_and_pbt_perturbs_i
                      if line.startswith("sweep finished"))
     client, parent, runs = children(uri, parent_id)
     assert parent.info.status == "FINISHED" and len(runs) == 4  # static + plugin + a PBT population of 2
+    # the comparison: static, the plugin and the population's best member (per seed)
+    assert len(assert_view_finds_runs(uri, parent_id, searched=True)) == 3
     perturbed = 0
     for r in runs:
         params = r.data.params

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from _view import ViewProbe, assert_view_finds_runs
 
 from metalearner.experiment import load_experiment
 
@@ -23,10 +24,13 @@ def test_speech_ewma_smoke_sweep(tmp_path, sqlite_uri):
     uri = sqlite_uri
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
-        result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False).run()
+        probe = ViewProbe(uri)
+        result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False, on_event=probe).run()
     finally:
         ray.shutdown()
     assert not result.errors
+    assert [p for p, _ in probe.checked] == ["search:ewma-tuned"]
+    assert len(assert_view_finds_runs(uri, result.parent_run_id)) == 2  # static + the confirmed best
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("speech_ewma")
     runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")

@@ -14,6 +14,7 @@ import mlflow
 import psutil
 import pytest
 import yaml
+from _view import ViewProbe, assert_view_finds_runs
 from conftest import children, history
 from test_payload import payload_leaks
 
@@ -72,9 +73,13 @@ def audit(uri, parent_id, expect_children):
 def test_quickstart_smoke_sweep_end_to_end(tmp_path):
     spec = load_experiment(ROOT / "experiments/quickstart.yaml", smoke=True)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False).run()
+    probe = ViewProbe(uri)
+    result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False, on_event=probe).run()
     assert not result.errors
     assert payload_leaks(tmp_path / "ray") == []  # Tune's results carry scalars only
+    assert [p for p, _ in probe.checked] == ["search:ewma-tuned"] and "viewStateShareKey=" in probe.url
+    hits = assert_view_finds_runs(uri, result.parent_run_id)  # the comparison's 4 trials, at the end
+    assert sorted(r.data.tags["metalearner.arm"] for r in hits) == ["ewma-seed", "ewma-tuned", "schedule", "static"]
     # 3 fixed arms x 1 seed + 2 search trials + the best re-trained on 1 seed
     client, runs = audit(uri, result.parent_run_id, 6)
     phases = sorted((r.data.tags["metalearner.arm"], r.data.tags["metalearner.phase"]) for r in runs)
@@ -203,6 +208,7 @@ def test_sweep_against_a_real_tracking_server(tmp_path):
         result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False).run()
         assert not result.errors
         audit(uri, result.parent_run_id, len(spec.arms) * len(spec.seeds))
+        assert len(assert_view_finds_runs(uri, result.parent_run_id)) == len(spec.arms) * len(spec.seeds)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -217,9 +223,13 @@ def test_shipped_experiment_smoke_runs(tmp_path, name):
     (arm,) = spec.arms
     search = arm.search
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False).run()
+    probe = ViewProbe(uri)
+    result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False, on_event=probe).run()
     assert not result.errors
+    assert [p for p, _ in probe.checked] == [f"search:{arm.name}"]
     n_compare = len(spec.seeds) if search.confirm else 0
+    # at the end: the comparison's trials, or (confirm: false) every trial of the population
+    assert len(assert_view_finds_runs(uri, result.parent_run_id)) == (n_compare or search.num_samples)
     client, runs = audit(uri, result.parent_run_id, search.num_samples + n_compare)
     parent = client.get_run(result.parent_run_id)
     assert parent.data.tags["metalearner.searcher"] == search.searcher

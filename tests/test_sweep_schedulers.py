@@ -6,6 +6,7 @@ import math
 import random
 
 import pytest
+from _view import ViewProbe, assert_view_finds_runs
 from conftest import children as child_runs
 from conftest import history
 
@@ -176,8 +177,11 @@ def test_pb2_sweep_explores_the_controller_within_its_bounds(tmp_path, local_ray
                       "num_samples": 2, "space": {"controller.factor": {"uniform": [lo, hi]}}},
                      steps, every)
     uri = sqlite_uri
-    result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False).run()
+    probe = ViewProbe(uri)
+    result = SweepRunner(spec, uri, storage=str(tmp_path / "ray"), progress=False, on_event=probe).run()
     assert not result.errors
+    assert probe.checked == [("search:tuned", 2)]  # PB2 only: the view shows its population
+    assert len(assert_view_finds_runs(uri, result.parent_run_id)) == 2
 
     client, parent, runs = child_runs(uri, result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["metalearner.scheduler"] == "pb2"

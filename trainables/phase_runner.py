@@ -13,6 +13,8 @@ what their results mean; every phase runs through `PhaseRunner.run`:
    to the sweep's error log) and diverged trials (read from the grid, so also those an
    earlier, interrupted driver saw); or, when a stop request ended the phase, its
    unfinished children tagged ``metalearner.interrupted``.
+Around these, ``on_phase`` (the sweep's) hears ``"start"``, ``"trials"`` (the phase's
+first trial started) and ``"end"``.
 
 Imports ray only inside functions.
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,12 +146,16 @@ class PhaseRunner:
         set_right: run keys a resume set KILLED (handed to each phase's callback).
         progress: False shows nothing; True a live table; None a live table on a terminal,
             plain lines elsewhere.
+        on_phase: called with ``("start", phase)`` before a phase's Tune run, ``("trials",
+            phase)`` when its first trial starts (its child run journaled) and ``("end",
+            phase)`` once its outcome is read; None: nothing is called.
     """
 
     def __init__(self, spec: ExperimentSpec, storage: str, trainable: Any, writer: MlflowWriter,
                  state: SweepState, parent: str, stop: StopRequest, resume_dir: Path | None, steps: int,
                  error_log: Path, colours: dict[str, str] | None = None, set_right: set[str] | None = None,
-                 progress: bool | None = False) -> None:
+                 progress: bool | None = False,
+                 on_phase: Callable[[str, Phase], None] | None = None) -> None:
         self.spec = spec
         self.storage = storage
         self.trainable = trainable
@@ -163,6 +169,11 @@ class PhaseRunner:
         self.colours = colours
         self.set_right = set(set_right or ())
         self.progress = progress
+        self.on_phase = on_phase
+
+    def _tell(self, event: str, phase: Phase) -> None:
+        if self.on_phase is not None:
+            self.on_phase(event, phase)
 
     def search(self, arm: Arm, config: dict[str, Any], meta: dict[str, Any], key: str, name: str,
                title: str) -> PhaseOutcome:
@@ -203,6 +214,7 @@ class PhaseRunner:
         from trainables.progress import ProgressTable
 
         name = self.spec.name
+        self._tell("start", phase)
         progress = None if self.progress is False else ProgressTable(self.steps, phase.title, self.progress)
         try:
             cb = MlflowTraceCallback(self.writer, name, self.parent, mutable_keys=phase.mutable_keys,
@@ -218,10 +230,13 @@ class PhaseRunner:
         if self.stop.is_set() and cb.unfinished:
             for tid in cb.unfinished:
                 self.writer.set_tags(cb.run_ids[tid], {INTERRUPTED_TAG: "stopped by SIGINT/SIGTERM; resume the sweep"})
-            return PhaseOutcome(grid, cb.trial_info, cb.run_ids, interrupted=True)
-        errors, first_error = log_trial_errors(grid, self.error_log)
-        return PhaseOutcome(grid, cb.trial_info, cb.run_ids, interrupted=False,
-                            errors=errors + diverged_errors(grid), first_error=first_error)
+            outcome = PhaseOutcome(grid, cb.trial_info, cb.run_ids, interrupted=True)
+        else:
+            errors, first_error = log_trial_errors(grid, self.error_log)
+            outcome = PhaseOutcome(grid, cb.trial_info, cb.run_ids, interrupted=False,
+                                   errors=errors + diverged_errors(grid), first_error=first_error)
+        self._tell("end", phase)
+        return outcome
 
     def _fit(self, phase: Phase, cb: Any) -> Any:
         """Fit the phase's Tune experiment: restored if a resumed sweep left one, else new.
@@ -232,8 +247,10 @@ class PhaseRunner:
         from ray import tune
         from ray.tune.logger import JsonLoggerCallback
 
+        from trainables.phase_events import FirstTrialStarted
         from trainables.restore import repair_checkpoints
 
+        started = FirstTrialStarted(lambda: self._tell("trials", phase))
         tune_dir = experiment_uri(self.storage, phase.name)
         self.state.start_phase(phase.key, tune_dir)
         if self.resume_dir is not None and tune.Tuner.can_restore(tune_dir):
@@ -245,9 +262,9 @@ class PhaseRunner:
             # Tune restores the run config it pickled, callbacks included, and a pickled
             # callback has no writer (it stays with the driver): hand it the live ones
             # (Ray has no public way to replace a restored run config's callbacks)
-            tuner._local_tuner.get_run_config().callbacks = [cb, JsonLoggerCallback()]
+            tuner._local_tuner.get_run_config().callbacks = [cb, started, JsonLoggerCallback()]
         else:
-            tuner = make_tuner(self.spec, self.storage, self.trainable, phase.space, phase.name, cb,
+            tuner = make_tuner(self.spec, self.storage, self.trainable, phase.space, phase.name, [cb, started],
                                **phase.tuner_args)
         with self.stop.fitting():
             return tuner.fit()

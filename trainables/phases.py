@@ -17,7 +17,8 @@ another's checkpoint continues that member's trace).
 
 This module plans those populations and promotes their best members; each population runs
 as a search phase through the sweep's `trainables.phase_runner.PhaseRunner`, and
-`trainables.sweep` calls `run_per_seed_populations` for such an arm. Imports no ray.
+`trainables.sweep` calls `run_per_seed_populations` for such an arm (and `shows_compare`
+to know whether the sweep's view may show its comparison trials). Imports no ray.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import Any
 import yaml
 
 from metalearner.experiment import Arm, ExperimentSpec
+from metalearner.report.export import best_params
+from metalearner.sweep_state import SweepState
 from metalearner.tracking import PHASE_TAG, RUN_COLOR_TAG, run_colour
 from trainables.phase_runner import PhaseRunner
 
@@ -196,7 +199,17 @@ def run_per_seed_populations(phases: PhaseRunner, arm: Arm, result: Any) -> bool
                                               for seed, (f, c) in sorted(chosen.items())}, sort_keys=False))
         writer.log_artifact(phases.parent, best_file)
         writer.log_artifact(phases.parent, seeds_file)
+    writer.log_params(phases.parent, best_params(arm.name, top))  # names the parent has are skipped
     return False
+
+
+def shows_compare(state: SweepState) -> bool:
+    """Whether a sweep has comparison trials: the compare phase started one, or a per-seed
+    population promoted its best member (``search:ARM:sSEED`` with a ``best``)."""
+    if state.children("compare"):
+        return True
+    return any(key.startswith("search:") and key.count(":") == 2 and rec.get("best")
+               for key, rec in state.data["phases"].items())
 
 
 def _promote(phases: PhaseRunner, key: str, arm: str) -> None:

@@ -14,6 +14,14 @@ Every trial is a child MLflow run written by the driver (`MlflowTraceCallback`).
 module decides which phases run and what their results mean; each phase runs through
 `trainables.phase_runner.PhaseRunner` (Tune, the live table, stop and restore).
 
+The review (`metalearner.report.live.LiveReview`): once the parent run exists, before
+the first trial, the sweep makes its MLflow link (a saved view under an id fixed for the
+sweep) and tells the caller (``on_event``: a `SweepEvent` "link"); the view shows every
+trial of the sweep while searches run and the comparison's trials from the first one on,
+and the experiment's description says what runs now. The best controller of each
+searched arm goes on the parent run as params ``best.<arm>.<setting>`` beside its
+``best_<arm>.yaml``. ``on_event`` also hears each phase start, first trial and end.
+
 Faults. A sweep's folder (``experiment_dir``) holds its spec, its durable state
 (`SweepState`: phases done with their results, trial -> child run key) and its tracking
 journal (every run key and last step), so ``resume=`` that folder continues a stopped
@@ -34,6 +42,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,11 +54,13 @@ from metalearner.config import flatten, load_run_config
 from metalearner.environment import HF_OFFLINE, TUNE_QUIET, set_defaults
 from metalearner.experiment import Arm, ExperimentSpec
 from metalearner.journal import JOURNAL_DIR
+from metalearner.report.export import best_params
+from metalearner.report.live import LiveReview
 from metalearner.runtime_env import driver_paths, importable
 from metalearner.sweep_state import PARENT_KEY, SPEC_FILE, SweepState
 from metalearner.tracking import INTERRUPTED_TAG, KIND_TAG, MlflowWriter, arm_colours, ui_features
 from trainables.phase_runner import Phase, PhaseRunner, StopRequest
-from trainables.phases import run_per_seed_populations
+from trainables.phases import run_per_seed_populations, shows_compare
 from trainables.reporting import cell_config, task_key
 from trainables.storage import publish, storage_root, sweep_folder
 from trainables.tuning import best_result
@@ -74,13 +85,44 @@ class SweepResult:
     spec_files: dict[str, Path] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SweepEvent:
+    """What a sweep tells its caller as it goes (``SweepRunner(on_event=...)``).
+
+    Attributes:
+        kind: ``"link"`` (the MLflow link exists: ``url``), ``"phase_start"``,
+            ``"phase_trials"`` (the phase's first trial started) or ``"phase_end"``
+            (the phase's outcome is read; for a per-seed population, before its best
+            member is promoted).
+        phase: the phase's key in the sweep's state (``search:ARM``, ``search:ARM:sSEED``,
+            ``compare``); "" for the link.
+        url: the link (kind "link").
+        parent_run_id: the parent run's id ("" until the store has it).
+    """
+
+    kind: str
+    phase: str = ""
+    url: str = ""
+    parent_run_id: str = ""
+
+
 class SweepRunner:
-    """Runs an `ExperimentSpec`; see the module docstring for the layout."""
+    """Runs an `ExperimentSpec`; see the module docstring for the layout.
+
+    Args:
+        on_event: called (in the driver's thread; the sweep waits for it) with each
+            `SweepEvent`; the face prints the link, a test may look at the store.
+    """
 
     def __init__(self, spec: ExperimentSpec, tracking_uri: str, storage: str | None = None,
                  address: str | None = None, progress: bool | None = False, num_cpus: int | None = None,
-                 resume: str | Path | None = None, metrics_db: str | None = None) -> None:
+                 resume: str | Path | None = None, metrics_db: str | None = None,
+                 on_event: Callable[[SweepEvent], None] | None = None) -> None:
         self.spec = spec
+        self.on_event = on_event
+        self.review: LiveReview | None = None  # the link, view and description, once the parent run is journaled
+        self._linked = False  # the "link" event was told
+        self._t0 = time.perf_counter()
         self.metrics_db = metrics_db  # trace points in bulk into the server's PostgreSQL (MlflowWriter)
         self.tracking_uri = tracking_uri
         self.address = address
@@ -211,6 +253,55 @@ class SweepRunner:
         writer.log_artifact(PARENT_KEY, spec_file)
         return SweepState.create(self.folder, self.tracking_uri, self.stamp, self.storage), set()
 
+    # ------------------------------------------------------------ the review
+    def _tell(self, kind: str, phase: str = "", url: str = "") -> None:
+        if self.on_event is not None:
+            pid = (self.review.parent_run_id if self.review is not None else None) or ""
+            self.on_event(SweepEvent(kind, phase, url, pid))
+
+    def _start_review(self, writer: MlflowWriter, state: SweepState) -> None:
+        """The link and the first view, once the store has the parent run (before the first trial)."""
+        spec = self.spec
+        searched = [a for a in spec.arms if a.search is not None]
+        n_runs = sum(a.search.num_samples * (len(spec.seeds) if a.search.per_seed else 1)  # type: ignore[union-attr]
+                     for a in searched) + len(spec.arms) * len(spec.seeds)
+        settings = [k for a in searched if a.search.population_based for k in a.search.space]  # type: ignore[union-attr]
+        self.review = LiveReview(writer, PARENT_KEY, f"{spec.name}-{self.stamp}", n_runs, settings, spec.metric,
+                                 spec.description)
+        compare = shows_compare(state) or not searched
+        self.review.open("compare" if compare else "trials", "starting", timeout=120.0)
+        self._link()
+
+    def _link(self) -> None:
+        """Tell the link once it exists (at the start, or later if the store was away then)."""
+        if self.review is not None and self.review.url and not self._linked:
+            self._linked = True
+            self._tell("link", url=self.review.url)
+
+    def _on_phase(self, event: str, phase: Phase) -> None:
+        """A phase's event (`PhaseRunner`): the view and description follow it, then the caller hears it."""
+        if self.review is not None:
+            if event == "start":
+                self.review.show(doing=f"running: {phase.title.split(': ', 1)[-1]}; the verdict appears "
+                                       "here when the sweep ends")
+            elif event == "trials" and phase.key == "compare":
+                self.review.show("compare")
+            self._link()
+        self._tell({"start": "phase_start", "trials": "phase_trials", "end": "phase_end"}[event], phase.key)
+
+    def _end_review(self, state: SweepState, result: SweepResult, status: str) -> None:
+        """The view and description a sweep leaves (the report, when it runs, writes its own)."""
+        if self.review is None:
+            return
+        if result.interrupted:
+            doing = f"stopped after {time.perf_counter() - self._t0:.0f} s; resume it: metalearner sweep --resume " \
+                    f"{self.folder}"
+        else:
+            doing = (f"finished in {time.perf_counter() - self._t0:.0f} s"
+                     + ("" if status == "FINISHED" else f", with failed trials ({self.folder / 'trial_errors.log'})")
+                     + f"; the verdict: metalearner compare {self.spec.name}")
+        self.review.show("compare" if shows_compare(state) else "trials", doing)
+
     def run(self) -> SweepResult:
         """Run the sweep (see the module docstring); while it runs, the code its spec's
         ``runtime_env`` ships is importable on the driver too, as on the workers."""
@@ -219,7 +310,7 @@ class SweepRunner:
 
     def _run(self) -> SweepResult:
         spec = self.spec
-        t0 = time.perf_counter()
+        t0 = self._t0 = time.perf_counter()
         # PBT's explore step and the random searcher draw from these: a seeded sweep
         random.seed(spec.seed)
         np.random.seed(spec.seed)
@@ -236,12 +327,13 @@ class SweepRunner:
         status = "FAILED"
         try:
             state, set_right = self._open(writer)
-            self.init_ray()
+            self.init_ray()  # meanwhile the writer's thread makes the parent run (a new store: its tables too)
+            self._start_review(writer, state)
             phases = PhaseRunner(
                 spec, self.storage, self.trainable(), writer, state, PARENT_KEY, self.stop,
                 self.resume_dir, load_run_config(spec.run_config(spec.arms[0], spec.seeds[0])).train.steps,
                 error_log, colours=arm_colours(a.name for a in spec.arms) if ui_features()["run_color"] else None,
-                set_right=set_right, progress=self.progress)
+                set_right=set_right, progress=self.progress, on_phase=self._on_phase)
             cells: list[dict[str, Any]] = []
             for arm in spec.arms:
                 if arm.search is None:
@@ -266,6 +358,7 @@ class SweepRunner:
             else:
                 status = "FINISHED" if not (result.errors or result.failed_arms) else "FAILED"
                 publish(out_dir, self.storage, out_dir.name)  # a URI storage gets the sweep's files too
+            self._end_review(state, result, status)
         except KeyboardInterrupt:
             status = "KILLED"
             raise
@@ -319,6 +412,7 @@ class SweepRunner:
         if not best_file.is_file():
             best_file.write_text(yaml.safe_dump({"controller": result.best[arm.name]}, sort_keys=False))
             phases.writer.log_artifact(PARENT_KEY, best_file)
+        phases.writer.log_params(PARENT_KEY, best_params(arm.name, result.best[arm.name]))  # names it has are skipped
         result.spec_files[arm.name] = best_file
         return False
 

@@ -32,7 +32,7 @@ def make_tuner(spec: ExperimentSpec, storage: str, trainable: Any, param_space: 
         trainable: the sweep's trainable (with its shared task and resources).
         param_space: the phase's param space.
         name: the Tune experiment's name (its folder under ``storage``).
-        callback: the phase's `MlflowTraceCallback`.
+        callback: the phase's `MlflowTraceCallback`, or a list of Tune callbacks (it first).
         search_alg: a searcher, or None for Tune's own variant generator.
         scheduler: a trial scheduler, or None for FIFO.
         num_samples: trials to draw from ``param_space``.
@@ -62,7 +62,8 @@ def make_tuner(spec: ExperimentSpec, storage: str, trainable: Any, param_space: 
         run_config=tune.RunConfig(
             # our callback is the logger that matters (MLflow); Tune's JSON log keeps
             # its own result bookkeeping working (the CSV/TensorBoard ones are off)
-            name=name, storage_path=storage, callbacks=[callback, JsonLoggerCallback()], verbose=0,
+            name=name, storage_path=storage, verbose=0,
+            callbacks=[*(callback if isinstance(callback, list) else [callback]), JsonLoggerCallback()],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
             failure_config=tune.FailureConfig(max_failures=r.max_failures),
         ),

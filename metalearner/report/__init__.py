@@ -7,15 +7,20 @@
         -> compare.compare_sweep         -> render.render_table / render_markdown
         -> plots.plot_traces
         -> export.export_best_controller
+        -> landing.plot_delta            each arm's difference from static, with its interval
         -> view.view_state / saved_view  the MLflow UI view the printed link opens
+        -> landing.final_description     the answer on the experiment page (no click)
     write_report = all of it, written to a folder and logged back to the parent run (with
-    summary metrics per arm, the verdicts in its description, and the saved view).
+    summary metrics per arm, the verdicts in its description, each compare trial's
+    difference from static, the saved view and the experiment's description).
 
 One job per module: `runs` shapes what `metalearner.tracking` (the only module that talks
 to MLflow) returns into frames, `stats` holds the statistics (a package, one module per
 job: intervals, pairing, verdicts, power, to_target), `compare` builds the table,
 `render` turns it into text (all columns go to comparison.csv, a reviewer's dozen to the
-terminal and markdown), `plots` draws, `export` writes the best controller spec.
+terminal and markdown), `plots` draws, `export` writes the best controller spec,
+`landing` says the answer where the MLflow page shows it, `view` builds the saved view
+and `live` keeps link, view and description right while a sweep runs.
 Never imports ray or torch.
 """
 
@@ -30,6 +35,15 @@ import pandas as pd
 
 from metalearner.report.compare import TABLE_COLUMNS, Comparison, compare_sweep, compare_table
 from metalearner.report.export import export_best_controller
+from metalearner.report.landing import (
+    DELTA_PNG,
+    NOTE_END,
+    answer_line,
+    final_description,
+    kept_text,
+    per_run_deltas,
+    plot_delta,
+)
 from metalearner.report.plots import plot_traces
 from metalearner.report.render import HOW_TO_READ, display_columns, render_duplicates, render_markdown, render_table
 from metalearner.report.runs import (
@@ -41,7 +55,7 @@ from metalearner.report.runs import (
     number,
     run_summary,
 )
-from metalearner.report.view import saved_view, view_state
+from metalearner.report.view import delta_key, saved_view, view_key, view_state
 from metalearner.trace import TRACE_KEYS
 from metalearner.tracking import (
     NOTE_TAG,
@@ -54,8 +68,6 @@ from metalearner.tracking import (
     run_colour,
     ui_features,
 )
-
-NOTE_END = "<!-- metalearner: end of the comparison summary -->"
 
 
 @dataclass
@@ -145,12 +157,16 @@ def write_report(tracking_uri: str, name_or_run_id: str, out_dir: str | Path,
         export_best_controller(runs_df, traces_df, best)
         files.append(best)
     files += plot_traces(runs_df, traces_df, out)
+    delta_png = plot_delta(comp, _colours(parent, runs_df), out / DELTA_PNG)
+    if delta_png is not None:
+        files.append(delta_png)
     url, key = experiment_url(tracking_uri, exp_id), ""
     if log_to_mlflow:  # journaled and delivered like every write, through the writer
         writer = MlflowWriter(tracking_uri)
         for f in files:
             writer.log_artifact(writer.adopt_run(pid), f, "report")
-        url, key = publish(reader, writer, parent, runs_df, comp, tracking_uri)
+        url, key = publish(reader, writer, parent, runs_df, comp, tracking_uri, traces_df,
+                           f"report/{DELTA_PNG}" if delta_png is not None else None)
         left = writer.close()
         if not left.complete:
             raise TrackingIncomplete(left, writer.journal_dir)
@@ -159,8 +175,8 @@ def write_report(tracking_uri: str, name_or_run_id: str, out_dir: str | Path,
 
 
 def render_summary(comp: Comparison) -> str:
-    """The lines under the table: the MDE sentence, the target, one verdict line per arm."""
-    lines = []
+    """The lines under the table: the answer, the MDE sentence, the target, one verdict line per arm."""
+    lines = [f"answer: {answer_line(comp)}"]
     if comp.mde_sentence:
         lines.append(comp.mde_sentence)
     if math.isfinite(comp.target):
@@ -185,11 +201,39 @@ def summary_metrics(comp: Comparison) -> dict[str, float]:
     return out
 
 
+def _colours(parent: object, runs_df: pd.DataFrame) -> dict[str, str]:
+    """Arm -> colour, in the spec's arm order (the parent's ``metalearner.arms``), as the UI's."""
+    order = str(parent.data.tags.get("metalearner.arms", "")).split(",")  # type: ignore[attr-defined]
+    return arm_colours([a for a in order if a] + sorted(set(runs_df["arm"]) if len(runs_df) else []))
+
+
+def best_of(params: dict[str, str]) -> dict[str, dict[str, object]]:
+    """The parent's ``best.<arm>.<setting>`` params, back as arm -> controller settings."""
+    out: dict[str, dict[str, object]] = {}
+    for k, v in sorted(params.items()):
+        if k.startswith("best."):
+            arm, _, setting = k[len("best."):].rpartition(".")
+            if arm:
+                out.setdefault(arm, {})[setting] = number(v) if math.isfinite(number(v)) else v
+    return out
+
+
 def publish(reader: TrackingReader, writer: MlflowWriter, parent: object, runs_df: pd.DataFrame,
-            comp: Comparison, tracking_uri: str) -> tuple[str, str]:
+            comp: Comparison, tracking_uri: str, traces_df: pd.DataFrame | None = None,
+            delta_png: str | None = None) -> tuple[str, str]:
     """Write what the MLflow UI shows: summary metrics and the description of the parent
-    run, run colours where missing, and the saved view. Each UI step is skipped quietly
-    where `ui_features` does not vouch for it.
+    run, each compare trial's difference from static, run colours where missing, the saved
+    view (under the sweep's fixed key, so the link printed at its start opens it) and the
+    experiment's description (the answer, on the page the link opens). Each UI step is
+    skipped quietly where `ui_features` does not vouch for it.
+
+    Args:
+        reader, writer: the store.
+        parent: the sweep's parent run.
+        runs_df, traces_df: from `load_traces`.
+        comp: `compare_sweep`'s result.
+        tracking_uri: the store's URI (for the link).
+        delta_png: the difference chart's artifact path on the parent, or None.
 
     Returns:
         (link to print, saved view key or "").
@@ -197,34 +241,44 @@ def publish(reader: TrackingReader, writer: MlflowWriter, parent: object, runs_d
     pid, exp_id = parent.info.run_id, reader.experiment_id(parent)  # type: ignore[attr-defined]
     feats = ui_features()
     writer.log_summary(writer.adopt_run(pid), summary_metrics(comp))
+    has_compare = bool(len(runs_df)) and bool((runs_df["phase"] == "compare").any())
+    static = comp.table.loc[comp.table["verdict"] == "baseline", "arm"]
+    if traces_df is not None and len(static):
+        for rid, d in per_run_deltas(runs_df, traces_df, comp.metric, str(static.iloc[0])).items():
+            writer.log_summary(writer.adopt_run(rid), {delta_key(comp.metric): d})
+    trials = reader.trials(pid)
     key = ""
     if feats["saved_view"] and len(runs_df):
-        n = int((runs_df["phase"] == "compare").sum())
-        key, value = saved_view(view_state(pid, n))
-        if not writer.set_saved_view(exp_id, key, value):
+        settings = sorted({k for r in trials for k in r.data.metrics if k.startswith("controller.")})
+        key = view_key(pid)
+        state = view_state(pid, len(runs_df), "compare" if has_compare else "trials", settings, comp.metric)
+        if not writer.set_saved_view(exp_id, key, saved_view(state, key)):
             key = ""
     url = experiment_url(tracking_uri, exp_id, key or None)
     if feats["run_color"] and len(runs_df):
-        order = str(parent.data.tags.get("metalearner.arms", "")).split(",")  # type: ignore[attr-defined]
-        colours = arm_colours([a for a in order if a] + sorted(set(runs_df["arm"])))
-        for r in reader.trials(pid):
+        colours = _colours(parent, runs_df)
+        for r in trials:
             if RUN_COLOR_TAG not in r.data.tags:
                 c = run_colour(r.data.tags.get("metalearner.arm", ""), r.data.tags.get("metalearner.phase", ""), colours)
                 if c:
                     writer.set_tags(writer.adopt_run(r.info.run_id), {RUN_COLOR_TAG: c})
+    link = url[url.index("#"):]
     old = str(parent.data.tags.get(NOTE_TAG, ""))  # type: ignore[attr-defined]
-    kept = old.split(NOTE_END, 1)[1].lstrip() if NOTE_END in old else old
-    head = [f"**{line}**" if i == 0 else line for i, line in enumerate(comp.verdicts or ["no arm compared with static"])]
-    note = "  \n".join(head) + f"  \n[Open the comparison view (traces by arm)]({url})\n\n"
+    note = f"**{answer_line(comp)}**  \n" + "  \n".join(comp.verdicts) + f"  \n[Open the sweep's trials by arm]({link})\n\n"
     if comp.mde_sentence:
         note += comp.mde_sentence + "\n\n"
-    note += NOTE_END + ("\n\n" + kept if kept else "")
+    note += NOTE_END + ("\n\n" + kept_text(old) if kept_text(old) else "")
     writer.set_tags(writer.adopt_run(pid), {NOTE_TAG: note})
+    described = final_description(
+        comp, parent.info.run_name, pid, exp_id, link, best_of(parent.data.params),  # type: ignore[attr-defined]
+        delta_png, kept_text(reader.experiment_tags(exp_id).get(NOTE_TAG, "")))
+    writer.set_experiment_tags(exp_id, {NOTE_TAG: described})
     return url, key
 
 
 __all__ = [
-    "DUPLICATE_COLUMNS", "HOW_TO_READ", "TABLE_COLUMNS", "Comparison", "SweepReport", "compare_sweep",
+    "DUPLICATE_COLUMNS", "HOW_TO_READ", "TABLE_COLUMNS", "Comparison", "SweepReport", "answer_line", "best_of",
+    "compare_sweep",
     "compare_table", "controller_summary", "display_columns", "publish", "render_summary", "summary_metrics",
     "duplicate_points", "export_best_controller", "load_traces", "plot_traces", "render_duplicates",
     "render_markdown", "render_table", "run_summary", "write_report",

@@ -39,6 +39,19 @@ def _best_run(runs_df: pd.DataFrame, traces_df: pd.DataFrame, arm: str | None) -
     return runs_df.set_index("run_id").loc[rid]
 
 
+def best_params(arm: str, controller: dict[str, Any]) -> dict[str, Any]:
+    """A searched arm's best controller as params of the sweep's parent run.
+
+    Args:
+        arm: the arm's name.
+        controller: its best controller (``{"name": ..., <settings>}``).
+
+    Returns:
+        ``{"best.<arm>.<setting>": value}``, unset (None) settings left out.
+    """
+    return {f"best.{arm}.{k}": v for k, v in controller.items() if v is not None}
+
+
 def export_best_controller(runs_df: pd.DataFrame, traces_df: pd.DataFrame, path: str | Path,
                            arm: str | None = None) -> dict[str, Any]:
     """Write the best configuration as a YAML controller spec (``--controller-spec``).

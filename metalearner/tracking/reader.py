@@ -110,6 +110,10 @@ class TrackingReader:
         """The experiment id of a run."""
         return str(run.info.experiment_id)
 
+    def experiment_tags(self, experiment_id: str) -> dict[str, str]:
+        """An experiment's tags (its description is ``mlflow.note.content``)."""
+        return dict(self.client.get_experiment(experiment_id).tags)
+
     def saved_view(self, experiment_id: str, key: str) -> str | None:
         """The stored value of a saved view, or None."""
         return self.client.get_experiment(experiment_id).tags.get(SHARED_VIEW_PREFIX + key)

@@ -287,9 +287,14 @@ class MlflowWriter:
         """
         if not saved_view_fits(value):
             return False
-        self._add({"op": "exptag", "run": f"experiment:{experiment_id}", "experiment_id": experiment_id,
-                   "tags": {SHARED_VIEW_PREFIX + view_key: value}})
+        self.set_experiment_tags(experiment_id, {SHARED_VIEW_PREFIX + view_key: value})
         return True
+
+    def set_experiment_tags(self, experiment_id: str, tags: dict[str, Any]) -> None:
+        """Journal tags of an experiment (e.g. its description, ``mlflow.note.content``),
+        under a key of their own, so that a refusal stops nothing else."""
+        self._add({"op": "exptag", "run": f"experiment:{experiment_id}", "experiment_id": experiment_id,
+                   "tags": {k: str(v) for k, v in tags.items()}})
 
     # ------------------------------------------------------------ metrics
     def log_rows(self, key: str, rows: Iterable[dict[str, Any]], timestamp_ms: int | None = None) -> int | None:
