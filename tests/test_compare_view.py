@@ -51,6 +51,7 @@ from metalearner.tracking import (
 )
 
 PID = "0123456789abcdef0123456789abcdef"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def bundle() -> str:
@@ -219,6 +220,29 @@ def _comparison(rows: list[dict], sentence: str = "") -> Comparison:
     cols = ["arm", "phase", "verdict", "vs_static_delta", "vs_static_ci95", "mde", "final_val_loss_mean",
             "value_mean", "n_finished"]
     return Comparison(pd.DataFrame([{c: r.get(c, np.nan) for c in cols} for r in rows]), mde_sentence=sentence)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_spec_opens_on_trials_its_first_phase_makes(path, tmp_path):
+    """Which view a sweep of each shipped spec writes first: a spec that searches first shows
+    every trial (its search makes them; PBT with confirm: false never makes others), one
+    without a search the comparison's; the charts draw every trial and the settings PBT moves."""
+    from metalearner.experiment import load_experiment
+    from trainables.sweep import review_plan
+
+    (tmp_path / "metadata.csv").write_text("file_name,transcription\na.wav,one\n")  # the speech spec's corpus, named
+    spec = load_experiment(path, smoke=True, overrides=[f"task.data_dir={tmp_path}"] if "speech" in path.stem else [])
+    first, n_runs, settings = review_plan(spec)
+    searched = [a.search for a in spec.arms if a.search]
+    assert first == ("trials" if searched else "compare")
+    assert review_plan(spec, compared=True)[0] == "compare"  # a resumed sweep past its searches
+    cells = len(spec.arms) * len(spec.seeds)
+    assert n_runs >= cells + sum(s.num_samples for s in searched)
+    pbt = [s for s in searched if s.population_based]
+    assert settings == sorted({k for s in pbt for k in s.space})
+    assert bool(settings) == (path.stem in ("pbt_ewma", "plugin_policy", "study_recall", "study_text"))
+    state = view_state(PID, n_runs, first, settings)
+    assert set(settings) <= set(charted_keys(state))
 
 
 def test_the_answer_line_is_the_overall_answer_not_the_first_arm():

@@ -289,8 +289,9 @@ def test_write_report_publishes_the_answer_to_the_parent_run(sweep, tmp_path):
     rep = report.write_report(sweep["uri"], "toy-sweep", tmp_path / "pub")  # twice: the note is not doubled
     parent = client.get_run(sweep["parent"])
     note = parent.data.tags[NOTE_TAG]
-    assert note.startswith("**ewma-good vs static: better")
-    assert rep.url in note.split("\n\n")[0] and "workflowType=machine_learning" in rep.url
+    assert note.startswith("**better than static: ewma-good")  # the overall answer first, then each arm's line
+    assert "ewma-good vs static: better" in note.split("\n\n")[0]
+    assert rep.url[rep.url.index("#"):] in note.split("\n\n")[0] and "workflowType=machine_learning" in rep.url
     assert note.endswith("the spec's own description") and note.count("the spec's own description") == 1
     assert "with n=3 seeds, differences in val_loss under" in note
     m = parent.data.metrics

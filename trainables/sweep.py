@@ -106,6 +106,24 @@ class SweepEvent:
     parent_run_id: str = ""
 
 
+def review_plan(spec: ExperimentSpec, compared: bool = False) -> tuple[str, int, list[str]]:
+    """What a sweep's view shows first, how many trials its charts draw, which settings it charts.
+
+    Args:
+        spec: the experiment.
+        compared: the sweep (a resumed one) has comparison trials already.
+
+    Returns:
+        (``"trials"`` when a search runs first, else ``"compare"``; the most trials the sweep
+        runs; the settings a population-based scheduler moves, e.g. ``controller.factor``).
+    """
+    searched = [a.search for a in spec.arms if a.search is not None]
+    n_runs = sum(s.num_samples * (len(spec.seeds) if s.per_seed else 1) for s in searched)
+    settings = sorted({k for s in searched if s.population_based for k in s.space})
+    first = "compare" if compared or not searched else "trials"
+    return first, n_runs + len(spec.arms) * len(spec.seeds), settings
+
+
 class SweepRunner:
     """Runs an `ExperimentSpec`; see the module docstring for the layout.
 
@@ -261,15 +279,10 @@ class SweepRunner:
 
     def _start_review(self, writer: MlflowWriter, state: SweepState) -> None:
         """The link and the first view, once the store has the parent run (before the first trial)."""
-        spec = self.spec
-        searched = [a for a in spec.arms if a.search is not None]
-        n_runs = sum(a.search.num_samples * (len(spec.seeds) if a.search.per_seed else 1)  # type: ignore[union-attr]
-                     for a in searched) + len(spec.arms) * len(spec.seeds)
-        settings = [k for a in searched if a.search.population_based for k in a.search.space]  # type: ignore[union-attr]
-        self.review = LiveReview(writer, PARENT_KEY, f"{spec.name}-{self.stamp}", n_runs, settings, spec.metric,
-                                 spec.description)
-        compare = shows_compare(state) or not searched
-        self.review.open("compare" if compare else "trials", "starting", timeout=120.0)
+        first, n_runs, settings = review_plan(self.spec, shows_compare(state))
+        self.review = LiveReview(writer, PARENT_KEY, f"{self.spec.name}-{self.stamp}", n_runs, settings,
+                                 self.spec.metric, self.spec.description)
+        self.review.open(first, "starting", timeout=120.0)
         self._link()
 
     def _link(self) -> None:

@@ -109,7 +109,8 @@ class LiveReview:
             return
         assert self.experiment_id is not None
         if new_shows != self.shows and self.key:
-            state = view_state(self.parent_run_id, self.n_runs, new_shows, self.settings, self.metric)
+            state = view_state(self.parent_run_id, self.n_runs, new_shows, self.settings, self.metric,
+                               differences=False)  # the report adds that chart with its metric
             self.writer.set_saved_view(self.experiment_id, self.key, saved_view(state, self.key,
                                                                               created_ms=self._created_ms))
         if new_doing != self.doing:

@@ -95,7 +95,7 @@ def search_filter(parent_run_id: str, shows: str = "compare") -> str:
 
 
 def view_state(parent_run_id: str, n_runs: int, shows: str = "compare", settings: Iterable[str] = (),
-               metric: str = "val_loss", arm_tag: str = ARM_TAG) -> dict:
+               metric: str = "val_loss", differences: bool = True, arm_tag: str = ARM_TAG) -> dict:
     """The experiment page's state: a sweep's trials grouped by arm, knob traces first.
 
     Args:
@@ -105,6 +105,8 @@ def view_state(parent_run_id: str, n_runs: int, shows: str = "compare", settings
         settings: controller settings a population-based scheduler changes (metric keys
             such as ``controller.factor``), charted per step.
         metric: the spec's metric: the compare view charts its difference from static per trial.
+        differences: whether the compare view has that chart (the report logs the metric:
+            a running sweep's view leaves it out rather than show an empty section).
         arm_tag: the tag to group by.
 
     Returns:
@@ -117,7 +119,7 @@ def view_state(parent_run_id: str, n_runs: int, shows: str = "compare", settings
     model, system = _section("Model metrics", seed, True), _section("System metrics", seed, True)
     charts = [_line_chart(k, knobs["uuid"], log, seed, n_runs) for k, log in KNOB_CHARTS]
     sections = [knobs]
-    if shows == "compare":  # bars from 0 where 0 means "as static": the difference is what is drawn
+    if shows == "compare" and differences:  # bars from 0 where 0 means "as static": the difference is what is drawn
         charts.append(_bar_chart(delta_key(metric), delta["uuid"], seed, n_runs))
         sections.append(delta)
     keys = sorted(dict.fromkeys(settings))
