@@ -156,7 +156,7 @@ def open_link(browser, base: str, link: str, shot: str, answer: str):
     """Open the printed link on this server (no click from here on); wait until the runs,
     the description's first line (``answer``, a regex) and the knob charts are drawn;
     screenshot. Returns the page (the caller closes it)."""
-    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page = browser.new_page(viewport={"width": 1600, "height": 1200})
     page.set_default_timeout(240_000)
     page.goto(base + "/" + link[link.index("#"):])
     page.wait_for_function("() => /[1-9][0-9]* matching runs/.test(document.body.innerText)", timeout=240_000)

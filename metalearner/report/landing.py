@@ -144,8 +144,7 @@ def plot_delta(comp: Comparison, colours: dict[str, str], path: str | Path) -> P
     mde = rows["mde"].astype(float)
     band = float(np.nanmin(mde)) if np.isfinite(mde).any() else math.nan
     if np.isfinite(band) and band > 0:
-        ax.axvspan(-band, band, color="#e0e0e0", zorder=0,
-                   label=f"differences under {band:.3g} cannot be detected")
+        ax.axvspan(-band, band, color="#e0e0e0", zorder=0)
     ax.axvline(0.0, color="#444444", lw=1.0, zorder=1)
     for i, (_, r) in enumerate(rows.iterrows()):
         d, ci = float(r["vs_static_delta"]), float(r["vs_static_ci95"])
@@ -160,9 +159,9 @@ def plot_delta(comp: Comparison, colours: dict[str, str], path: str | Path) -> P
     ax.set_xlim(min(lo, -abs(hi)), max(hi, abs(lo)))  # 0 in the middle
     better = "lower" if comp.lower_is_better else "higher"
     ax.set_xlabel(f"Δ {comp.metric} vs {static} (mean over seeds, 95% t interval; {better} is better)")
+    ax.set_title(f"Each arm minus {static}" + (f"; grey: differences under {band:.3g} cannot be detected"
+                                               if np.isfinite(band) and band > 0 else ""), fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
-    if np.isfinite(band) and band > 0:
-        ax.legend(loc="lower right", fontsize=8, frameon=False)
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out)
