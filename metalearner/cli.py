@@ -311,10 +311,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from trainables.storage import publish
 
         publish(runner.folder, runner.storage, runner.folder.name)  # a URI storage gets the report too
-    print("\n" + report.text)
+    print("\n" + terminal_text(report))
     print(f"\nreport: {out}  (also logged to the parent run under report/)")
     print(f"view it: {ui_command(uri)}\n  then open {report.url}")
     return EXIT_FAILURE if result.errors or result.failed_arms else 0
+
+
+def terminal_text(report: Any) -> str:
+    """The report's text as printed: on a terminal, each arm in its colour (the UI's)."""
+    from metalearner.report.render import paint_arms
+
+    return paint_arms(report.text, report.colours) if sys.stdout.isatty() else report.text
 
 
 def resume_command(experiment_dir: Path, args: argparse.Namespace) -> str:
@@ -378,7 +385,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         fail(str(e))
     except TrackingIncomplete as e:  # the report is on disk; its writes to the store wait in the journal
         return tracking_failed(e.pending, e.journal_dir, f"the report in {args.out} could not be logged to the store")
-    print(report.text)
+    print(terminal_text(report))
     print(f"\nreport: {args.out}  (parent run {report.parent_run_id})")
     if args.export_best:
         runs, traces = load_traces(uri, report.parent_run_id)

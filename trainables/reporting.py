@@ -6,7 +6,10 @@ sweep's inbox (`trainables.channel`), so Tune's results, loggers and experiment 
 never hold a copy of the traces: ``rows`` (the trace rows of the steps since the last
 report, one dict per step, as the trial's `TraceSink` received them; the last one also
 carries `chunk_stamp`), ``settings`` (the controller settings the chunk ran with) and, in
-the first report, ``params``. This module holds that format and the cadence both
+the first report, ``params`` and, when the trial (re)started from a checkpoint,
+``restored_from``: the trial and step that wrote it (`ORIGIN_FILE`, in every checkpoint a
+trial reports). A checkpoint of *another* trial means a PBT/PB2 exploit copied that trial's
+weights: the driver records the perturbation (`metalearner.tracking.lineage`). This module holds that format and the cadence both
 trainables share; it imports neither engine, neither trainable, nor ray.
 """
 
@@ -21,7 +24,9 @@ if TYPE_CHECKING:  # torch stays out of the processes that only move reports (th
 ROWS_KEY = "rows"  # the trace chunk of a report: one dict per step ({"step": s, key: value, ...})
 SETTINGS_KEY = "settings"  # the controller settings a chunk ran with
 PARAMS_KEY = "params"  # the flattened params, in a trial's first report
-PAYLOAD_KEYS = (ROWS_KEY, SETTINGS_KEY, PARAMS_KEY)  # the non-scalar part: never a Tune result
+ORIGIN_KEY = "restored_from"  # {"trial_id", "step"}: whose checkpoint a (re)started trial loaded
+PAYLOAD_KEYS = (ROWS_KEY, SETTINGS_KEY, PARAMS_KEY, ORIGIN_KEY)  # the non-scalar part: never a Tune result
+ORIGIN_FILE = "metalearner_origin.json"  # in each checkpoint a trial reports: the trial and step that wrote it
 INBOX_KEY = "inbox"  # the name of the inbox holding a report's payload (`trainables.channel`)
 DIVERGED_KEY = "diverged"  # True in the last report of a run ended by train.max_nonfinite
 NODE_KEY = "node_id"  # the Ray node a report came from (the driver tags the child run metalearner.node_id)

@@ -35,6 +35,7 @@ from metalearner.report.render import HOW_TO_READ, display_columns, render_dupli
 from metalearner.report.runs import (
     DUPLICATE_COLUMNS,
     REPORT_KEYS,
+    arm_palette,
     controller_summary,
     duplicate_points,
     load_traces,
@@ -73,6 +74,7 @@ class SweepReport:
         url: the link to print: the saved view (chart mode, grouped by arm) when it was
             written, else the experiment's runs page; both carry workflowType=machine_learning.
         view_key: the saved view's id, "" when none was written.
+        colours: arm -> ``#rrggbb``, the sweep's one palette (UI, plots, terminal table).
     """
 
     parent_run_id: str
@@ -84,6 +86,7 @@ class SweepReport:
     comparison: Comparison | None = None
     url: str = ""
     view_key: str = ""
+    colours: dict[str, str] = field(default_factory=dict)
 
 
 def write_report(tracking_uri: str, name_or_run_id: str, out_dir: str | Path,
@@ -155,7 +158,7 @@ def write_report(tracking_uri: str, name_or_run_id: str, out_dir: str | Path,
         if not left.complete:
             raise TrackingIncomplete(left, writer.journal_dir)
     return SweepReport(parent_run_id=pid, table=table, text=text, files=files, experiment=experiment,
-                       duplicates=dups, comparison=comp, url=url, view_key=key)
+                       duplicates=dups, comparison=comp, url=url, view_key=key, colours=arm_palette(runs_df))
 
 
 def render_summary(comp: Comparison) -> str:

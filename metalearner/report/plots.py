@@ -1,5 +1,6 @@
 """PNG plots of a sweep (matplotlib's object API on the Agg canvas: no global backend is
-switched, nothing is shown)."""
+switched, nothing is shown). An arm has the colour it has in the MLflow UI and the
+terminal (`metalearner.report.runs.arm_palette`), and legends name arms."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from metalearner.report.runs import number, one_point_per_step, run_summary
+from metalearner.report.runs import SETTING_PREFIX, arm_palette, number, one_point_per_step, run_summary
 
 
 def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
@@ -23,11 +24,14 @@ def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
     return fig, ax
 
 
-def _colours(arms: list[str]) -> dict[str, Any]:
-    from matplotlib import colormaps
+def _shade(colour: str, i: int, n: int) -> tuple[float, float, float]:
+    """Member ``i`` of ``n``'s shade of its arm's ``colour``: darker to lighter, the arm's own
+    colour in the middle (members of a population share their arm's colour)."""
+    from matplotlib.colors import to_rgb
 
-    cmap = colormaps["tab10"]
-    return {a: cmap(i % 10) for i, a in enumerate(arms)}
+    rgb = to_rgb(colour)
+    f = 0.0 if n < 2 else -0.35 + 0.8 * i / (n - 1)
+    return tuple(c * (1 + f) if f < 0 else c + (1 - c) * f for c in rgb)  # type: ignore[return-value]
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -37,8 +41,9 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def plot_traces(runs_df: pd.DataFrame, traces_df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """PNG plots of a sweep: ``rope_base.png``, ``window.png``, ``loss.png`` and, when the
-    sweep searched, ``search.png``.
+    """PNG plots of a sweep: ``rope_base.png``, ``window.png``, ``loss.png``, when the
+    sweep searched ``search.png``, and when a population-based scheduler changed settings
+    ``lineage.png`` (`plot_lineage`).
 
     Knob traces draw one thin line per seed, one colour per arm (compare phase; all runs
     when there is no compare phase; runs cut before ``train.steps`` are left out, as in
@@ -62,7 +67,7 @@ def plot_traces(runs_df: pd.DataFrame, traces_df: pd.DataFrame, out_dir: str | P
     complete = runs[runs["run_id"].map(summary["complete"]).astype(bool)]
     runs = complete if len(complete) else runs  # runs cut before train.steps would skew the means
     arms = sorted(set(runs["arm"]))
-    colour = _colours(arms)
+    colour = arm_palette(runs_df)
     arm_of = runs.set_index("run_id")["arm"]
     t = traces_df[traces_df["run_id"].isin(arm_of.index)].sort_values(["run_id", "step"])
     written = []
@@ -113,15 +118,14 @@ def plot_traces(runs_df: pd.DataFrame, traces_df: pd.DataFrame, out_dir: str | P
         xkey = "controller.factor" if "controller.factor" in varying else (varying[0] if varying else None)
         if xkey is not None and len(final):
             fig, ax = _figure(f"search trials: final val loss vs {xkey}", xkey, "final val loss")
-            s_colour = _colours(sorted(set(search["arm"])))
             cut_label = "stopped early (final val loss at an earlier step)"
             for arm, g in search.groupby("arm"):
                 ids = [r for r in g["run_id"] if r in final.index]
                 done = [r for r in ids if summary.loc[r, "complete"]]
                 cut = [r for r in ids if not summary.loc[r, "complete"]]
-                ax.scatter(settings.loc[done, xkey], final[done], color=s_colour[arm], s=22, label=arm)
+                ax.scatter(settings.loc[done, xkey], final[done], color=colour[arm], s=22, label=arm)
                 if cut:
-                    ax.scatter(settings.loc[cut, xkey], final[cut], facecolors="none", edgecolors=s_colour[arm],
+                    ax.scatter(settings.loc[cut, xkey], final[cut], facecolors="none", edgecolors=colour[arm],
                                s=22, label=cut_label)
                     cut_label = None
             xs = settings[xkey].dropna()
@@ -129,5 +133,79 @@ def plot_traces(runs_df: pd.DataFrame, traces_df: pd.DataFrame, out_dir: str | P
                 ax.set_xscale("log")
             ax.legend(title="arm", fontsize=8)
             written.append(_save(fig, out / "search.png"))
-    return written
+    return written + plot_lineage(runs_df, traces_df, out)
 
+
+
+MAX_POPULATIONS = 6  # columns of lineage.png (the first populations by arm and seed)
+DASHES = ("-", "--", "-.", ":")
+
+
+def plot_lineage(runs_df: pd.DataFrame, traces_df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """``lineage.png``: what a population-based scheduler (PBT/PB2) did to each member.
+
+    One column per population (an arm's members on one seed), one row per setting the
+    scheduler changes (the ``controller.*`` metrics: the settings in force, drawn as the
+    step functions they are) and one for the ``window`` the settings moved. Each member is
+    a line in its arm's colour (a shade and a dash of its own; the legend names its trial,
+    "(compared)" for the member promoted to the comparison). Each perturbation, read back
+    from the member's tags (`metalearner.report.runs.perturbation_events`), is a dotted
+    vertical line before the first step with the new settings, a dot on each new value,
+    and, in the top row, the trial whose weights the member copied.
+
+    Returns:
+        ``[lineage.png]``, or [] when no run logged settings in force.
+    """
+    t = one_point_per_step(traces_df)
+    settings = sorted(k for k in t["key"].unique() if str(k).startswith(SETTING_PREFIX))
+    if runs_df.empty or not settings:
+        return []
+    members = runs_df[runs_df["run_id"].isin(t.loc[t["key"].isin(settings), "run_id"])]
+    pops = list(members.groupby(["arm", "seed"], sort=True, dropna=False))[:MAX_POPULATIONS]
+    keys = [*settings, "window"]
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(7.0, 4.8 * len(pops) + 0.6), 2.0 * len(keys) + 1.2), dpi=110)
+    axes = fig.subplots(len(keys), len(pops), sharex="col", squeeze=False)
+    palette = arm_palette(runs_df)
+    for col, ((arm, seed), group) in enumerate(pops):
+        group = group.sort_values("trial_id" if "trial_id" in group else "run_name")
+        events = 0
+        right = float(t.loc[t["run_id"].isin(group["run_id"]), "step"].max())  # annotations end left of it
+        for i, r in enumerate(group.to_dict("records")):
+            shade, dash = _shade(palette[arm], i, len(group)), DASHES[i % len(DASHES)]
+            name = r.get("trial_id") or r["run_name"]
+            label = f"trial {name}" + (" (compared)" if r["phase"] == "compare" else "")
+            mine = t[t["run_id"] == r["run_id"]].sort_values("step")
+            for row, key in enumerate(keys):
+                ax = axes[row][col]
+                line = mine[mine["key"] == key]
+                if len(line):
+                    ax.step(line["step"], line["value"], where="post", color=shade, ls=dash, lw=1.2,
+                            label=label if row == 0 else None)
+                for p in r.get("perturbations") or ():
+                    ax.axvline(p.step - 0.5, color=shade, ls=":", lw=0.9)
+                    new = {k: v for k, _, v in p.settings}.get(key)
+                    if new is not None:
+                        ax.plot([p.step], [new], "o", color=shade, ms=4)
+            for p in r.get("perturbations") or ():
+                late = p.step > 0.6 * right
+                axes[0][col].annotate(f"step {p.step}: ← trial {p.donor_trial}", xy=(p.step, 1.0),
+                                      xycoords=("data", "axes fraction"), ha="right" if late else "left",
+                                      xytext=(-4 if late else 3, -10 - 9 * (events % 4)),
+                                      textcoords="offset points", fontsize=7, color=shade,
+                                      bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
+                events += 1
+        axes[0][col].set_title(f"{arm}, seed {seed}: {len(group)} members, {events} perturbation(s)", fontsize=9)
+        axes[0][col].legend(fontsize=7, loc="lower right")
+        for row, key in enumerate(keys):
+            ax = axes[row][col]
+            ax.grid(True, alpha=0.3)
+            ax.set_ylabel(key.removeprefix(SETTING_PREFIX), fontsize=8)
+            ys = t[(t["key"] == key) & t["run_id"].isin(group["run_id"])]["value"]
+            if len(ys) and (ys > 0).all() and ys.max() / ys.min() > 20:
+                ax.set_yscale("log")
+        axes[-1][col].set_xlabel("optimizer step")
+    fig.suptitle("Population lineage: each member's settings in force per step, and its window\n"
+                 "dotted line + dot: a perturbation (new settings; weights of the trial after ←)", fontsize=9)
+    return [_save(fig, Path(out_dir) / "lineage.png")]
