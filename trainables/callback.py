@@ -21,6 +21,7 @@ re-created under a new id takes over the run of the vanished trial with the same
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from ray.tune import Callback
@@ -40,7 +41,13 @@ from metalearner.tracking import (
     MlflowWriter,
     run_colour,
 )
-from metalearner.tracking.lineage import Perturbation, perturbation_tags, perturbations_in, population_note
+from metalearner.tracking.lineage import (
+    UNKNOWN,
+    Perturbation,
+    perturbation_tags,
+    perturbations_in,
+    population_note,
+)
 from trainables.channel import checkpoint_origin, drop_payloads, take_payloads
 from trainables.progress import ProgressTable
 from trainables.reporting import (
@@ -103,6 +110,7 @@ class MlflowTraceCallback(Callback):
         self._mutable_seen: dict[str, dict[str, Any]] = {}  # trial -> the settings of its last chunk
         self._origins: dict[str, dict[str, Any]] = {}  # trial -> the checkpoint it restarted from, until recorded
         self._aliases: dict[str, str] = {}  # an earlier driver's trial id -> the run key its re-created trial took
+        self._unwritten: list[tuple[str, Perturbation, str, str]] = []  # (run key, record, note end, donor key)
         self.state = state
         self.phase = phase
         self.set_right = set(set_right or ())
@@ -177,6 +185,8 @@ class MlflowTraceCallback(Callback):
             self.progress.update(trial, "RUNNING", None)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if self._unwritten:  # perturbations whose donor run the writer had not created yet
+            self._write_perturbations()
         run_id = self._child(trial)
         tid = trial.trial_id
         for payload in take_payloads(tid, result):  # this report's chunk, and any orphan before it
@@ -232,6 +242,7 @@ class MlflowTraceCallback(Callback):
         failed was stopped (an interrupt, or the time budget): KILLED, listed in
         ``unfinished``. A trial an earlier process ended, whose run that dead driver left
         RUNNING (set KILLED on resume), gets the status it earned."""
+        self._write_perturbations(final=True)
         kids = self.state.children(self.phase) if self.state is not None else {}
         self.unfinished = []
         for t in trials:
@@ -327,13 +338,28 @@ class MlflowTraceCallback(Callback):
         donor_key = self._key_of(donor)
         if not donor or donor == tid or donor_key == run_key:
             return
-        p = Perturbation(step=step, donor_trial=donor,
-                         donor_run=(self.writer.run_id(donor_key) if donor_key else None) or "?",
-                         donor_step=int(origin.get("step", 0)),
+        p = Perturbation(step=step, donor_trial=donor, donor_run=UNKNOWN, donor_step=int(origin.get("step", 0)),
                          settings=tuple((k, (before or {}).get(k), v) for k, v in current.items()))
-        n = len(perturbations_in(self.writer.journaled_tags(run_key))) + 1
-        self.writer.set_tags(run_key, perturbation_tags(n, p))
-        self._append_note(run_key, p.note(self.scheduler) + (f" {after}" if after else ""))
+        self._unwritten.append((run_key, p, after, donor_key or ""))
+        self._write_perturbations()
+
+    def _write_perturbations(self, final: bool = False) -> None:
+        """Write the perturbations recorded so far, each run's in order, once the donor's
+        MLflow run id is known (the writer creates runs in the background, and nothing here
+        waits for it); ``final``: write them all, the donor run `UNKNOWN` where it is not."""
+        waiting: set[str] = set()
+        left = []
+        for run_key, p, after, donor_key in self._unwritten:
+            rid = self.writer.run_id(donor_key) if donor_key else None
+            if run_key in waiting or (rid is None and donor_key and not final):
+                waiting.add(run_key)  # a later one of this run waits too: the numbers follow the steps
+                left.append((run_key, p, after, donor_key))
+                continue
+            p = replace(p, donor_run=rid or UNKNOWN)
+            n = len(perturbations_in(self.writer.journaled_tags(run_key))) + 1
+            self.writer.set_tags(run_key, perturbation_tags(n, p))
+            self._append_note(run_key, p.note(self.scheduler) + (f" {after}" if after else ""))
+        self._unwritten = left
 
     def _append_note(self, run_key: str, line: str) -> None:
         """Append a paragraph to the run's description (``mlflow.note.content``), keeping what
