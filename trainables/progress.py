@@ -51,7 +51,8 @@ class ProgressTable:
         for col in ("trial", "arm", "seed", "status", "step", "loss", "base", "window", "val loss"):
             t.add_column(col, justify="right" if col in ("step", "loss", "base", "window", "val loss") else "left")
         for tid, r in self.rows.items():
-            t.add_row(tid, Text(str(r["arm"]), style=self.colours.get(str(r["arm"]), "")), str(r["seed"]), r.get("status", ""),
+            arm = str(r["arm"])
+            t.add_row(tid, Text(arm, style=self.colours[arm]) if arm in self.colours else arm, str(r["seed"]), r.get("status", ""),
                       f"{r.get('step') or 0}/{self.total_steps}", _fmt(r.get("loss")), _fmt(r.get("rope_base"), ".4g"),
                       _fmt(r.get("window"), ".0f"), _fmt(r.get("val_loss")))
         return t
