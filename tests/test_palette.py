@@ -129,12 +129,13 @@ def test_the_lineage_plot_shades_the_arms_colour_and_marks_each_perturbation(fig
     assert sorted(legend) == ["trial t_pbtA", "trial t_pbtB"]  # members are named by trial
     for colour in legend.values():  # shades of the arm's colour
         assert colorsys.rgb_to_hsv(*to_rgb(colour))[0] == pytest.approx(hue, abs=0.02)
-    for ax in axes:  # the jump: a line just before the first step with the new settings
+    for ax in fig.axes:  # the jump: a line just before the first step with the new settings
         assert any(list(line.get_xdata()) == [6.5, 6.5] for line in ax.get_lines())
     factor = axes[0]
     steps = [line for line in factor.get_lines() if line.get_label() == "trial t_pbtA"][0]
     assert steps.get_drawstyle() == "steps-post"  # the settings in force are a step function
-    assert [t.get_text() for t in factor.texts] == ["step 7: ← trial t_pbtB"]  # the donor, named
+    (strip,) = [ax for ax in fig.axes if ax.texts]
+    assert [t.get_text() for t in strip.texts] == ["step 7: t_pbtA ← trial t_pbtB"]  # the donor, named
 
 
 def test_the_report_reads_perturbations_back(sweep_frames):

@@ -151,7 +151,7 @@ def plot_lineage(runs_df: pd.DataFrame, traces_df: pd.DataFrame, out_dir: str | 
     "(compared)" for the member promoted to the comparison). Each perturbation, read back
     from the member's tags (`metalearner.report.runs.perturbation_events`), is a dotted
     vertical line before the first step with the new settings, a dot on each new value,
-    and, in the top row, the trial whose weights the member copied.
+    and, in a strip above the rows, the member and the trial whose weights it copied.
 
     Returns:
         ``[lineage.png]``, or [] when no run logged settings in force.
@@ -165,47 +165,50 @@ def plot_lineage(runs_df: pd.DataFrame, traces_df: pd.DataFrame, out_dir: str | 
     keys = [*settings, "window"]
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(max(7.0, 4.8 * len(pops) + 0.6), 2.0 * len(keys) + 1.2), dpi=110)
-    axes = fig.subplots(len(keys), len(pops), sharex="col", squeeze=False)
+    fig = Figure(figsize=(max(7.0, 4.8 * len(pops) + 0.6), 2.0 * len(keys) + 2.0), dpi=110)
+    grid = fig.subplots(len(keys) + 1, len(pops), sharex="col", squeeze=False,
+                        gridspec_kw={"height_ratios": [0.55] + [1.0] * len(keys)})
     palette = arm_palette(runs_df)
     for col, ((arm, seed), group) in enumerate(pops):
         group = group.sort_values("trial_id" if "trial_id" in group else "run_name")
+        notes, axes = grid[0][col], [row[col] for row in grid[1:]]  # a strip for the perturbations, then the rows
         events = 0
-        right = float(t.loc[t["run_id"].isin(group["run_id"]), "step"].max())  # annotations end left of it
+        right = float(t.loc[t["run_id"].isin(group["run_id"]), "step"].max())  # notes end left of it
         for i, r in enumerate(group.to_dict("records")):
             shade, dash = _shade(palette[arm], i, len(group)), DASHES[i % len(DASHES)]
             name = r.get("trial_id") or r["run_name"]
             label = f"trial {name}" + (" (compared)" if r["phase"] == "compare" else "")
             mine = t[t["run_id"] == r["run_id"]].sort_values("step")
             for row, key in enumerate(keys):
-                ax = axes[row][col]
                 line = mine[mine["key"] == key]
                 if len(line):
-                    ax.step(line["step"], line["value"], where="post", color=shade, ls=dash, lw=1.2,
-                            label=label if row == 0 else None)
-                for p in r.get("perturbations") or ():
+                    axes[row].step(line["step"], line["value"], where="post", color=shade, ls=dash, lw=1.2,
+                                   label=label if row == 0 else None)
+            for p in r.get("perturbations") or ():
+                for ax in (notes, *axes):
                     ax.axvline(p.step - 0.5, color=shade, ls=":", lw=0.9)
+                for row, key in enumerate(keys):
                     new = {k: v for k, _, v in p.settings}.get(key)
                     if new is not None:
-                        ax.plot([p.step], [new], "o", color=shade, ms=4)
-            for p in r.get("perturbations") or ():
+                        axes[row].plot([p.step], [new], "o", color=shade, ms=4)
                 late = p.step > 0.6 * right
-                axes[0][col].annotate(f"step {p.step}: ← trial {p.donor_trial}", xy=(p.step, 1.0),
-                                      xycoords=("data", "axes fraction"), ha="right" if late else "left",
-                                      xytext=(-4 if late else 3, -10 - 9 * (events % 4)),
-                                      textcoords="offset points", fontsize=7, color=shade,
-                                      bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
+                notes.text(p.step - 0.5 + (-0.3 if late else 0.3), 0.82 - 0.24 * (events % 4),
+                           f"step {p.step}: {name} ← trial {p.donor_trial}", ha="right" if late else "left",
+                           va="center", fontsize=7, color=shade)
                 events += 1
-        axes[0][col].set_title(f"{arm}, seed {seed}: {len(group)} members, {events} perturbation(s)", fontsize=9)
-        axes[0][col].legend(fontsize=7, loc="lower right")
+        notes.set_title(f"{arm}, seed {seed}: {len(group)} members, {events} perturbation(s)", fontsize=9)
+        notes.set_ylim(0, 1)
+        notes.set_yticks([])
+        notes.spines[["left", "right", "top"]].set_visible(False)
+        axes[0].legend(fontsize=7, loc="best")
         for row, key in enumerate(keys):
-            ax = axes[row][col]
+            ax = axes[row]
             ax.grid(True, alpha=0.3)
             ax.set_ylabel(key.removeprefix(SETTING_PREFIX), fontsize=8)
             ys = t[(t["key"] == key) & t["run_id"].isin(group["run_id"])]["value"]
             if len(ys) and (ys > 0).all() and ys.max() / ys.min() > 20:
                 ax.set_yscale("log")
-        axes[-1][col].set_xlabel("optimizer step")
+        axes[-1].set_xlabel("optimizer step")
     fig.suptitle("Population lineage: each member's settings in force per step, and its window\n"
                  "dotted line + dot: a perturbation (new settings; weights of the trial after ←)", fontsize=9)
     return [_save(fig, Path(out_dir) / "lineage.png")]
