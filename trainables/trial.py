@@ -45,10 +45,11 @@ def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tupl
     cfg = load_run_config(run_dict)
     run = TrainingRun(cfg, task=shared_task(task, task_key, cfg))
     checkpoint = tune.get_checkpoint()
+    sink = TrialSink(inbox, cfg, meta)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             run.load(d)
-    sink = TrialSink(inbox, cfg, meta)
+            sink.restore(d)
     sink.log_params(run.params())
     every, ckpt_every = cadence(cfg)
     while not run.done:
