@@ -35,7 +35,7 @@ from metalearner.report import stats
 from metalearner.report.compare import run_status
 from metalearner.report.plots import plot_pareto
 from metalearner.report.runs import one_point_per_step
-from metalearner.tracking.ui import arm_colours
+from metalearner.tracking import arm_colours
 
 ATTN_KEY = "attn_compute"  # as `trainables.reporting.ATTN_KEY` (the report imports no trainable)
 PARETO_CSV = "pareto.csv"
@@ -245,7 +245,7 @@ class ParetoReport:
 
 def _shown(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     """The rows the terminal and markdown show (every arm, the trials on the front), formatted."""
-    rows = table[(table["kind"] == "arm") | (table["dominated"] == False)]  # noqa: E712 - NaN is neither
+    rows = table[(table["kind"] == "arm") | table["dominated"].eq(False)]  # NaN (no figures) is neither
     out = pd.DataFrame({
         "point": [p if k == "arm" else f"{p} [trial]" for p, k in zip(rows["point"], rows["kind"])],
         f"final {metric}": [("n/a" if not np.isfinite(v) else f"{v:.4f}" + (f" ± {c:.4f}" if np.isfinite(c) else ""))
