@@ -119,7 +119,7 @@ class TrainConfig:
 @dataclass
 class ModelSection:
     """``model.preset`` plus any `ModelConfig` field as an override; or ``model.hf``, a
-    Hugging Face causal LM (`metalearner.model.hf_model`), and then nothing else."""
+    Hugging Face causal LM (`metalearner.model.hf_config`), and then nothing else."""
 
     preset: str = "small"
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -217,7 +217,7 @@ def _load_model(data: dict[str, Any], task: str, seq_len: int) -> ModelSection:
 
 @dataclass
 class HFSection:
-    """``model.hf``: a Hugging Face causal LM (see `metalearner.model.hf_model`)."""
+    """``model.hf``: a Hugging Face causal LM (see `metalearner.model.hf_config`)."""
 
     config: dict[str, Any] | None = None  # a config dict with model_type (random init), or overrides of path's
     path: str | None = None  # a local model folder (from_pretrained, local files only)
@@ -228,7 +228,7 @@ def _load_hf(data: dict[str, Any], task: str, seq_len: int) -> dict[str, Any]:
     """Check ``model.hf`` (alone in the model section) down to the model it builds: the
     family, the folder, the config keys, both knobs' layout, the size (on the meta
     device); returns the section as given, without unset keys."""
-    from metalearner.model.hf_model import FAMILY_LIST, HFModelError, resolve_hf_config, section_model_type
+    from metalearner.model.hf_config import FAMILY_LIST, HFModelError, resolve_hf_config, section_model_type
 
     others = [k for k in data if k != "hf"]
     if others:
