@@ -42,6 +42,7 @@ from metalearner.config import (
     read_yaml,
     set_dotted,
 )
+from metalearner.objectives import Objective, check_objectives, load_objectives
 from metalearner.registry import default_arm_name
 from metalearner.runtime_env import driver_paths, importable, merge_runtime_env, resolve_runtime_env
 from metalearner.schema import STRICT, SafeName, check_name, load_dataclass, short, validate
@@ -105,6 +106,10 @@ class Search:
     # pbt/pb2: one population per comparison seed; each population's best member at the
     # end (by `metric`) is that seed's compare-phase result (`trainables.phases`)
     per_seed: bool = False
+    # a multi-objective search (`metalearner.objectives`): the Pareto front trial that `pick`
+    # names (knee: closest to the ideal point; best: best on `metric`) is confirmed
+    objectives: list[Objective] = field(default_factory=list)
+    pick: Literal["knee", "best"] = "knee"
 
     @property
     def population_based(self) -> bool:
@@ -284,8 +289,12 @@ def _load_search(data: Any, where: str) -> tuple[Search, dict[str, Domain]]:
         sched = {"name": sched}
     scheduler = load_dataclass(Scheduler, sched, f"{where}.scheduler.")
     space = data.pop("space", None)
+    objectives = data.pop("objectives", None)
     search = load_dataclass(Search, data, f"{where}.")
     search.scheduler = scheduler
+    search.objectives = load_objectives(objectives, search.searcher, scheduler.name, where)
+    if "pick" in data and not search.objectives:
+        raise ConfigError(f"{where}.pick: got {short(data['pick'])}, expected it only with {where}.objectives")
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"{where}.space: got {short(space)}, expected a mapping of at least one key to a domain")
     domains: dict[str, Domain] = {}
@@ -424,6 +433,9 @@ def _load_arms(top: SpecFile, base: dict[str, Any]) -> list[Arm]:
             msg = str(e)
             raise ConfigError(f"{where}.{msg}" if where and msg.startswith("controller.") else msg) from None
         _check_cell(resolved, top)
+        if search is not None:
+            check_objectives(search.objectives, {**METRIC_MODES, **TASK_METRIC_MODES.get(resolved.task.name, {})},
+                             top.metric, resolved.task.name, f"{where}.search".lstrip("."))
         arm_name = a.name if a.name is not None else check_name(
             "tuned" if implicit and search else default_arm_name(resolved.controller["name"]),
             f"{where}.name".lstrip("."))

@@ -198,6 +198,8 @@ SLOWEST_FILES = (
     "test_outage.py",
     "test_plugins.py",
     "test_hf_model.py",
+    "test_hf_sweep.py",
+    "test_pareto.py",
     "test_resume_checkpoints.py",
     "test_sweep_faults.py",
     "test_cli.py",

@@ -169,7 +169,7 @@ def test_restored_trial_continues_with_an_identical_trace(tmp_path, engine):
     assert restarted["clean"] == 8 and restarted["crashed"] < 8  # restored from a checkpoint, not from step 0
     client, _, runs = children(runner.tracking_uri, writer.run_id(parent))  # create_run returns a run key
     by_arm = {r.data.tags["metalearner.arm"]: r.info.run_id for r in runs}
-    for key in [*TRACE_KEYS, "val_loss"]:
+    for key in [*TRACE_KEYS, "val_loss", "attn_compute"]:  # attn_compute: carried in the checkpoint
         clean = history(client, by_arm["clean"], key)
         crashed = history(client, by_arm["crashed"], key)
         assert [s for s, _ in crashed] == [s for s, _ in clean]

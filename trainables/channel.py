@@ -47,6 +47,7 @@ from trainables.reporting import (
     PAYLOAD_KEYS,
     ROWS_KEY,
     SETTINGS_KEY,
+    AttentionMeter,
     chunk_stamp,
     report_metrics,
     run_settings,
@@ -140,11 +141,17 @@ class TrialSink:
         self.rows: list[dict[str, float]] = []
         self.params: dict[str, Any] | None = None
         self.reported = False  # the first report also says whose checkpoint the trial started from
+        self.meter = AttentionMeter()  # attn_compute; `restore` reads its total from a checkpoint
+
+    def restore(self, checkpoint_dir: Any) -> None:
+        """Go on from a checkpoint: the attention compute spent up to its step."""
+        self.meter.load(checkpoint_dir)
 
     def log_params(self, params: dict[str, Any]) -> None:
         # settings that are None (e.g. a static controller's factor) are left out: a
         # missing param reads as "not set", the string "null" as a value
         self.params = {k: v for k, v in params.items() if v is not None}
+        self.meter.configure(params)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.rows.append({"step": step, **metrics})
@@ -172,9 +179,11 @@ class TrialSink:
         from ray import tune
 
         rows, self.rows = self.rows, []
+        self.meter.add(rows)
         last = {**rows[-1], **(evaluated or {})}
-        rows[-1] = {**last, **chunk_stamp(step, train_seconds, last, last_val)}
-        scalars = report_metrics(step, self.cfg, last, last_val, train_seconds, self.meta, diverged)
+        rows[-1] = {**last, **chunk_stamp(step, train_seconds, last, last_val), **self.meter.stamp()}
+        scalars = {**report_metrics(step, self.cfg, last, last_val, train_seconds, self.meta, diverged),
+                   **self.meter.stamp()}
         scalars[NODE_KEY] = ray.get_runtime_context().get_node_id()
         payload: dict[str, Any] = {ROWS_KEY: rows, SETTINGS_KEY: run_settings(self.cfg)}
         if self.params is not None:
@@ -192,6 +201,7 @@ class TrialSink:
             scalars.update(payload)
         checkpoint = None
         if checkpoint_dir is not None:
+            self.meter.save(checkpoint_dir)
             (Path(checkpoint_dir) / ORIGIN_FILE).write_text(json.dumps({"trial_id": trial_id, "step": int(step)}))
             checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir))
         tune.report(scalars, checkpoint=checkpoint)

@@ -303,7 +303,7 @@ class SweepRunner:
             result.trials.update(out.trials)
             if out.interrupted:  # no best from a search that did not end: nothing confirmed
                 return True
-            best = best_result(out.grid, spec.metric, spec.mode)
+            best = best_result(out.grid, spec.metric, spec.mode, s)
             done = {"errors": out.errors,
                     "best": dict(cell_config(best.config)[0]["controller"]) if best is not None else None,
                     "failed": None if best is not None else (

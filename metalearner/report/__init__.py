@@ -30,6 +30,7 @@ import pandas as pd
 
 from metalearner.report.compare import TABLE_COLUMNS, Comparison, compare_sweep, compare_table
 from metalearner.report.export import export_best_controller
+from metalearner.report.pareto import write_pareto
 from metalearner.report.plots import plot_traces
 from metalearner.report.render import HOW_TO_READ, display_columns, render_duplicates, render_markdown, render_table
 from metalearner.report.runs import (
@@ -135,6 +136,12 @@ def write_report(tracking_uri: str, name_or_run_id: str, out_dir: str | Path,
                   f"{n_cmp} in the equal-steps comparison; metric `{metric}` ({mode}).\n\n{render_markdown(table)}\n\n"
                   f"{summary}\n\n```\n{audit}\n```\n\n{HOW_TO_READ}\n")
     files += [csv, md]
+    front = write_pareto(runs_df, traces_df, metric, mode, out, str(parent.data.tags.get("metalearner.arms", "")).split(","))
+    if front.files:  # quality against compute: pareto.csv/png, a section, and the sentence in the run's note
+        files += front.files
+        md.write_text(md.read_text() + "\n" + front.markdown)
+        text += "\n\n" + front.text
+        comp.verdicts += [front.sentence] if front.sentence else []
     if len(comp.per_run_to_target):
         to_target = out / "to_target.csv"
         comp.per_run_to_target.to_csv(to_target, index=False)

@@ -212,3 +212,57 @@ def plot_lineage(runs_df: pd.DataFrame, traces_df: pd.DataFrame, out_dir: str | 
     fig.suptitle("Population lineage: each member's settings in force per step, and its window\n"
                  "dotted line + dot: a perturbation (new settings; weights of the trial after ←)", fontsize=9)
     return [_save(fig, Path(out_dir) / "lineage.png")]
+
+
+def plot_pareto(table: pd.DataFrame, metric: str, mode: str, colours: dict[str, str], path: str | Path) -> Path:
+    """``pareto.png``: final ``metric`` against attention compute, one colour per arm.
+
+    Arms (means over seeds, with their 95% t interval) are large circles, filled when on
+    the arms' Pareto front and hollow when dominated, the front joined by a black dashed
+    step line; search trials are small dots in their arm's colour, those on the trials'
+    front ringed in black and joined by a grey dotted line.
+
+    Args:
+        table: `metalearner.report.pareto.pareto_table`'s frame.
+        metric, mode: the plotted metric and its direction.
+        colours: arm -> ``#rrggbb`` (`metalearner.tracking.arm_colours`).
+        path: the PNG to write.
+    Returns:
+        ``path``.
+    """
+    fig, ax = _figure(f"final {metric} vs attention compute (Pareto fronts outlined)",
+                      "attention compute (query-key pairs per layer and sequence, summed over steps)",
+                      f"final {metric} ({mode})")
+    ok = table[table["dominated"].notna()]
+    grey = "#9e9e9e"
+
+    def front_line(rows: pd.DataFrame, **style: Any) -> None:
+        front = rows[~rows["dominated"].astype(bool)].sort_values("attn_compute")
+        if len(front) >= 2:
+            ax.step(front["attn_compute"], front["value"], where="post", **style)
+
+    trials = ok[ok["kind"] == "trial"]
+    labelled: set[str] = set()
+    for r in trials.itertuples(index=False):
+        c = colours.get(r.arm, grey)
+        ax.scatter([r.attn_compute], [r.value], s=18, color=c, alpha=0.55, zorder=2,
+                   edgecolors="black" if not r.dominated else "none", linewidths=0.8,
+                   label=f"{r.arm} trials" if r.arm not in labelled else None)
+        labelled.add(r.arm)
+    front_line(trials, color=grey, ls=":", lw=1.0, label="trials' front" if len(trials) >= 2 else None)
+    arms = ok[ok["kind"] == "arm"]
+    for r in arms.itertuples(index=False):
+        c = colours.get(r.arm, grey)
+        ax.errorbar([r.attn_compute], [r.value], yerr=[r.value_ci95] if pd.notna(r.value_ci95) else None,
+                    fmt="o", ms=9, color=c, mfc="white" if r.dominated else c,
+                    mec="black" if not r.dominated else c, mew=1.4, capsize=3, zorder=3,
+                    label=f"{r.arm}" + (" (dominated)" if r.dominated else ""))
+        ax.annotate(str(r.point), (r.attn_compute, r.value), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    front_line(arms, color="black", ls="--", lw=1.0, label="arms' front" if len(arms) >= 2 else None)
+    xs = ok["attn_compute"]
+    if len(xs) and (xs > 0).all() and xs.max() / xs.min() > 20:
+        ax.set_xscale("log")
+    ax.margins(x=0.08, y=0.1)  # room for the arms' names
+    if len(ok):
+        ax.legend(fontsize=7, ncol=2)
+    return _save(fig, Path(path))
