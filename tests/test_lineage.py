@@ -90,7 +90,17 @@ def test_the_callback_records_each_perturbation_on_the_receiving_run(sqlite_uri,
     # at the last report PBT exploited once more: a restarted from b's checkpoint and ended at once
     a.config["controller"]["factor"], a.checkpoint = 1.4, checkpoint_of(tmp_path / "ck", "t_b", 25)
     cb.on_trial_complete(0, [], a)
+    # c took b's step-5 checkpoint and trained on from it (recorded with that report); its latest
+    # checkpoint is still b's (its last report had none): not a second perturbation
+    c = member("t_c", 1.1)
+    cb.on_trial_start(0, [], c)
+    report(cb, c, 1, 5, 1.1)
+    report(cb, c, 6, 10, 1.2, origin={"trial_id": "t_b", "step": 5})
+    c.checkpoint = checkpoint_of(tmp_path / "ck5", "t_b", 5)
+    cb.on_trial_complete(0, [], c)
     assert writer.close().complete
+    assert [p.step for p in perturbations_in(mlflow.MlflowClient(sqlite_uri).get_run(
+        writer.run_id(cb.run_ids["t_c"])).data.tags)] == [6]
 
     client = mlflow.MlflowClient(sqlite_uri)
     run = client.get_run(writer.run_id(key_a))

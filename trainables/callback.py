@@ -310,8 +310,8 @@ class MlflowTraceCallback(Callback):
         checkpoint with new settings and ends without training (no report). Its latest
         checkpoint (the donor's) and its config (the new settings) tell what happened."""
         origin = checkpoint_origin(trial.checkpoint)
-        if origin is None:
-            return
+        if origin is None or int(origin["step"]) < self.writer.last_step(run_key):
+            return  # no checkpoint, or one it trained on from (its first report after it recorded that)
         flat = flatten(cell_config(trial.config)[0])
         now = {k: float(flat[k]) for k in self.mutable_keys if isinstance(flat.get(k), (int, float))}
         self._record_perturbation(run_key, trial.trial_id, origin, int(origin["step"]) + 1,
