@@ -481,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--address", help="address of a running Ray cluster (default: start a local Ray)")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a spec field with a dotted key, e.g. train.steps=200 (repeatable)")
+    sw.add_argument("--arm", action="append", default=None, metavar="NAME=FILE",
+                    help="add a fixed arm NAME whose controller is read from FILE, a controller exported by another "
+                         "sweep ('metalearner compare --export-best FILE' or its best_ARM.yaml), as a spec's "
+                         "arms[i].controller_file (repeatable)")
     sw.add_argument("--out", help="folder for the comparison report (default: STORAGE/NAME-TIMESTAMP/report; for a URI "
                     "storage written to ./sweeps/NAME-TIMESTAMP/report and copied to the URI)")
     sw.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: Ray's own count)")

@@ -135,8 +135,8 @@ class MlflowTraceCallback(Callback):
             run_cfg, meta = cell_config(trial.config)
             arm = meta.get("arm", "trial")
             seed = run_cfg.get("train", {}).get("seed", 0)
-            tags = {**self.tags, ARM_TAG: arm, PHASE_TAG: meta.get("phase", ""),
-                    "metalearner.trial_id": tid, SEED_TAG: str(seed), KIND_TAG: "trial"}
+            tags = {**self.tags, **meta.get("tags", {}), ARM_TAG: arm, PHASE_TAG: meta.get("phase", ""),
+                    "metalearner.trial_id": tid, SEED_TAG: str(seed), KIND_TAG: "trial"}  # meta tags: Arm.tags
             population = bool(self.mutable_keys)
             colour = run_colour(arm, meta.get("phase", ""), self.colours, population) if self.colours else None
             if colour:
