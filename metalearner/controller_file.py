@@ -6,7 +6,8 @@ mapping, ``{controller: {name: ..., <settings>}}``. This module reads such a fil
 its shape (not its settings: the spec loader validates them with the run config, so that
 an unknown controller or a setting outside its ``PARAMS`` check is reported the same way
 as in a spec) and returns the controller with the file's sha256, which the arm's runs
-carry as tags (`SOURCE_TAGS`) so that a transferred controller can be traced to its bytes.
+carry as tags (`ControllerFile.tags`) so that a transferred controller can be traced to its
+bytes.
 
 Every failure is a one-line `ConfigError` naming the field and the file. Stdlib and
 `metalearner.config` only; must not import ray or mlflow.
@@ -26,7 +27,6 @@ from metalearner.schema import check_name, short
 # the tags every run of a controller_file arm carries (trainables.callback sets them)
 FILE_TAG = "metalearner.controller_file"
 SHA256_TAG = "metalearner.controller_sha256"
-SOURCE_TAGS = (FILE_TAG, SHA256_TAG)
 
 EXPECTED = "a controller file {controller: {name: ..., <settings>}}, as 'metalearner compare --export-best' writes"
 
@@ -54,7 +54,7 @@ def read_controller_file(path: str, field: str) -> ControllerFile:
     """Read and shape-check a controller file.
 
     Args:
-        path: the file (absolute, as the spec loader makes it).
+        path: the file (relative paths are the working folder's; the spec loader makes them absolute).
         field: the input it was given as, for messages (``arms[3].controller_file``).
     Returns:
         The `ControllerFile`; its settings are checked by the caller.
