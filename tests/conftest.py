@@ -200,6 +200,7 @@ SLOWEST_FILES = (
     "test_hf_model.py",
     "test_hf_sweep.py",
     "test_pareto.py",
+    "test_transfer.py",
     "test_resume_checkpoints.py",
     "test_sweep_faults.py",
     "test_cli.py",

@@ -69,7 +69,7 @@ def test_the_transferred_arm_trains_exactly_the_exported_controller(study3):
 
 def test_both_specs_ran_every_arm_in_smoke_mode_and_the_timings_were_kept(study3):
     store, uri, res = study3
-    for experiment, arms in (("study_long_small", ARMS), ("study_long", [*ARMS, "ewma-transferred"])):
+    for experiment, arms in (("study_long_small", ARMS), ("study_long", [*ARMS, "ewma-pareto", "ewma-transferred"])):
         runs = _trials(uri, experiment)
         compare = {r.data.tags["metalearner.arm"] for r in runs if r.data.tags["metalearner.phase"] == "compare"}
         assert compare == set(arms), (experiment, compare)
@@ -118,7 +118,7 @@ def test_a_bad_controller_file_is_one_line_naming_the_arm_and_the_file(tmp_path,
     with pytest.raises(ConfigError) as err:  # as a spec arm
         load_experiment(LONG, smoke=True, arms=[f"moved={path}"])
     msg = str(err.value)
-    assert msg.startswith(("--arm moved: ", "arms[4].controller_file: ")) and str(path) in msg, msg
+    assert msg.startswith(("--arm moved: ", "arms[5].controller_file: ")) and str(path) in msg, msg
     assert MESSAGES[name] in msg and "\n" not in msg, msg
 
 
@@ -127,7 +127,7 @@ def test_a_bad_arm_exits_2_before_ray_starts(cli, tmp_path):
     res = cli("sweep", LONG, "--smoke-test", "--arm", f"moved={path}", "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
               "--storage", tmp_path / "ray", cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
-    assert f"arms[4].controller_file: {path}: controller.factor: got 0.5" in res.stderr, res.stderr
+    assert f"arms[5].controller_file: {path}: controller.factor: got 0.5" in res.stderr, res.stderr
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "ray").exists()  # nothing started
 
 
@@ -182,7 +182,7 @@ def test_a_resume_refuses_a_controller_file_that_changed(tmp_path):
     saved.write_text(yaml.safe_dump(load_experiment(LONG, smoke=True, arms=[f"moved={best}"]).raw))
     assert load_experiment(saved).arms[-1].tags()["metalearner.controller_sha256"]
     best.write_text("controller: {name: ewma, factor: 1.03}\n")
-    with pytest.raises(ConfigError, match=r"^arms\[4\]\.controller_sha256: got [0-9a-f]{64}, but .* now has sha256"):
+    with pytest.raises(ConfigError, match=r"^arms\[5\]\.controller_sha256: got [0-9a-f]{64}, but .* now has sha256"):
         load_experiment(saved)
 
 
@@ -192,8 +192,9 @@ def test_a_resume_refuses_a_controller_file_that_changed(tmp_path):
 @pytest.mark.parametrize("smoke", [False, True], ids=["full", "smoke"])
 def test_the_long_study_specs(smoke):
     small, large = load_experiment(SMALL, smoke=smoke), load_experiment(LONG, smoke=smoke)
+    assert [a.name for a in small.arms] == ARMS and [a.name for a in large.arms] == [*ARMS, "ewma-pareto"]
+    assert [o.metric for o in large.arms[-1].search.objectives] == ["val_loss", "attn_compute"]
     for spec in (small, large):
-        assert [a.name for a in spec.arms] == ARMS
         assert spec.base["train"]["seq_len"] >= 512  # a context where windows cost
         assert len(spec.seeds) == (1 if smoke else 5)
         assert spec.arms[0].controller == {"name": "static", "min_window": 512}  # full window from step 1
