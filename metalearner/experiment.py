@@ -377,6 +377,15 @@ def _check_cell(cfg: RunConfig, spec: SpecFile) -> None:
         raise ConfigError(f"mode: got {spec.mode!r}, expected {modes[spec.metric]!r} for metric {spec.metric!r}")
 
 
+def _check_cadence(search: Any, cfg: RunConfig, where: str) -> None:
+    """A scheduler's first cut must fall inside the run: ASHA refuses a grace period past
+    ``max_t`` (= ``train.steps``) only once Ray has started."""
+    sc = search.scheduler
+    if sc.name == "asha" and sc.grace_period > cfg.train.steps:
+        raise ConfigError(f"{where}.scheduler.grace_period: got {sc.grace_period}, expected at most "
+                          f"train.steps ({cfg.train.steps})")
+
+
 def _check_devices(resources: Resources, base: dict[str, Any]) -> None:
     """A trial given a GPU must train on it, and a trial told to use CUDA needs one: Ray
     hides every GPU from a trial that was given none (``CUDA_VISIBLE_DEVICES``)."""
@@ -452,6 +461,7 @@ def _load_arms(top: SpecFile, base: dict[str, Any]) -> list[Arm]:
             raise ConfigError(f"{where}.{msg}" if where and msg.startswith("controller.") else msg) from None
         _check_cell(resolved, top)
         if search is not None:
+            _check_cadence(search, resolved, f"{where}.search".lstrip("."))
             check_objectives(search.objectives, {**METRIC_MODES, **TASK_METRIC_MODES.get(resolved.task.name, {})},
                              top.metric, resolved.task.name, f"{where}.search".lstrip("."))
         arm_name = a.name if a.name is not None else check_name(
