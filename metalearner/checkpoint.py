@@ -7,12 +7,13 @@ A ``checkpoint.pt`` holds only tensors and plain Python values and is read with
 ``torch.load(weights_only=True)``: a file that holds anything else is refused without
 being unpickled. A file that cannot be read raises `CheckpointError`; a resume that must
 continue the same run refuses a checkpoint whose config differs from the current one in
-any field but ``train.steps`` (`check_same_config`). Imports neither the engines nor the
-tracking layer.
+any field but ``train.steps`` (`check_same_config`; a field added since the checkpoint was
+written counts as its default). Imports neither the engines nor the tracking layer.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 import re
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from metalearner.config import ConfigError, RunConfig, config_diff, flatten
+from metalearner.config import ConfigError, RunConfig, config_diff, flatten, load_run_config
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_STATE_FILE = "run_state.json"  # in an hf engine checkpoint: config + non-finite counters
@@ -87,6 +88,9 @@ def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
 def check_same_config(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
     """Refuse to continue a run with a config other than the one it started with.
 
+    The saved config is compared as this version resolves it (`resolved_config`), so a
+    field added since the checkpoint was written counts as its default, not as a change.
+
     Args:
         saved: the config stored with the run (``RunConfig.to_dict()`` form).
         current: the config of this invocation, same form.
@@ -96,7 +100,7 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], where: str
         ConfigError: one line naming the first differing field, this invocation's value
             and the saved one (``RESUME_MAY_CHANGE`` fields may differ).
     """
-    saved, current = _plain(saved), _plain(current)
+    saved, current = resolved_config(saved, current), _plain(current)
     diff = [k for k in config_diff(saved, current) if k not in RESUME_MAY_CHANGE]
     if not diff:
         return
@@ -104,6 +108,29 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], where: str
     old, new = flatten(saved).get(key, "<absent>"), flatten(current).get(key, "<absent>")
     more = f" (and {len(diff) - 1} more field(s))" if len(diff) > 1 else ""
     raise ConfigError(f"{key}: got {new!r}, expected {old!r} as in the checkpoint being resumed ({where}){more}")
+
+
+def resolved_config(saved: Any, current: dict[str, Any]) -> Any:
+    """A checkpoint's saved config as this version resolves it (`load_run_config`: the
+    defaults of fields added since it was written filled in, in ``to_dict`` form).
+
+    Only a saved config that names the current controller is resolved: one that names
+    another differs anyway, and a plugin named only by a checkpoint is never imported. A
+    saved config that no longer loads is returned as it is (it then differs where it
+    no longer fits).
+
+    Args:
+        saved: the config stored with the run.
+        current: the config of this invocation (``RunConfig.to_dict()`` form).
+    """
+    same_controller = isinstance(saved, dict) and flatten(saved).get("controller.name") == \
+        flatten(current).get("controller.name")
+    if not same_controller:
+        return _plain(saved)
+    try:
+        return _plain(load_run_config(copy.deepcopy(saved)).to_dict())
+    except ConfigError:
+        return _plain(saved)
 
 
 def _plain(value: Any) -> Any:

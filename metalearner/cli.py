@@ -315,10 +315,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from trainables.storage import publish
 
         publish(runner.folder, runner.storage, runner.folder.name)  # a URI storage gets the report too
-    print("\n" + report.text)
+    print("\n" + terminal_text(report))
     print(f"\nreport: {out}  (also logged to the parent run under report/)")
     print(f"view it: {ui_command(uri)}\n  then open {report.url}")
     return EXIT_FAILURE if result.errors or result.failed_arms else 0
+
+
+def terminal_text(report: Any) -> str:
+    """The report's text as printed: on a terminal, each arm in its colour (the UI's)."""
+    from metalearner.report.render import paint_arms
+
+    return paint_arms(report.text, report.colours) if sys.stdout.isatty() else report.text
 
 
 def resume_command(experiment_dir: Path, args: argparse.Namespace) -> str:
@@ -382,7 +389,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         fail(str(e))
     except TrackingIncomplete as e:  # the report is on disk; its writes to the store wait in the journal
         return tracking_failed(e.pending, e.journal_dir, f"the report in {args.out} could not be logged to the store")
-    print(report.text)
+    print(terminal_text(report))
     print(f"\nreport: {args.out}  (parent run {report.parent_run_id})")
     if args.export_best:
         runs, traces = load_traces(uri, report.parent_run_id)
@@ -478,6 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--address", help="address of a running Ray cluster (default: start a local Ray)")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a spec field with a dotted key, e.g. train.steps=200 (repeatable)")
+    sw.add_argument("--arm", action="append", default=None, metavar="NAME=FILE",
+                    help="add a fixed arm NAME whose controller is read from FILE, a controller exported by another "
+                         "sweep ('metalearner compare --export-best FILE' or its best_ARM.yaml), as a spec's "
+                         "arms[i].controller_file (repeatable)")
     sw.add_argument("--out", help="folder for the comparison report (default: STORAGE/NAME-TIMESTAMP/report; for a URI "
                     "storage written to ./sweeps/NAME-TIMESTAMP/report and copied to the URI)")
     sw.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: Ray's own count)")

@@ -119,7 +119,7 @@ class TrainConfig:
 @dataclass
 class ModelSection:
     """``model.preset`` plus any `ModelConfig` field as an override; or ``model.hf``, a
-    Hugging Face causal LM (`metalearner.model.hf_model`), and then nothing else."""
+    Hugging Face causal LM (`metalearner.model.hf_config`), and then nothing else."""
 
     preset: str = "small"
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -189,12 +189,14 @@ def _model_checker() -> Any:
     return _MODEL_CHECKER
 
 
-def _load_model(data: dict[str, Any], task: str, seq_len: int) -> ModelSection:
+def _load_model(data: dict[str, Any], task: str, seq_len: int, vocab_size: int | None = None) -> ModelSection:
+    """The model section, checked down to its size (`MAX_PARAMS`) with ``vocab_size`` token
+    ids: the task's when known before it is built (a tokenizer's), else None: the model's own."""
     from metalearner.model import PRESETS
     from metalearner.schema import validate
 
     if "hf" in data:
-        return ModelSection(hf=_load_hf(data, task, seq_len))
+        return ModelSection(hf=_load_hf(data, task, seq_len, vocab_size))
     preset = data.pop("preset", "small")
     if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"model.preset: got {short(preset)}, expected one of {sorted(PRESETS)}")
@@ -208,27 +210,29 @@ def _load_model(data: dict[str, Any], task: str, seq_len: int) -> ModelSection:
         mc = PRESETS[preset](**overrides).validate()
     except ValueError as e:
         raise ConfigError(f"model.{e}") from None
-    params = _param_estimate(mc)
+    params = _param_estimate(mc, vocab_size)
     if params > MAX_PARAMS:
+        vocab = f"{vocab_size} (task.tokenizer's)" if vocab_size is not None else f"{mc.vocab_size}"
         raise ConfigError(f"model.d_model: got {mc.d_model} with n_layers {mc.n_layers} and vocab_size "
-                          f"{mc.vocab_size} (about {params:.3g} parameters), expected at most {MAX_PARAMS:.3g}")
+                          f"{vocab} (about {params:.3g} parameters), expected at most {MAX_PARAMS:.3g}")
     return ModelSection(preset=preset, overrides=overrides)
 
 
 @dataclass
 class HFSection:
-    """``model.hf``: a Hugging Face causal LM (see `metalearner.model.hf_model`)."""
+    """``model.hf``: a Hugging Face causal LM (see `metalearner.model.hf_config`)."""
 
     config: dict[str, Any] | None = None  # a config dict with model_type (random init), or overrides of path's
     path: str | None = None  # a local model folder (from_pretrained, local files only)
     attn_implementation: str | None = None  # "sdpa", "eager" or "metalearner_local"; None: the family's
 
 
-def _load_hf(data: dict[str, Any], task: str, seq_len: int) -> dict[str, Any]:
+def _load_hf(data: dict[str, Any], task: str, seq_len: int, vocab_size: int | None = None) -> dict[str, Any]:
     """Check ``model.hf`` (alone in the model section) down to the model it builds: the
     family, the folder, the config keys, both knobs' layout, the size (on the meta
-    device); returns the section as given, without unset keys."""
-    from metalearner.model.hf_model import FAMILY_LIST, HFModelError, resolve_hf_config, section_model_type
+    device, with ``vocab_size`` token ids when the task's are known, else the config's);
+    returns the section as given, without unset keys."""
+    from metalearner.model.hf_config import FAMILY_LIST, HFModelError, resolve_hf_config, section_model_type
 
     others = [k for k in data if k != "hf"]
     if others:
@@ -246,7 +250,7 @@ def _load_hf(data: dict[str, Any], task: str, seq_len: int) -> dict[str, Any]:
         if importlib.util.find_spec("transformers") is None:
             raise ConfigError("model.hf: got a Hugging Face model, which needs the package 'transformers' (not "
                               "installed); expected it installed: pip install 'metalearner[hf]'")
-        mc = resolve_hf_config(out, None, seq_len, max_params=MAX_PARAMS)
+        mc = resolve_hf_config(out, vocab_size, seq_len, max_params=MAX_PARAMS)
     except HFModelError as e:
         raise ConfigError(str(e)) from None
     if mc.n_params > MAX_PARAMS:
@@ -255,10 +259,23 @@ def _load_hf(data: dict[str, Any], task: str, seq_len: int) -> dict[str, Any]:
     return out
 
 
-def _param_estimate(mc: Any) -> int:
-    """Parameters of a model of ``mc``, roughly: blocks plus the embedding."""
+def _param_estimate(mc: Any, vocab_size: int | None = None) -> int:
+    """Parameters of a model of ``mc``, roughly: blocks plus the embedding of ``vocab_size``
+    token ids (None: ``mc.vocab_size``)."""
     blocks = mc.n_layers + (mc.decoder_layers if mc.arch == "encoder_decoder" else 0)
-    return int(blocks * (4 + 2 * mc.mlp_ratio) * mc.d_model**2 + mc.vocab_size * mc.d_model)
+    vocab = mc.vocab_size if vocab_size is None else vocab_size
+    return int(blocks * (4 + 2 * mc.mlp_ratio) * mc.d_model**2 + vocab * mc.d_model)
+
+
+def _tokenizer_vocab(task: Any) -> int | None:
+    """The vocabulary a configured ``task.tokenizer`` gives the model, read from its files
+    without loading it; None without one (the size is then the model's own)."""
+    folder = getattr(task, "tokenizer", None)
+    if not folder:
+        return None
+    from metalearner.tasks.corpus import tokenizer_vocab_size
+
+    return tokenizer_vocab_size(folder)
 
 
 def _load_controller(data: dict[str, Any]) -> dict[str, Any]:
@@ -295,8 +312,8 @@ def load_run_config(data: Any) -> RunConfig:
     if task.name == "speech" and "seq_len" in sections["train"]:
         raise ConfigError(f"train.seq_len: got {short(sections['train']['seq_len'])}, expected it unset: the speech "
                           "task takes its sequence length from task.max_text_len")
-    cfg = RunConfig(task=task, model=_load_model(sections["model"], task.name, train.seq_len), train=train,
-                    controller=_load_controller(sections["controller"]))
+    model = _load_model(sections["model"], task.name, train.seq_len, _tokenizer_vocab(task))
+    cfg = RunConfig(task=task, model=model, train=train, controller=_load_controller(sections["controller"]))
     _check_window_bounds(cfg)
     if hasattr(cfg.task, "check_files"):
         try:

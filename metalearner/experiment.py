@@ -1,8 +1,9 @@
 """Experiment specs (``experiments/*.yaml``): parsed and validated before Ray starts.
 
 A spec names a base run config (``task``, ``model``, ``train``, ``controller``), the
-``arms`` to compare (each a controller, optionally tuned by a ``search``), the ``seeds``,
-``resources``, ``tracking`` (``outage_s``) and a ``smoke`` block of dotted overrides that ``--smoke-test`` applies.
+``arms`` to compare (each a controller, optionally tuned by a ``search``, or a fixed
+controller exported by another sweep, ``controller_file``: `metalearner.controller_file`),
+the ``seeds``, ``resources``, ``tracking`` (``outage_s``) and a ``smoke`` block of dotted overrides that ``--smoke-test`` applies.
 Without ``arms``, the top-level ``controller`` (+ ``search``) is the single arm.
 
 Search-space domains map one to one onto Ray Tune's (``grid``, ``choice``, ``uniform``,
@@ -13,9 +14,10 @@ step clamps mutated values onto them — must make a valid run config.
 Validation runs on strict pydantic models (`metalearner.schema`); every error is a
 `ConfigError`: one line naming the field. Must not import ray.
 
-Paths in a spec (``task.data_dir``, ``task.files``, ``task.tokenizer``) are made absolute when the spec is
-loaded, relative to the *working folder* of the command (as the shell completes them and
-as a ``--set`` override is typed), never to the spec file's folder; the trials get the
+Paths in a spec (``task.data_dir``, ``task.files``, ``task.tokenizer``, ``model.hf.path``,
+``arms[i].controller_file``) are made absolute when the spec is loaded, relative to the
+*working folder* of the command (as the shell completes them and as a ``--set`` override
+is typed), never to the spec file's folder; the trials get the
 absolute paths, so they never depend on their own working folder (Ray moves each trial
 into its trial folder). The one exception is ``runtime_env`` (the code a plugin
 controller needs on every worker, `metalearner.runtime_env`): its paths are relative to
@@ -42,6 +44,8 @@ from metalearner.config import (
     read_yaml,
     set_dotted,
 )
+from metalearner.controller_file import ControllerFile, add_arm_flags, arm_source
+from metalearner.objectives import Objective, check_objectives, load_objectives
 from metalearner.registry import default_arm_name
 from metalearner.runtime_env import driver_paths, importable, merge_runtime_env, resolve_runtime_env
 from metalearner.schema import STRICT, SafeName, check_name, load_dataclass, short, validate
@@ -105,6 +109,10 @@ class Search:
     # pbt/pb2: one population per comparison seed; each population's best member at the
     # end (by `metric`) is that seed's compare-phase result (`trainables.phases`)
     per_seed: bool = False
+    # a multi-objective search (`metalearner.objectives`): the Pareto front trial that `pick`
+    # names (knee: closest to the ideal point; best: best on `metric`) is confirmed
+    objectives: list[Objective] = field(default_factory=list)
+    pick: Literal["knee", "best"] = "knee"
 
     @property
     def population_based(self) -> bool:
@@ -116,6 +124,11 @@ class Arm:
     name: str
     controller: dict[str, Any]
     search: Search | None = None
+    source: ControllerFile | None = None  # a fixed arm read from a controller file (controller_file / --arm)
+
+    def tags(self) -> dict[str, str]:
+        """Tags for every run of the arm: the source file and sha256 of a controller read from a file."""
+        return self.source.tags() if self.source is not None else {}
 
 
 @dataclass
@@ -218,6 +231,8 @@ class ArmInput(BaseModel):
     name: SafeName | None = None
     controller: Mapping | None = None
     search: Mapping | None = None
+    controller_file: Annotated[str, Field(min_length=1)] | None = None  # {controller: {...}} from another sweep
+    controller_sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")] | None = None  # the file's, when pinned
 
 
 class Domain(BaseModel):
@@ -284,8 +299,12 @@ def _load_search(data: Any, where: str) -> tuple[Search, dict[str, Domain]]:
         sched = {"name": sched}
     scheduler = load_dataclass(Scheduler, sched, f"{where}.scheduler.")
     space = data.pop("space", None)
+    objectives = data.pop("objectives", None)
     search = load_dataclass(Search, data, f"{where}.")
     search.scheduler = scheduler
+    search.objectives = load_objectives(objectives, search.searcher, scheduler.name, where)
+    if "pick" in data and not search.objectives:
+        raise ConfigError(f"{where}.pick: got {short(data['pick'])}, expected it only with {where}.objectives")
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"{where}.space: got {short(space)}, expected a mapping of at least one key to a domain")
     domains: dict[str, Domain] = {}
@@ -358,6 +377,15 @@ def _check_cell(cfg: RunConfig, spec: SpecFile) -> None:
         raise ConfigError(f"mode: got {spec.mode!r}, expected {modes[spec.metric]!r} for metric {spec.metric!r}")
 
 
+def _check_cadence(search: Any, cfg: RunConfig, where: str) -> None:
+    """A scheduler's first cut must fall inside the run: ASHA refuses a grace period past
+    ``max_t`` (= ``train.steps``) only once Ray has started."""
+    sc = search.scheduler
+    if sc.name == "asha" and sc.grace_period > cfg.train.steps:
+        raise ConfigError(f"{where}.scheduler.grace_period: got {sc.grace_period}, expected at most "
+                          f"train.steps ({cfg.train.steps})")
+
+
 def _check_devices(resources: Resources, base: dict[str, Any]) -> None:
     """A trial given a GPU must train on it, and a trial told to use CUDA needs one: Ray
     hides every GPU from a trial that was given none (``CUDA_VISIBLE_DEVICES``)."""
@@ -390,11 +418,15 @@ def parse_experiment(data: Any, source: str = "<spec>") -> ExperimentSpec:
     with importable(driver_paths(runtime_env)):  # a plugin controller imports here as on the workers
         arms = _load_arms(top, base)
     _check_devices(resources, base)
+    raw = copy.deepcopy(data)
+    for i, arm in enumerate(arms):  # pinned: a resumed sweep refuses a controller file that changed since
+        if arm.source is not None:
+            raw["arms"][i]["controller_sha256"] = arm.source.sha256
     return ExperimentSpec(name=name, description=top.description, base=base, arms=arms, seeds=list(top.seeds),
                           resources=resources, metric=top.metric, mode=top.mode,
                           target_loss=None if top.target_loss is None else float(top.target_loss),
                           time_budget_s=float(top.stop.time_budget_s if top.stop else 0.0), seed=top.seed,
-                          source=source, raw=copy.deepcopy(data), tracking=tracking, runtime_env=runtime_env)
+                          source=source, raw=raw, tracking=tracking, runtime_env=runtime_env)
 
 
 def _load_arms(top: SpecFile, base: dict[str, Any]) -> list[Arm]:
@@ -412,7 +444,9 @@ def _load_arms(top: SpecFile, base: dict[str, Any]) -> list[Arm]:
     for i, raw in enumerate(arms_raw):
         where = "" if implicit else f"arms[{i}]"
         a = validate(ArmInput, raw, f"{where}." if where else "")
-        ctrl = dict(a.controller or default_ctrl)
+        source = arm_source(a.controller_file, a.controller_sha256, where, controller=a.controller is not None,
+                            search=a.search is not None)
+        ctrl = dict(source.controller if source is not None else a.controller or default_ctrl)
         cfg = {**copy.deepcopy(base), "controller": copy.deepcopy(ctrl)}
         try:
             if a.search is not None:
@@ -422,19 +456,25 @@ def _load_arms(top: SpecFile, base: dict[str, Any]) -> list[Arm]:
                 search, resolved = None, load_run_config(cfg)
         except ConfigError as e:
             msg = str(e)
+            if source is not None and msg.startswith("controller."):  # the file's settings: name the file
+                raise ConfigError(f"{where}.controller_file: {source.path}: {msg}") from None
             raise ConfigError(f"{where}.{msg}" if where and msg.startswith("controller.") else msg) from None
         _check_cell(resolved, top)
+        if search is not None:
+            _check_cadence(search, resolved, f"{where}.search".lstrip("."))
+            check_objectives(search.objectives, {**METRIC_MODES, **TASK_METRIC_MODES.get(resolved.task.name, {})},
+                             top.metric, resolved.task.name, f"{where}.search".lstrip("."))
         arm_name = a.name if a.name is not None else check_name(
             "tuned" if implicit and search else default_arm_name(resolved.controller["name"]),
             f"{where}.name".lstrip("."))
         if any(arm_name == b.name for b in arms):
             raise ConfigError(f"{where}.name: got {arm_name!r} twice, expected distinct arm names")
-        arms.append(Arm(name=arm_name, controller=ctrl, search=search))
+        arms.append(Arm(name=arm_name, controller=ctrl, search=search, source=source))
     return arms
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None, smoke: bool = False,
-                    runtime_env: dict[str, Any] | None = None) -> ExperimentSpec:
+                    runtime_env: dict[str, Any] | None = None, arms: list[str] | None = None) -> ExperimentSpec:
     """Read, apply ``smoke`` and ``--set`` overrides, validate. Raises `ConfigError`
     (and nothing else, whatever the file holds).
 
@@ -444,8 +484,10 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None, smoke:
         smoke: apply the spec's smoke block.
         runtime_env: the CLI's ``--py-modules`` / ``--working-dir``, resolved
             (`metalearner.runtime_env.resolve_runtime_env`), added to the spec's.
+        arms: ``--arm NAME=FILE`` items: fixed arms read from controller files (`add_arm_flags`).
     Returns:
-        The validated spec; its ``raw`` (saved with the sweep) holds the absolute paths.
+        The validated spec; its ``raw`` (saved with the sweep) holds the absolute paths and
+        the sha256 of every controller file (``arms[i].controller_sha256``).
     """
     p = Path(path)
     data = read_yaml(p, "experiment")
@@ -459,6 +501,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None, smoke:
     if smoke:
         data = apply_smoke(data, smoke_block)
     data = apply_overrides(data, overrides or [])
+    data = add_arm_flags(data, arms or [])
     data = absolute_paths(data, Path.cwd())
     env = merge_runtime_env(resolve_runtime_env(data.get("runtime_env"), p.absolute().parent), runtime_env or {})
     if env:
@@ -469,7 +512,8 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None, smoke:
 
 
 def absolute_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Make the local paths of a spec's ``task`` section (`PATH_KEYS`) absolute.
+    """Make the local paths of a spec absolute: its ``task`` section's (`PATH_KEYS`),
+    ``model.hf.path`` and each arm's ``controller_file``.
 
     Args:
         data: the loaded spec (smoke and overrides applied).
@@ -479,6 +523,9 @@ def absolute_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         for validation to reject with its own message.
     """
     out = copy.deepcopy(data)
+    for arm in out.get("arms") if isinstance(out.get("arms"), list) else []:
+        if isinstance(arm, dict) and isinstance(arm.get("controller_file"), str) and arm["controller_file"]:
+            arm["controller_file"] = _absolute(arm["controller_file"], base)  # arms[i].controller_file
     hf = out["model"].get("hf") if isinstance(out.get("model"), dict) else None
     if isinstance(hf, dict) and isinstance(hf.get("path"), str) and hf["path"]:
         hf["path"] = _absolute(hf["path"], base)  # model.hf.path, a local model folder

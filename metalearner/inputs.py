@@ -285,7 +285,8 @@ def sweep_inputs(args: argparse.Namespace) -> Any:
         raise ConfigError("experiment: missing, expected a spec file such as experiments/quickstart.yaml "
                           "(or --resume EXPERIMENT_DIR)")
     else:
-        spec = load_experiment(args.experiment, overrides=args.set, smoke=args.smoke_test, runtime_env=code)
+        spec = load_experiment(args.experiment, overrides=args.set, smoke=args.smoke_test, runtime_env=code,
+                               arms=getattr(args, "arm", None))
     check_extras(spec)
     task_data(load_run_config(spec.run_config(spec.arms[0], spec.seeds[0])))
     if args.address is None:
@@ -327,7 +328,7 @@ def metrics_db_location(uri: str, tracking_uri: str | None) -> None:
 
 def resume_spec(args: argparse.Namespace, code: dict[str, Any] | None = None) -> Any:
     """``sweep --resume DIR``: the spec saved in DIR (its ``runtime_env`` included). A spec
-    file, ``--set``, ``--smoke-test``, ``--py-modules`` or ``--working-dir`` given too must
+    file, ``--set``, ``--smoke-test``, ``--arm``, ``--py-modules`` or ``--working-dir`` given too must
     yield that same spec: a resume never changes what the sweep runs (the first differing
     field is named). ``code``: the runtime_env of those flags (`flag_runtime_env`)."""
     from metalearner.experiment import load_experiment
@@ -350,7 +351,7 @@ def resume_spec(args: argparse.Namespace, code: dict[str, Any] | None = None) ->
     saved_file = folder / SPEC_FILE
     saved = load_experiment(saved_file)
     given = load_experiment(args.experiment or saved_file, overrides=args.set, smoke=args.smoke_test,
-                            runtime_env=code)
+                            runtime_env=code, arms=getattr(args, "arm", None))
     for key, old, new in spec_diff(saved.raw, given.raw):
         raise ConfigError(f"{key}: got {short(new)}, expected {short(old)} as in the sweep being resumed "
                           f"({saved_file}); a resume runs the spec it started with")

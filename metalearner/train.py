@@ -58,7 +58,8 @@ from metalearner.config import ConfigError, RunConfig, flatten
 from metalearner.controllers import BOUND_PARAMS, Controller
 from metalearner.knobs import Knobs
 from metalearner.model import ModelConfig, build_model, preset
-from metalearner.model.hf_model import HFCausalLM, HFModelConfig, HFModelError, resolve_hf_config
+from metalearner.model.hf_config import HFModelConfig, HFModelError, resolve_hf_config
+from metalearner.model.hf_model import HFCausalLM
 from metalearner.registry import build_controller
 from metalearner.tasks import Task, batch_loss, build_task
 from metalearner.trace import NONFINITE_KEY, TraceSink

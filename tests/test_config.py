@@ -2,6 +2,7 @@
 
 import pytest
 
+from metalearner import config
 from metalearner.config import ConfigError, apply_overrides, flatten, load_run_config, parse_override
 
 
@@ -159,3 +160,47 @@ def test_task_settings_are_bounded(task, field):
     with pytest.raises(ConfigError) as e:
         load_run_config({"task": task})
     assert str(e.value).startswith(field), str(e.value)
+
+
+
+def word_level_tokenizer(folder, n_tokens: int) -> str:
+    """A tokenizer folder as `tokenizers` writes it (``tokenizer.json``) with ``n_tokens``
+    pieces; the size check reads the file, nothing here loads the tokenizer."""
+    import json
+
+    folder.mkdir()
+    vocab = {f"w{i}": i for i in range(n_tokens - 1)}
+    (folder / "tokenizer.json").write_text(json.dumps({
+        "version": "1.0", "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
+        "added_tokens": [{"id": n_tokens - 1, "content": "[UNK]", "special": True}]}))
+    return str(folder)
+
+
+def test_the_size_cap_counts_a_configured_tokenizer_s_vocabulary(tmp_path, monkeypatch):
+    """With ``task.tokenizer`` the model embeds the tokenizer's ids, not the preset's 256
+    (the cap lowered to 1e6 so that a tiny model shows it)."""
+    monkeypatch.setattr(config, "MAX_PARAMS", 1_000_000)
+    model = {"preset": "tiny"}  # d_model 32, 2 layers: ~33k parameters on bytes
+    load_run_config({"task": {"name": "text"}, "model": model})
+    with pytest.raises(ConfigError) as e:
+        load_run_config({"task": {"name": "text", "tokenizer": word_level_tokenizer(tmp_path / "tok", 100_000)},
+                         "model": model})
+    assert str(e.value) == ("model.d_model: got 32 with n_layers 2 and vocab_size 100000 (task.tokenizer's) (about "
+                            "3.22e+06 parameters), expected at most 1e+06")
+
+
+def test_the_size_cap_of_an_hf_model_counts_a_configured_tokenizer_s_vocabulary(tmp_path, monkeypatch):
+    """An HF config is sized with the tokenizer's ids, not its own default vocabulary
+    (qwen2's 151936: ~4.9e6 parameters here, above the lowered cap of 1e6)."""
+    pytest.importorskip("transformers", reason="needs the 'hf' extra")
+    monkeypatch.setattr(config, "MAX_PARAMS", 1_000_000)
+    hf = {"config": {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "use_sliding_window": True,
+                     "max_window_layers": 1, "sliding_window": 8, "tie_word_embeddings": True}}
+    small = word_level_tokenizer(tmp_path / "small", 1_000)
+    load_run_config({"task": {"name": "text", "tokenizer": small}, "model": {"hf": hf}})
+    with pytest.raises(ConfigError) as e:
+        load_run_config({"task": {"name": "text", "tokenizer": word_level_tokenizer(tmp_path / "big", 100_000)},
+                         "model": {"hf": hf}})
+    assert str(e.value).startswith("model.hf.config: got a qwen2 model of about 3.22e+06 parameters, expected at "
+                                   "most 1e+06"), str(e.value)

@@ -90,6 +90,36 @@ def test_the_model_s_vocabulary_follows_the_tokenizer(corpus):
     assert run.params()["model.vocab_size"] == run.params()["task.vocab_size"] == run.task.vocab_size
 
 
+def test_the_tokenizer_s_vocabulary_is_read_from_its_files_as_len_tokenizer(corpus, tmp_path):
+    """`tokenizer_vocab_size` (the config's size check) counts what ``len(tokenizer)`` counts,
+    without loading it: the model's pieces and the added tokens (one already a piece, one
+    new, one special), for a WordLevel and a Unigram model; None where it cannot tell."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from metalearner.tasks.corpus import tokenizer_vocab_size
+
+    def loaded(folder):
+        return len(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+
+    grown = AutoTokenizer.from_pretrained(str(corpus / "tok"), local_files_only=True)
+    grown.add_tokens(["alpha", "brand_new"])
+    grown.add_special_tokens({"additional_special_tokens": ["<x>"]})
+    grown.save_pretrained(tmp_path / "grown")
+    unigram = Tokenizer(models.Unigram([("[UNK]", 0.0), *((w, -1.0 - i) for i, w in enumerate(WORDS))], unk_id=0))
+    PreTrainedTokenizerFast(tokenizer_object=unigram, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(
+        tmp_path / "unigram")
+    for folder in (corpus / "tok", tmp_path / "grown", tmp_path / "unigram"):
+        assert tokenizer_vocab_size(str(folder)) == loaded(folder), folder
+    assert tokenizer_vocab_size(str(tmp_path / "grown")) == tokenizer_vocab_size(str(corpus / "tok")) + 2
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text('{"model": {}}')
+    for folder in ("slow", "broken", "absent"):
+        assert tokenizer_vocab_size(str(tmp_path / folder)) is None, folder
+
+
 def test_the_fingerprint_is_stable_and_follows_the_content(corpus, tmp_path):
     jsonl = dict(files=[str(corpus / "c.jsonl")], text_field="body")
     first = task(**jsonl).params()["fingerprint"]

@@ -54,6 +54,8 @@ def _search(space, searcher="random", scheduler="fifo"):
     (_search({"controller.factor": {"uniform": [1.01, 1.1]}}, searcher="optuna", scheduler="pbt"), "search.searcher"),
     (_search({"controller.factor": {"uniform": [1.01, 1.1]}}, searcher="bayes"), "search.searcher"),
     (_search({"controller.factor": {"uniform": [1.01, 1.1]}}, scheduler="median"), "search.scheduler.name"),
+    ({**BASE, "search": {"space": {"controller.factor": {"uniform": [1.01, 1.1]}},
+                         "scheduler": {"name": "asha", "grace_period": 10**6}}}, "search.scheduler.grace_period"),
     ({**BASE, "seeds": []}, "seeds"),
     ({**BASE, "task": {"name": "text", "files": ["/no/such.txt"]}}, "task.files"),
     ({**BASE, "arms": [{"name": "a", "controller": {"name": "ewma", "factor": 0.5}}]}, "arms[0].controller.factor"),

@@ -1,4 +1,4 @@
-"""Hugging Face causal LMs as the model (metalearner/model/hf_model.py): the knobs move in
+"""Hugging Face causal LMs as the model (metalearner/model/hf_config.py, hf_model.py): the knobs move in
 place and give exactly a fresh model built with them, per family; bad sections exit 2;
 both engines train it to the same trace; a shipped sweep runs it end to end."""
 
@@ -18,7 +18,8 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from metalearner.config import ConfigError, load_run_config  # noqa: E402
 from metalearner.knobs import Knobs  # noqa: E402
-from metalearner.model.hf_model import FAMILIES, SLIDING, HFCausalLM, resolve_hf_config  # noqa: E402
+from metalearner.model.hf_config import FAMILIES, SLIDING, resolve_hf_config  # noqa: E402
+from metalearner.model.hf_model import HFCausalLM  # noqa: E402
 from metalearner.trace import MemorySink  # noqa: E402
 from metalearner.train import TrainingRun  # noqa: E402
 

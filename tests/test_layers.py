@@ -14,7 +14,8 @@ LAYERS = [
     ["metalearner.controllers", "metalearner.registry"],  # registry: a controller name to its class (plugins too)
     ["metalearner.model"],
     ["metalearner.tasks"],
-    ["metalearner.config", "metalearner.experiment", "metalearner.runtime_env"],
+    ["metalearner.config", "metalearner.experiment", "metalearner.runtime_env", "metalearner.objectives",
+     "metalearner.controller_file"],
     ["metalearner.train", "metalearner.hf", "metalearner.checkpoint"],
     ["metalearner.tracking", "metalearner.journal", "metalearner.report",
      "metalearner.sweep_state", "metalearner.metrics_db"],  # journal, sweep_state: stdlib only, no mlflow;

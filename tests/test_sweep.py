@@ -1,5 +1,6 @@
 """Sweeps end to end on a real local Ray (2 CPUs) and a real MLflow store."""
 
+import json
 import math
 import os
 import re
@@ -19,6 +20,7 @@ from conftest import children, history
 from test_payload import payload_leaks
 
 from metalearner.experiment import load_experiment, parse_experiment
+from metalearner.tracking import SEARCH_GREY, arm_colours
 from trainables.callback import MlflowTraceCallback
 from trainables.sweep import SweepRunner
 from trainables.tuning import make_tuner
@@ -172,7 +174,7 @@ def test_restored_trial_continues_with_an_identical_trace(tmp_path, engine):
     assert restarted["clean"] == 8 and restarted["crashed"] < 8  # restored from a checkpoint, not from step 0
     client, _, runs = children(runner.tracking_uri, writer.run_id(parent))  # create_run returns a run key
     by_arm = {r.data.tags["metalearner.arm"]: r.info.run_id for r in runs}
-    for key in [*TRACE_KEYS, "val_loss"]:
+    for key in [*TRACE_KEYS, "val_loss", "attn_compute"]:  # attn_compute: carried in the checkpoint
         clean = history(client, by_arm["clean"], key)
         crashed = history(client, by_arm["crashed"], key)
         assert [s for s, _ in crashed] == [s for s, _ in clean]
@@ -260,3 +262,95 @@ def test_shipped_experiment_smoke_runs(tmp_path, name):
         assert r.info.status == "FINISHED"
         for key in search.space:
             assert float(r.data.params[key]) == pytest.approx(best[key.split(".", 1)[1]])
+
+    # the review of a population (issue 18): what PBT did, on the runs and in the report
+    if search.population_based:
+        check_population_review(uri, client, searched, result, spec, tmp_path)
+    else:  # a searcher's candidates stay grey in the UI; the confirmed runs carry the arm's colour
+        assert {r.data.tags["mlflow.runColor"] for r in searched} == {SEARCH_GREY}
+
+
+PERTURB_LINE = re.compile(r"at step (\d+): from trial (\S+) \(run ([0-9a-f]{32})\) at its step (\d+); (.*)")
+
+
+def check_population_review(uri, client, members, result, spec, tmp_path):
+    """A PBT population as a reviewer reads it. Each perturbation is on the trial that
+    received it: tag ``metalearner.perturb.N`` (the step, the donor trial and its run, which
+    is in the store, each setting old -> new: old as the metric said the step before) and a
+    line in the run's description; Ray's own policy log has as many, with the same new
+    settings. The metrics ``controller.*`` are the settings in force as a step function: a
+    point at every report step, a change only between adjacent steps, each value the one
+    the step ran with (the params, then each perturbation's new values), and the factor in
+    force is the one that moved the base. Members share their arm's colour. The report
+    draws the lineage and reads the perturbations back from the tags."""
+    from metalearner.report import write_report
+    from metalearner.report.runs import load_traces, perturbation_events
+
+    (arm,) = spec.arms
+    space = list(arm.search.space)
+    colour = arm_colours([arm.name])[arm.name]
+    by_trial = {r.data.tags["metalearner.trial_id"]: r for r in members}
+    ours = []  # (recipient trial, step, new settings)
+    for r in members:
+        tags, params, rid, tid = r.data.tags, r.data.params, r.info.run_id, r.data.tags["metalearner.trial_id"]
+        steps, every = int(params["train.steps"]), int(params["train.report_every"])
+        assert tags["mlflow.runColor"] == colour != SEARCH_GREY, tags  # the arm's colour, not the search grey
+        note = tags["mlflow.note.content"]
+        assert "params `controller.*` hold this trial's **initial** settings" in note, note
+        in_force = {s: {k: float(params[k]) for k in space} for s in range(1, steps + 2)}  # params: step 1 on
+        records = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tags.items()
+                         if re.fullmatch(r"metalearner\.perturb\.\d+", k))
+        assert tags.get("metalearner.perturbations", "0") == str(len(records))
+        jumps = set()
+        for n, (i, text) in enumerate(records, 1):
+            m = PERTURB_LINE.fullmatch(text)
+            assert i == n and m, (i, text)
+            step, donor, donor_run, donor_step = int(m[1]), m[2], m[3], int(m[4])
+            assert donor != tid and by_trial[donor].info.run_id == donor_run, text  # the donor's run, in the store
+            assert donor_step == step - 1, text  # synchronous PBT: the donor's checkpoint of the step before
+            changes = {k: (float(old), float(new)) for k, old, new in re.findall(r"(\S+) (\S+) → ([^\s,]+)", m[5])}
+            assert sorted(changes) == sorted(space), text
+            for k, (old, new) in changes.items():
+                assert old == pytest.approx(in_force[step - 1][k], rel=1e-5), (text, k)
+                for s in range(step, steps + 2):
+                    in_force[s][k] = new
+            assert f"PBT perturbation at step {step}**: copied the weights of trial `{donor}` (run `{donor_run}`)" \
+                in note, note
+            ours.append((tid, step, tuple(changes[k][1] for k in space)))
+            jumps.add(step)
+        for k in space:
+            points = history(client, rid, k)
+            assert {s for s, _ in points} >= {*range(every, steps + 1, every), 1}, (k, points)
+            for s, v in points:
+                assert v == pytest.approx(in_force[s][k], rel=1e-5), (k, s, v, records)
+            for (s0, v0), (s1, v1) in zip(points, points[1:]):
+                assert v0 == v1 or s1 == s0 + 1, (k, points)  # a step, never a diagonal
+        base = dict(history(client, rid, "rope_base"))
+        factor = history(client, rid, "controller.factor")
+        for s in range(1, steps):  # the factor the metric says at step s moved the base from s to s + 1, exactly
+            if s + 1 not in jumps:  # ...except where the donor's weights (and base) came in
+                f = [v for at, v in factor if at <= s][-1]
+                assert any(math.isclose(base[s + 1] / base[s], x, rel_tol=1e-9) for x in (f, 1 / f, 1.0)), (s, f)
+    assert any(step <= steps for _, step, _ in ours), ours  # at least one perturbation that then trained
+    (policy,) = (tmp_path / "ray").glob("*/pbt_global.txt")  # Ray's own record of its exploits
+    theirs = sorted(tuple(json.loads(line)[5]["controller"][k.split(".", 1)[1]] for k in space)
+                    for line in policy.read_text().splitlines())  # [..., old config, new config] per exploit
+    assert len(theirs) == len(ours)
+    assert flat(theirs) == pytest.approx(flat(sorted(new for _, _, new in ours)), rel=1e-5)
+
+    report = write_report(uri, result.parent_run_id, tmp_path / "report")
+    lineage = tmp_path / "report" / "lineage.png"
+    assert lineage in report.files and lineage.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "report/lineage.png" in {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
+    assert report.colours == {arm.name: colour}
+    runs_df, _ = load_traces(uri, result.parent_run_id)
+    events = perturbation_events(runs_df)
+    trial_of = dict(zip(runs_df["run_id"], runs_df["trial_id"]))
+    read_back = sorted((trial_of[g["run_id"].iloc[0]], int(step), tuple(g.set_index("key").loc[space, "new"]))
+                       for (_, step), g in events.groupby(["run_id", "step"]))
+    assert [(t, s) for t, s, _ in read_back] == sorted((t, s) for t, s, _ in ours)
+    assert flat(new for _, _, new in read_back) == pytest.approx(flat(new for _, _, new in sorted(ours)), rel=1e-5)
+
+
+def flat(rows):
+    return [float(v) for row in rows for v in row]

@@ -55,16 +55,21 @@ CHILDREN = 4  # 2 search trials + static and the confirmed tuned arm at equal st
 
 class Journal:
     """Reads the sweep's tracking journal as the driver appends it (each report's points
-    are fsync'd there in the Tune callback): per child run key, its phase and last step."""
+    are fsync'd there in the Tune callback): per child run key, its phase and last step.
 
-    def __init__(self, tmp: Path) -> None:
-        self.tmp, self.path, self.offset = tmp, None, 0
+    Args:
+        tmp: the folder the sweep runs in (its storage is ``tmp/ray``).
+        name: the spec's name (the sweep's folder is ``ray/NAME-STAMP``).
+    """
+
+    def __init__(self, tmp: Path, name: str = "faulty") -> None:
+        self.tmp, self.name, self.path, self.offset = tmp, name, None, 0
         self.phase: dict[str, str] = {}
         self.step: dict[str, int] = {}
 
     def poll(self) -> None:
         if self.path is None:
-            found = glob.glob(str(self.tmp / "ray" / "faulty-*" / "tracking" / "journal.jsonl"))
+            found = glob.glob(str(self.tmp / "ray" / f"{self.name}-*" / "tracking" / "journal.jsonl"))
             if not found:
                 return
             self.path = Path(found[0])

@@ -186,21 +186,29 @@ def test_pb2_sweep_explores_the_controller_within_its_bounds(tmp_path, local_ray
     client, parent, runs = child_runs(uri, result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["metalearner.scheduler"] == "pb2"
     assert len(runs) == 2
-    changed = 0
+    changed = recorded = 0
     for r in runs:
         assert r.info.status == "FINISHED"
         assert_trace_complete(client, r, steps, every)
         factors = history(client, r.info.run_id, "controller.factor")
         assert factors[0][0] == 1 and all(lo <= f <= hi for _, f in factors), factors
-        # a new factor takes effect only right after a perturbation step
-        assert all(s == 1 or (s - 1) % interval == 0 for s, _ in factors), factors
+        # a point at every report step; a new factor takes effect only right after a perturbation step
+        assert {s for s, _ in factors} >= {1, *range(every, steps + 1, every)}, factors
+        assert all((s - 1) % interval == 0 for (s, f), (_, before) in zip(factors[1:], factors) if f != before), factors
         base = dict(history(client, r.info.run_id, "rope_base"))
         for (start, f), (end, _) in zip(factors, factors[1:] + [(steps + 1, None)]):
             for s in range(start, end - 1):
                 ratio = base[s + 1] / base[s]
                 assert any(math.isclose(ratio, x, rel_tol=1e-9) for x in (f, 1 / f, 1.0)), (s, ratio, f)
         changed += len({f for _, f in factors}) > 1
+        for s, f in factors:  # each change is recorded on the run as a perturbation at that step
+            if s > 1 and f != dict(factors)[max(t for t, _ in factors if t < s)]:
+                assert any(p.startswith(f"at step {s}: from trial ") for k, p in r.data.tags.items()
+                           if k.startswith("metalearner.perturb.")), (s, r.data.tags)
+        recorded += int(r.data.tags.get("metalearner.perturbations", 0))
     assert changed >= 1  # PB2 gave the exploited trial a new factor
+    (policy,) = (tmp_path / "ray").glob("*/pbt_global.txt")  # Ray's own record of its exploits
+    assert recorded == len(policy.read_text().splitlines())
     assert lo <= result.best["tuned"]["factor"] <= hi
 
 

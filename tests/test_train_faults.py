@@ -196,6 +196,44 @@ def test_resume_with_another_config_names_the_first_differing_field(tmp_path):
     assert other.step == 2
 
 
+def test_a_checkpoint_written_before_a_config_field_existed_resumes(tmp_path, monkeypatch, capsys):
+    """``train --resume`` of a checkpoint whose saved config lacks fields added since (as an
+    older version wrote it) continues, those fields counting as their defaults; a real
+    change is still refused, and so is a checkpoint naming another controller, whose
+    plugin is not imported."""
+    import sys
+
+    from metalearner.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--task", "recall", "--no-mlflow", "--checkpoint-dir", "ck", "--set", "model.preset=tiny",
+            "--set", "train.seq_len=64", "--set", "train.batch_size=4", "--set", "train.eval_batches=1"]
+    assert main([*argv, "--steps", "2", "--trace-csv", "first.csv"]) == 0, capsys.readouterr().err
+    path = tmp_path / "ck" / CHECKPOINT_FILE
+    state = torch.load(path, weights_only=True)
+    for key in ("max_nonfinite", "checkpoint_every", "engine"):  # fields later versions added, at their defaults
+        del state["config"]["train"][key]
+    torch.save(state, path)
+    assert main([*argv, "--steps", "4", "--resume", "--trace-csv", "t.csv"]) == 0, capsys.readouterr().err
+    assert [line.split(",")[0] for line in (tmp_path / "t.csv").read_text().splitlines()[1:]] == ["3", "4"]
+
+    cfg = load_run_config(state["config"]).to_dict()  # what the checkpoint's run was
+    cfg["train"]["max_nonfinite"] = 3
+    with pytest.raises(ConfigError, match=r"^train.max_nonfinite: got 3, expected 10 as in the checkpoint"):
+        TrainingRun(load_run_config(cfg)).load(tmp_path / "ck", same_config=True)
+    # a plugin on sys.path that leaves a mark when imported, named by the checkpoint alone
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "plug_never_imported.py").write_text(
+        "from pathlib import Path\nPath(__file__).with_suffix('.imported').touch()\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+    state["config"]["controller"]["name"] = "plug_never_imported:Policy"
+    torch.save(state, path)
+    with pytest.raises(ConfigError, match=r"^controller.name: got 'ewma', expected 'plug_never_imported:Policy'"):
+        TrainingRun(load_run_config({**cfg, "train": {**cfg["train"], "max_nonfinite": 10}})).load(
+            tmp_path / "ck", same_config=True)
+    assert "plug_never_imported" not in sys.modules and not (tmp_path / "code" / "plug_never_imported.imported").exists()
+
+
 def test_config_diff():
     a = {"train": {"lr": 0.1, "steps": 5}, "controller": {"name": "ewma", "factor": 1.1}}
     b = {"train": {"lr": 0.1, "steps": 6}, "controller": {"name": "ewma", "factor": 1.1, "beta": 0.5}}

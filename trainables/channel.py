@@ -32,6 +32,8 @@ Imports ray; imports neither engine.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -39,10 +41,13 @@ import ray
 from trainables.reporting import (
     INBOX_KEY,
     NODE_KEY,
+    ORIGIN_FILE,
+    ORIGIN_KEY,
     PARAMS_KEY,
     PAYLOAD_KEYS,
     ROWS_KEY,
     SETTINGS_KEY,
+    AttentionMeter,
     chunk_stamp,
     report_metrics,
     run_settings,
@@ -135,11 +140,18 @@ class TrialSink:
         self.inbox, self.cfg, self.meta = inbox, cfg, meta
         self.rows: list[dict[str, float]] = []
         self.params: dict[str, Any] | None = None
+        self.reported = False  # the first report also says whose checkpoint the trial started from
+        self.meter = AttentionMeter()  # attn_compute; `restore` reads its total from a checkpoint
+
+    def restore(self, checkpoint_dir: Any) -> None:
+        """Go on from a checkpoint: the attention compute spent up to its step."""
+        self.meter.load(checkpoint_dir)
 
     def log_params(self, params: dict[str, Any]) -> None:
         # settings that are None (e.g. a static controller's factor) are left out: a
         # missing param reads as "not set", the string "null" as a value
         self.params = {k: v for k, v in params.items() if v is not None}
+        self.meter.configure(params)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.rows.append({"step": step, **metrics})
@@ -152,8 +164,9 @@ class TrialSink:
                checkpoint_dir: Any = None, evaluated: dict[str, float] | None = None) -> None:
         """Report from inside the trial: the rows since the last report (the last one
         completed with ``evaluated`` and `chunk_stamp`), the settings and, the first time,
-        the params, to the inbox (waited for); then the scalars, and the checkpoint folder
-        ``checkpoint_dir`` (or None), to Tune.
+        the params and whose checkpoint the trial started from (`checkpoint_origin`), to
+        the inbox (waited for); then the scalars, and the checkpoint folder
+        ``checkpoint_dir`` (or None, else stamped with this trial and step), to Tune.
 
         Args:
             step: the last step done.
@@ -166,21 +179,46 @@ class TrialSink:
         from ray import tune
 
         rows, self.rows = self.rows, []
+        self.meter.add(rows)
         last = {**rows[-1], **(evaluated or {})}
-        rows[-1] = {**last, **chunk_stamp(step, train_seconds, last, last_val)}
-        scalars = report_metrics(step, self.cfg, last, last_val, train_seconds, self.meta, diverged)
+        rows[-1] = {**last, **chunk_stamp(step, train_seconds, last, last_val), **self.meter.stamp()}
+        scalars = {**report_metrics(step, self.cfg, last, last_val, train_seconds, self.meta, diverged),
+                   **self.meter.stamp()}
         scalars[NODE_KEY] = ray.get_runtime_context().get_node_id()
         payload: dict[str, Any] = {ROWS_KEY: rows, SETTINGS_KEY: run_settings(self.cfg)}
         if self.params is not None:
             payload[PARAMS_KEY], self.params = self.params, None
+        trial_id = tune.get_context().get_trial_id()
+        if not self.reported:
+            self.reported = True
+            origin = checkpoint_origin(tune.get_checkpoint())
+            if origin is not None:
+                payload[ORIGIN_KEY] = origin
         if self.inbox is not None:
-            trial_id = tune.get_context().get_trial_id()
             ray.get(inbox_actor(self.inbox).put.remote(trial_id, step, payload))
             scalars[INBOX_KEY] = self.inbox
         else:
             scalars.update(payload)
-        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        checkpoint = None
+        if checkpoint_dir is not None:
+            self.meter.save(checkpoint_dir)
+            (Path(checkpoint_dir) / ORIGIN_FILE).write_text(json.dumps({"trial_id": trial_id, "step": int(step)}))
+            checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir))
         tune.report(scalars, checkpoint=checkpoint)
+
+
+def checkpoint_origin(checkpoint: Any) -> dict[str, Any] | None:
+    """The trial and step that wrote ``checkpoint`` (its `ORIGIN_FILE`, read through the
+    checkpoint's own filesystem, so a checkpoint in cloud storage is not downloaded):
+    ``{"trial_id": ..., "step": ...}``; None for no checkpoint or one without the file."""
+    if checkpoint is None:
+        return None
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{ORIGIN_FILE}") as f:
+            origin = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):  # not there (a checkpoint of an older version), or unreadable
+        return None
+    return {"trial_id": str(origin["trial_id"]), "step": int(origin["step"])} if "trial_id" in origin else None
 
 
 def take_payloads(trial_id: str, result: dict[str, Any]) -> list[dict[str, Any]]:

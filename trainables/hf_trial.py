@@ -49,5 +49,6 @@ def train_trial_hf(config: dict[str, Any], task: Task | None = None, task_key: t
             run_hf(cfg, sink, out, task=mine, on_report=on_report, checkpoint_every=ckpt_every, log_params=True)
         else:
             with checkpoint.as_directory() as d:
+                sink.restore(d)
                 run_hf(cfg, sink, out, resume=d, task=mine, on_report=on_report, checkpoint_every=ckpt_every,
                        log_params=True)

@@ -1,5 +1,6 @@
-"""Live table of a sweep's trials on the driver: a `rich` live display on a terminal, a
-plain line every few seconds elsewhere. Fed by `trainables.callback.MlflowTraceCallback`."""
+"""Live table of a sweep's trials on the driver: a `rich` live display on a terminal (each
+arm in its colour, the sweep's one palette: `metalearner.tracking.ui.sweep_arm_colours`),
+a plain line every few seconds elsewhere. Fed by `trainables.callback.MlflowTraceCallback`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ class ProgressTable:
         self.total_steps = total_steps
         self.title = title
         self.rows: dict[str, dict[str, Any]] = {}
+        self.colours: dict[str, str] = {}  # arm -> "#rrggbb" (the arm cell's colour on a terminal)
         self.interactive = sys.stdout.isatty() if interactive is None else interactive
         self._live = None
         self._last_plain = 0.0
@@ -26,6 +28,10 @@ class ProgressTable:
 
             self._live = Live(self._table(), refresh_per_second=2, transient=False)
             self._live.start()
+
+    def use_colours(self, colours: dict[str, str]) -> None:
+        """Show each arm in its colour (arm -> ``#rrggbb``, as in the MLflow UI and the plots)."""
+        self.colours = dict(colours)
 
     def update(self, trial: Any, status: str, result: dict | None) -> None:
         run_cfg, meta = cell_config(trial.config)
@@ -39,12 +45,14 @@ class ProgressTable:
 
     def _table(self) -> Any:
         from rich.table import Table
+        from rich.text import Text
 
         t = Table(title=self.title, expand=False)
         for col in ("trial", "arm", "seed", "status", "step", "loss", "base", "window", "val loss"):
             t.add_column(col, justify="right" if col in ("step", "loss", "base", "window", "val loss") else "left")
         for tid, r in self.rows.items():
-            t.add_row(tid, str(r["arm"]), str(r["seed"]), r.get("status", ""),
+            arm = str(r["arm"])
+            t.add_row(tid, Text(arm, style=self.colours[arm]) if arm in self.colours else arm, str(r["seed"]), r.get("status", ""),
                       f"{r.get('step') or 0}/{self.total_steps}", _fmt(r.get("loss")), _fmt(r.get("rope_base"), ".4g"),
                       _fmt(r.get("window"), ".0f"), _fmt(r.get("val_loss")))
         return t

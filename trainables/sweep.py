@@ -264,7 +264,7 @@ class SweepRunner:
         })
         writer.log_params(PARENT_KEY, flatten({k: v for k, v in spec.raw.items() if k not in ("smoke", "arms")}))
         writer.log_params(PARENT_KEY, {f"arms.{a.name}": yaml.safe_dump(
-            {"controller": a.controller, "search": bool(a.search)}, default_flow_style=True).strip()
+            {"controller": a.controller, "search": bool(a.search), **a.tags()}, default_flow_style=True).strip()
             for a in spec.arms})
         spec_file = self.folder / SPEC_FILE
         spec_file.write_text(yaml.safe_dump(spec.raw, sort_keys=False))
@@ -350,7 +350,8 @@ class SweepRunner:
             cells: list[dict[str, Any]] = []
             for arm in spec.arms:
                 if arm.search is None:
-                    cells += [{**spec.run_config(arm, s), "meta": {"arm": arm.name, "phase": "compare"}}
+                    cells += [{**spec.run_config(arm, s), "meta": {"arm": arm.name, "phase": "compare",
+                                                                   **({"tags": arm.tags()} if arm.source else {})}}
                               for s in spec.seeds]
                 elif arm.search.per_seed:  # one population per seed, its best member is the seed's run
                     result.interrupted = run_per_seed_populations(phases, arm, result)
@@ -409,7 +410,7 @@ class SweepRunner:
             result.trials.update(out.trials)
             if out.interrupted:  # no best from a search that did not end: nothing confirmed
                 return True
-            best = best_result(out.grid, spec.metric, spec.mode)
+            best = best_result(out.grid, spec.metric, spec.mode, s)
             done = {"errors": out.errors,
                     "best": dict(cell_config(best.config)[0]["controller"]) if best is not None else None,
                     "failed": None if best is not None else (

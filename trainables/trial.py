@@ -7,7 +7,8 @@ it evaluates and reports: the sink ships the rows of the steps since the last re
 the sweep's inbox (the driver's MLflow writer journals them) and the scalars to
 ``tune.report``; a checkpoint goes with every report, or with every
 ``train.checkpoint_every`` steps when that is a multiple of it. On (re)start it restores
-from ``tune.get_checkpoint()`` — model, optimizer, controller *state*, RNG and step —
+from ``tune.get_checkpoint()`` — model, optimizer, controller *state*, RNG, step and the
+attention compute spent (``attn_compute``, `trainables.reporting.AttentionMeter`) —
 while the controller's *settings* always come from the trial config, so a PBT/PB2
 perturbation takes effect from the next step on.
 
@@ -45,10 +46,11 @@ def train_trial(config: dict[str, Any], task: Task | None = None, task_key: tupl
     cfg = load_run_config(run_dict)
     run = TrainingRun(cfg, task=shared_task(task, task_key, cfg))
     checkpoint = tune.get_checkpoint()
+    sink = TrialSink(inbox, cfg, meta)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             run.load(d)
-    sink = TrialSink(inbox, cfg, meta)
+            sink.restore(d)
     sink.log_params(run.params())
     every, ckpt_every = cadence(cfg)
     while not run.done:

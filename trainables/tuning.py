@@ -15,7 +15,7 @@ from typing import Any
 
 from metalearner.config import set_dotted
 from metalearner.environment import HF_OFFLINE, TUNE_QUIET, set_defaults
-from metalearner.experiment import Arm, ExperimentSpec
+from metalearner.experiment import Arm, ExperimentSpec, Search
 from trainables.reporting import DIVERGED_KEY, cell_config
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its worker names
@@ -50,11 +50,14 @@ def make_tuner(spec: ExperimentSpec, storage: str, trainable: Any, param_space: 
     # Ray issue #8441). Every checkpoint of a PBT trial is kept.
     set_defaults(TUNE_QUIET, HF_OFFLINE)  # the sweep's environment, also when Ray was started elsewhere
     r = spec.resources
+    # a multi-objective searcher holds its metrics (a list); Tune's one metric would replace them
+    multi = isinstance(getattr(search_alg, "metric", None), list)
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=spec.metric, mode=spec.mode, search_alg=search_alg, scheduler=scheduler,
+            metric=None if multi else spec.metric, mode=None if multi else spec.mode, search_alg=search_alg,
+            scheduler=scheduler,
             num_samples=num_samples, max_concurrent_trials=r.max_concurrent or None, reuse_actors=reuse,
             time_budget_s=spec.time_budget_s or None,
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
@@ -133,6 +136,9 @@ def make_searcher(arm: Arm, spec: ExperimentSpec) -> Any:
         spec: the experiment (its seed and ``resources.max_concurrent``).
     Returns:
         A Tune search algorithm (Optuna TPE, HyperOpt, or Tune's random/grid variants).
+        With ``search.objectives``, Optuna's TPE is multi-objective (Ray's ``OptunaSearch``
+        with a list of metrics and modes: an Optuna study with one direction per
+        objective); `make_tuner` then leaves Tune's single metric unset.
     Raises:
         RuntimeError: the searcher's package is not installed.
     """
@@ -144,7 +150,11 @@ def make_searcher(arm: Arm, spec: ExperimentSpec) -> Any:
             from ray.tune.search.optuna import OptunaSearch
         except ImportError as e:
             raise RuntimeError("searcher 'optuna' needs optuna: pip install optuna") from e
-        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=spec.seed))
+        sampler = optuna.samplers.TPESampler(seed=spec.seed)
+        if s.objectives:
+            return OptunaSearch(metric=[o.metric for o in s.objectives], mode=[o.mode for o in s.objectives],
+                                sampler=sampler)
+        return OptunaSearch(sampler=sampler)
     if s.searcher == "hyperopt":
         try:
             from ray.tune.search.hyperopt import HyperOptSearch
@@ -263,23 +273,36 @@ class ClampToSpace:
         return config
 
 
-def best_result(grid: Any, metric: str, mode: str) -> Any:
+def best_result(grid: Any, metric: str, mode: str, search: Search | None = None) -> Any:
     """The best of the trials that completed (ended without an error, not diverged) by
     their last ``metric``; None when none did. A failed trial's partial results never
     win, and nothing here swallows an error (Ray's ``get_best_result`` ranks failed
-    trials too, and raises when nothing has the metric)."""
+    trials too, and raises when nothing has the metric).
+
+    With ``search.objectives``, the trials with a finite last value of every objective
+    are points, and the one of their Pareto front that ``search.pick`` names
+    (`metalearner.report.pareto.pick`: the knee, or the best on ``metric``) wins.
+    """
+    objectives = list(search.objectives) if search is not None else []
+    names = [o.metric for o in objectives] or [metric]
     ok = []
     for r in grid:
         metrics = r.metrics or {}
         if r.error is not None or metrics.get(DIVERGED_KEY):  # a diverged run is a failure too
             continue
-        value = metrics.get(metric)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            ok.append((float(value), r))
+        values = [metrics.get(k) for k in names]
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            ok.append(([float(v) for v in values], r))  # type: ignore[arg-type]
     if not ok:
         return None
-    pick = min if mode == "min" else max
-    return pick(ok, key=lambda t: t[0])[1]
+    if objectives:
+        from metalearner.report.pareto import pick
+
+        assert search is not None
+        chosen = pick([v for v, _ in ok], [str(o.mode) for o in objectives], search.pick, names.index(metric))
+        return None if chosen is None else ok[chosen][1]
+    best = min if mode == "min" else max
+    return best(ok, key=lambda t: t[0][0])[1]
 
 
 def diverged_errors(grid: Any) -> list[str]:

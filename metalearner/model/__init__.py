@@ -5,7 +5,8 @@
     model.apply_knobs(Knobs(rope_base=20_000.0, window=32))
 
 `hf_model` puts a Hugging Face causal LM behind the same interface (`HFCausalLM`;
-transformers is imported only when one is built).
+transformers is imported only when one is built); `hf_config` resolves and checks the
+``model.hf`` section that names it (`resolve_hf_config`).
 
 Imports torch and `metalearner.knobs` only; must not import ray, mlflow or anything above
 the model layer.
@@ -17,7 +18,8 @@ from metalearner.model.attention import (
     blocked_local_attention,
     local_block_size,
 )
-from metalearner.model.hf_model import FAMILIES, HFCausalLM, HFModelConfig, HFModelError, resolve_hf_config
+from metalearner.model.hf_config import FAMILIES, HFModelConfig, HFModelError, resolve_hf_config
+from metalearner.model.hf_model import HFCausalLM
 from metalearner.model.rope import RotaryEmbedding, rope_tables
 from metalearner.model.transformer import (
     PRESETS,

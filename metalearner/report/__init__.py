@@ -44,11 +44,13 @@ from metalearner.report.landing import (
     per_run_deltas,
     plot_delta,
 )
+from metalearner.report.pareto import write_pareto
 from metalearner.report.plots import plot_traces
 from metalearner.report.render import HOW_TO_READ, display_columns, render_duplicates, render_markdown, render_table
 from metalearner.report.runs import (
     DUPLICATE_COLUMNS,
     REPORT_KEYS,
+    arm_palette,
     controller_summary,
     duplicate_points,
     load_traces,
@@ -63,11 +65,11 @@ from metalearner.tracking import (
     MlflowWriter,
     TrackingIncomplete,
     TrackingReader,
-    arm_colours,
     experiment_url,
     run_colour,
     ui_features,
 )
+from metalearner.tracking.ui import sweep_arm_colours
 
 
 @dataclass
@@ -85,6 +87,7 @@ class SweepReport:
         url: the link to print: the saved view (chart mode, grouped by arm) when it was
             written, else the experiment's runs page; both carry workflowType=machine_learning.
         view_key: the saved view's id, "" when none was written.
+        colours: arm -> ``#rrggbb``, the sweep's one palette (UI, plots, terminal table).
     """
 
     parent_run_id: str
@@ -96,6 +99,7 @@ class SweepReport:
     comparison: Comparison | None = None
     url: str = ""
     view_key: str = ""
+    colours: dict[str, str] = field(default_factory=dict)
 
 
 def write_report(tracking_uri: str, name_or_run_id: str, out_dir: str | Path,
@@ -144,6 +148,12 @@ def write_report(tracking_uri: str, name_or_run_id: str, out_dir: str | Path,
                   f"{n_cmp} in the equal-steps comparison; metric `{metric}` ({mode}).\n\n{render_markdown(table)}\n\n"
                   f"{summary}\n\n```\n{audit}\n```\n\n{HOW_TO_READ}\n")
     files += [csv, md]
+    front = write_pareto(runs_df, traces_df, metric, mode, out, str(parent.data.tags.get("metalearner.arms", "")).split(","))
+    if front.files:  # quality against compute: pareto.csv/png, a section, and the sentence in the run's note
+        files += front.files
+        md.write_text(md.read_text() + "\n" + front.markdown)
+        text += "\n\n" + front.text
+        comp.verdicts += [front.sentence] if front.sentence else []
     if len(comp.per_run_to_target):
         to_target = out / "to_target.csv"
         comp.per_run_to_target.to_csv(to_target, index=False)
@@ -157,7 +167,7 @@ def write_report(tracking_uri: str, name_or_run_id: str, out_dir: str | Path,
         export_best_controller(runs_df, traces_df, best)
         files.append(best)
     files += plot_traces(runs_df, traces_df, out)
-    delta_png = plot_delta(comp, _colours(parent, runs_df), out / DELTA_PNG)
+    delta_png = plot_delta(comp, arm_palette(runs_df), out / DELTA_PNG)
     if delta_png is not None:
         files.append(delta_png)
     url, key = experiment_url(tracking_uri, exp_id), ""
@@ -171,7 +181,7 @@ def write_report(tracking_uri: str, name_or_run_id: str, out_dir: str | Path,
         if not left.complete:
             raise TrackingIncomplete(left, writer.journal_dir)
     return SweepReport(parent_run_id=pid, table=table, text=text, files=files, experiment=experiment,
-                       duplicates=dups, comparison=comp, url=url, view_key=key)
+                       duplicates=dups, comparison=comp, url=url, view_key=key, colours=arm_palette(runs_df))
 
 
 def render_summary(comp: Comparison) -> str:
@@ -199,12 +209,6 @@ def summary_metrics(comp: Comparison) -> dict[str, float]:
             if v is not None and isinstance(v, (int, float)) and math.isfinite(v):
                 out[f"compare/{arm}/{name}"] = float(v)
     return out
-
-
-def _colours(parent: object, runs_df: pd.DataFrame) -> dict[str, str]:
-    """Arm -> colour, in the spec's arm order (the parent's ``metalearner.arms``), as the UI's."""
-    order = str(parent.data.tags.get("metalearner.arms", "")).split(",")  # type: ignore[attr-defined]
-    return arm_colours([a for a in order if a] + sorted(set(runs_df["arm"]) if len(runs_df) else []))
 
 
 def best_of(params: dict[str, str]) -> dict[str, dict[str, object]]:
@@ -256,7 +260,8 @@ def publish(reader: TrackingReader, writer: MlflowWriter, parent: object, runs_d
             key = ""
     url = experiment_url(tracking_uri, exp_id, key or None)
     if feats["run_color"] and len(runs_df):
-        colours = _colours(parent, runs_df)
+        colours = sweep_arm_colours(str(parent.data.tags.get("metalearner.arms", "")),  # type: ignore[attr-defined]
+                                    runs_df["arm"])
         for r in trials:
             if RUN_COLOR_TAG not in r.data.tags:
                 c = run_colour(r.data.tags.get("metalearner.arm", ""), r.data.tags.get("metalearner.phase", ""), colours)

@@ -1,5 +1,6 @@
 """PNG plots of a sweep (matplotlib's object API on the Agg canvas: no global backend is
-switched, nothing is shown)."""
+switched, nothing is shown). An arm has the colour it has in the MLflow UI and the
+terminal (`metalearner.report.runs.arm_palette`), and legends name arms."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from metalearner.report.runs import number, one_point_per_step, run_summary
+from metalearner.report.runs import SETTING_PREFIX, arm_palette, number, one_point_per_step, run_summary
 
 
 def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
@@ -23,11 +24,14 @@ def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
     return fig, ax
 
 
-def _colours(arms: list[str]) -> dict[str, Any]:
-    from matplotlib import colormaps
+def _shade(colour: str, i: int, n: int) -> tuple[float, float, float]:
+    """Member ``i`` of ``n``'s shade of its arm's ``colour``: darker to lighter, the arm's own
+    colour in the middle (members of a population share their arm's colour)."""
+    from matplotlib.colors import to_rgb
 
-    cmap = colormaps["tab10"]
-    return {a: cmap(i % 10) for i, a in enumerate(arms)}
+    rgb = to_rgb(colour)
+    f = 0.0 if n < 2 else -0.35 + 0.8 * i / (n - 1)
+    return tuple(c * (1 + f) if f < 0 else c + (1 - c) * f for c in rgb)  # type: ignore[return-value]
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -37,8 +41,9 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def plot_traces(runs_df: pd.DataFrame, traces_df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """PNG plots of a sweep: ``rope_base.png``, ``window.png``, ``loss.png`` and, when the
-    sweep searched, ``search.png``.
+    """PNG plots of a sweep: ``rope_base.png``, ``window.png``, ``loss.png``, when the
+    sweep searched ``search.png``, and when a population-based scheduler changed settings
+    ``lineage.png`` (`plot_lineage`).
 
     Knob traces draw one thin line per seed, one colour per arm (compare phase; all runs
     when there is no compare phase; runs cut before ``train.steps`` are left out, as in
@@ -62,7 +67,7 @@ def plot_traces(runs_df: pd.DataFrame, traces_df: pd.DataFrame, out_dir: str | P
     complete = runs[runs["run_id"].map(summary["complete"]).astype(bool)]
     runs = complete if len(complete) else runs  # runs cut before train.steps would skew the means
     arms = sorted(set(runs["arm"]))
-    colour = _colours(arms)
+    colour = arm_palette(runs_df)
     arm_of = runs.set_index("run_id")["arm"]
     t = traces_df[traces_df["run_id"].isin(arm_of.index)].sort_values(["run_id", "step"])
     written = []
@@ -113,15 +118,14 @@ def plot_traces(runs_df: pd.DataFrame, traces_df: pd.DataFrame, out_dir: str | P
         xkey = "controller.factor" if "controller.factor" in varying else (varying[0] if varying else None)
         if xkey is not None and len(final):
             fig, ax = _figure(f"search trials: final val loss vs {xkey}", xkey, "final val loss")
-            s_colour = _colours(sorted(set(search["arm"])))
             cut_label = "stopped early (final val loss at an earlier step)"
             for arm, g in search.groupby("arm"):
                 ids = [r for r in g["run_id"] if r in final.index]
                 done = [r for r in ids if summary.loc[r, "complete"]]
                 cut = [r for r in ids if not summary.loc[r, "complete"]]
-                ax.scatter(settings.loc[done, xkey], final[done], color=s_colour[arm], s=22, label=arm)
+                ax.scatter(settings.loc[done, xkey], final[done], color=colour[arm], s=22, label=arm)
                 if cut:
-                    ax.scatter(settings.loc[cut, xkey], final[cut], facecolors="none", edgecolors=s_colour[arm],
+                    ax.scatter(settings.loc[cut, xkey], final[cut], facecolors="none", edgecolors=colour[arm],
                                s=22, label=cut_label)
                     cut_label = None
             xs = settings[xkey].dropna()
@@ -129,5 +133,136 @@ def plot_traces(runs_df: pd.DataFrame, traces_df: pd.DataFrame, out_dir: str | P
                 ax.set_xscale("log")
             ax.legend(title="arm", fontsize=8)
             written.append(_save(fig, out / "search.png"))
-    return written
+    return written + plot_lineage(runs_df, traces_df, out)
 
+
+
+MAX_POPULATIONS = 6  # columns of lineage.png (the first populations by arm and seed)
+DASHES = ("-", "--", "-.", ":")
+
+
+def plot_lineage(runs_df: pd.DataFrame, traces_df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """``lineage.png``: what a population-based scheduler (PBT/PB2) did to each member.
+
+    One column per population (an arm's members on one seed), one row per setting the
+    scheduler changes (the ``controller.*`` metrics: the settings in force, drawn as the
+    step functions they are) and one for the ``window`` the settings moved. Each member is
+    a line in its arm's colour (a shade and a dash of its own; the legend names its trial,
+    "(compared)" for the member promoted to the comparison). Each perturbation, read back
+    from the member's tags (`metalearner.report.runs.perturbation_events`), is a dotted
+    vertical line before the first step with the new settings, a dot on each new value,
+    and, in a strip above the rows, the member and the trial whose weights it copied.
+
+    Returns:
+        ``[lineage.png]``, or [] when no run logged settings in force.
+    """
+    t = one_point_per_step(traces_df)
+    settings = sorted(k for k in t["key"].unique() if str(k).startswith(SETTING_PREFIX))
+    if runs_df.empty or not settings:
+        return []
+    members = runs_df[runs_df["run_id"].isin(t.loc[t["key"].isin(settings), "run_id"])]
+    pops = list(members.groupby(["arm", "seed"], sort=True, dropna=False))[:MAX_POPULATIONS]
+    keys = [*settings, "window"]
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(7.0, 4.8 * len(pops) + 0.6), 2.0 * len(keys) + 2.0), dpi=110)
+    grid = fig.subplots(len(keys) + 1, len(pops), sharex="col", squeeze=False,
+                        gridspec_kw={"height_ratios": [0.55] + [1.0] * len(keys)})
+    palette = arm_palette(runs_df)
+    for col, ((arm, seed), group) in enumerate(pops):
+        group = group.sort_values("trial_id" if "trial_id" in group else "run_name")
+        notes, axes = grid[0][col], [row[col] for row in grid[1:]]  # a strip for the perturbations, then the rows
+        events = 0
+        right = float(t.loc[t["run_id"].isin(group["run_id"]), "step"].max())  # notes end left of it
+        for i, r in enumerate(group.to_dict("records")):
+            shade, dash = _shade(palette[arm], i, len(group)), DASHES[i % len(DASHES)]
+            name = r.get("trial_id") or r["run_name"]
+            label = f"trial {name}" + (" (compared)" if r["phase"] == "compare" else "")
+            mine = t[t["run_id"] == r["run_id"]].sort_values("step")
+            for row, key in enumerate(keys):
+                line = mine[mine["key"] == key]
+                if len(line):
+                    axes[row].step(line["step"], line["value"], where="post", color=shade, ls=dash, lw=1.2,
+                                   label=label if row == 0 else None)
+            for p in r.get("perturbations") or ():
+                for ax in (notes, *axes):
+                    ax.axvline(p.step - 0.5, color=shade, ls=":", lw=0.9)
+                for row, key in enumerate(keys):
+                    new = {k: v for k, _, v in p.settings}.get(key)
+                    if new is not None:
+                        axes[row].plot([p.step], [new], "o", color=shade, ms=4)
+                late = p.step > 0.6 * right
+                notes.text(p.step - 0.5 + (-0.3 if late else 0.3), 0.82 - 0.24 * (events % 4),
+                           f"step {p.step}: {name} ← trial {p.donor_trial}", ha="right" if late else "left",
+                           va="center", fontsize=7, color=shade)
+                events += 1
+        notes.set_title(f"{arm}, seed {seed}: {len(group)} members, {events} perturbation(s)", fontsize=9)
+        notes.set_ylim(0, 1)
+        notes.set_yticks([])
+        notes.spines[["left", "right", "top"]].set_visible(False)
+        axes[0].legend(fontsize=7, loc="best")
+        for row, key in enumerate(keys):
+            ax = axes[row]
+            ax.grid(True, alpha=0.3)
+            ax.set_ylabel(key.removeprefix(SETTING_PREFIX), fontsize=8)
+            ys = t[(t["key"] == key) & t["run_id"].isin(group["run_id"])]["value"]
+            if len(ys) and (ys > 0).all() and ys.max() / ys.min() > 20:
+                ax.set_yscale("log")
+        axes[-1].set_xlabel("optimizer step")
+    fig.suptitle("Population lineage: each member's settings in force per step, and its window\n"
+                 "dotted line + dot: a perturbation (new settings; weights of the trial after ←)", fontsize=9)
+    return [_save(fig, Path(out_dir) / "lineage.png")]
+
+
+def plot_pareto(table: pd.DataFrame, metric: str, mode: str, colours: dict[str, str], path: str | Path) -> Path:
+    """``pareto.png``: final ``metric`` against attention compute, one colour per arm.
+
+    Arms (means over seeds, with their 95% t interval) are large circles, filled when on
+    the arms' Pareto front and hollow when dominated, the front joined by a black dashed
+    step line; search trials are small dots in their arm's colour, those on the trials'
+    front ringed in black and joined by a grey dotted line.
+
+    Args:
+        table: `metalearner.report.pareto.pareto_table`'s frame.
+        metric, mode: the plotted metric and its direction.
+        colours: arm -> ``#rrggbb`` (`metalearner.tracking.arm_colours`).
+        path: the PNG to write.
+    Returns:
+        ``path``.
+    """
+    fig, ax = _figure(f"final {metric} vs attention compute (Pareto fronts outlined)",
+                      "attention compute (query-key pairs per layer and sequence, summed over steps)",
+                      f"final {metric} ({mode})")
+    ok = table[table["dominated"].notna()]
+    grey = "#9e9e9e"
+
+    def front_line(rows: pd.DataFrame, **style: Any) -> None:
+        front = rows[~rows["dominated"].astype(bool)].sort_values("attn_compute")
+        if len(front) >= 2:
+            ax.step(front["attn_compute"], front["value"], where="post", **style)
+
+    trials = ok[ok["kind"] == "trial"]
+    labelled: set[str] = set()
+    for r in trials.itertuples(index=False):
+        c = colours.get(r.arm, grey)
+        ax.scatter([r.attn_compute], [r.value], s=18, color=c, alpha=0.55, zorder=2,
+                   edgecolors="black" if not r.dominated else "none", linewidths=0.8,
+                   label=f"{r.arm} trials" if r.arm not in labelled else None)
+        labelled.add(r.arm)
+    front_line(trials, color=grey, ls=":", lw=1.0, label="trials' front" if len(trials) >= 2 else None)
+    arms = ok[ok["kind"] == "arm"]
+    for r in arms.itertuples(index=False):
+        c = colours.get(r.arm, grey)
+        ax.errorbar([r.attn_compute], [r.value], yerr=[r.value_ci95] if pd.notna(r.value_ci95) else None,
+                    fmt="o", ms=9, color=c, mfc="white" if r.dominated else c,
+                    mec="black" if not r.dominated else c, mew=1.4, capsize=3, zorder=3,
+                    label=f"{r.arm}" + (" (dominated)" if r.dominated else ""))
+        ax.annotate(str(r.point), (r.attn_compute, r.value), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    front_line(arms, color="black", ls="--", lw=1.0, label="arms' front" if len(arms) >= 2 else None)
+    xs = ok["attn_compute"]
+    if len(xs) and (xs > 0).all() and xs.max() / xs.min() > 20:
+        ax.set_xscale("log")
+    ax.margins(x=0.08, y=0.1)  # room for the arms' names
+    if len(ok):
+        ax.legend(fontsize=7, ncol=2)
+    return _save(fig, Path(path))

@@ -7,6 +7,7 @@ metric's mean ± 95% CI, IQM, Δ vs static, Holm p, verdict, compute to target, 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -119,6 +120,23 @@ def render_table(df: pd.DataFrame) -> str:
         width = max(len(c), *(len(v) for v in disp[c]))
         disp[c] = [v.ljust(width) if c in text_cols else v.rjust(width) for v in disp[c]]
     return "\n".join(line.rstrip() for line in disp.to_string(index=False, justify="left").splitlines())
+
+
+def paint_arms(text: str, colours: dict[str, str]) -> str:
+    """``text`` with the arm name that starts a line (a table row, a verdict line) in its
+    arm's colour (``#rrggbb``, the sweep's palette), as ANSI 24-bit colour codes: for a
+    terminal only (the face decides; files and pipes get the plain text)."""
+    if not colours:
+        return text
+    names = "|".join(re.escape(a) for a in sorted(colours, key=len, reverse=True))
+    head = re.compile(rf"^(\s*)({names})(?=\s|$)", re.MULTILINE)
+
+    def paint(m: re.Match[str]) -> str:
+        h = colours[m.group(2)].lstrip("#")
+        r, g, b = (int(h[i:i + 2], 16) for i in (0, 2, 4))
+        return f"{m.group(1)}\x1b[38;2;{r};{g};{b}m{m.group(2)}\x1b[0m"
+
+    return head.sub(paint, text)
 
 
 def render_markdown(df: pd.DataFrame) -> str:

@@ -23,16 +23,20 @@ import yaml
 from metalearner.controllers import BOUND_PARAMS
 from metalearner.trace import TRACE_KEYS
 from metalearner.tracking import ARM_TAG, DIVERGED_TAG, PHASE_TAG, SEED_TAG, STOPPED_EARLY_TAG, TrackingReader
+from metalearner.tracking.lineage import perturbations_in
+from metalearner.tracking.ui import sweep_arm_colours
 
 NULLS = ("", "None", "none", "null", "Null", "NULL", "~")
 RUN_COLUMNS = ["run_id", "run_name", "arm", "phase", "seed", "status", "start_time", "train_steps", "seq_len",
                "n_heads", "n_global_heads", "model_window", "model_rope_base", "arch", "diverged", "stopped_early",
-               "duplicate_points"]
+               "duplicate_points", "trial_id", "colour", "perturbations"]
 # what the report reads beyond DESIGN's trace keys: cumulative training seconds (wall-clock
 # to target), the trials' summary metrics, and the divergence counter
 REPORT_KEYS = ("train_seconds", "steps_completed", "val_loss_final", "nonfinite_steps")
 FALSE_TAGS = ("", "0", "false", "False", "no")
 DUPLICATE_COLUMNS = ["run_id", "key", "steps", "extra_points", "first_step"]
+SETTING_PREFIX = "controller."  # metrics of the settings in force (a population-based scheduler's), fetched too
+PERTURBATION_COLUMNS = ["run_id", "n", "step", "donor_trial", "donor_run", "donor_step", "key", "old", "new"]
 
 
 def parse_value(text: Any) -> Any:
@@ -77,6 +81,8 @@ def _run_row(run: Any) -> dict[str, Any]:
         "arch": parse_value(params.get("model.arch")) or "decoder",
         "diverged": str(tags.get(DIVERGED_TAG, "")).strip() not in FALSE_TAGS,
         "stopped_early": tags.get(STOPPED_EARLY_TAG, ""),
+        "trial_id": tags.get("metalearner.trial_id", ""),
+        "perturbations": tuple(perturbations_in(tags)),
     }
     for k, v in params.items():
         if k.startswith("controller."):
@@ -96,14 +102,18 @@ def load_traces(tracking_uri: str, parent_run_id: str, keys: Iterable[str] = (*T
     Args:
         tracking_uri: MLflow tracking URI.
         parent_run_id: the sweep's parent run id.
-        keys: metric keys to fetch (only those a run actually logged are requested).
+        keys: metric keys to fetch (only those a run actually logged are requested), and
+            always the settings in force (``controller.*`` metrics) a population logged.
         max_workers: threads fetching histories (see `TrackingReader.metric_points`).
 
     Returns:
         ``runs_df``: one row per child — run_id, run_name, arm, phase, seed, status,
         train_steps, seq_len, n_heads, n_global_heads, model_window, model_rope_base,
         arch (``model.arch``), diverged (tag ``metalearner.diverged`` set), stopped_early
-        (the scheduler's tag, "" when not), duplicate_points (points stored beyond one per step per key) and the raw
+        (the scheduler's tag, "" when not), duplicate_points (points stored beyond one per step per key),
+        trial_id (the Tune trial), colour (its arm's ``#rrggbb``: the sweep's one palette,
+        `sweep_arm_colours`), perturbations (the PBT/PB2 perturbations the run received, a
+        tuple of `metalearner.tracking.lineage.Perturbation`; `perturbation_events`) and the raw
         ``controller.*`` param strings (a value a PBT scheduler changed is its last).
         ``traces_df``: long format — run_id, step, key, value; every stored point, ordered
         by run, key, step and write time (see `duplicate_points`).
@@ -111,8 +121,16 @@ def load_traces(tracking_uri: str, parent_run_id: str, keys: Iterable[str] = (*T
     reader = TrackingReader(tracking_uri)
     children = reader.trials(parent_run_id)
     rows = [_run_row(r) for r in children]
+    try:
+        order = str(reader.find_sweep(parent_run_id).data.tags.get("metalearner.arms", ""))
+    except ValueError:  # a parent without the sweep tag: arms in name order
+        order = ""
+    palette = sweep_arm_colours(order, (r["arm"] for r in rows))
+    for r in rows:
+        r["colour"] = palette[r["arm"]]
     wanted = set(keys)
-    jobs = [(r.info.run_id, k) for r in children for k in sorted(wanted & set(r.data.metrics))]
+    jobs = [(r.info.run_id, k) for r in children
+            for k in sorted(k for k in r.data.metrics if k in wanted or k.startswith(SETTING_PREFIX))]
     points = reader.metric_points(jobs, max_workers)
     traces = pd.DataFrame(points, columns=["run_id", "step", "key", "value", "timestamp"])
     traces = (traces.sort_values(["run_id", "key", "step", "timestamp"], kind="stable")
@@ -146,6 +164,34 @@ def duplicate_points(traces_df: pd.DataFrame) -> pd.DataFrame:
                                              first_step=("step", "min")).reset_index()
     out["extra_points"] -= out["steps"]
     return out[DUPLICATE_COLUMNS]
+
+
+def arm_palette(runs_df: pd.DataFrame) -> dict[str, str]:
+    """arm -> ``#rrggbb`` of a sweep's runs (their ``colour`` column: the colours of the
+    MLflow UI); for a frame without one, `sweep_arm_colours` in arm name order."""
+    if "colour" in runs_df and runs_df["colour"].notna().all():
+        return dict(zip(runs_df["arm"], runs_df["colour"], strict=True))
+    return sweep_arm_colours("", set(runs_df["arm"]) if "arm" in runs_df else ())
+
+
+def perturbation_events(runs_df: pd.DataFrame) -> pd.DataFrame:
+    """The PBT/PB2 perturbations of a sweep's runs, read back from their tags: one row per
+    run, perturbation and setting.
+
+    Returns:
+        Columns run_id, n (1 for a run's first), step (the first step with the new
+        settings), donor_trial, donor_run, donor_step (the step of the donor's checkpoint
+        copied), key, old (NaN if unknown), new; empty when nothing was perturbed.
+    """
+    rows = []
+    if "perturbations" in runs_df:
+        for rid, events in zip(runs_df["run_id"], runs_df["perturbations"], strict=True):
+            for n, p in enumerate(events or (), 1):
+                for key, old, new in p.settings or (("", None, math.nan),):
+                    rows.append({"run_id": rid, "n": n, "step": p.step, "donor_trial": p.donor_trial,
+                                 "donor_run": p.donor_run, "donor_step": p.donor_step, "key": key,
+                                 "old": math.nan if old is None else old, "new": new})
+    return pd.DataFrame(rows, columns=PERTURBATION_COLUMNS)
 
 
 def one_point_per_step(traces_df: pd.DataFrame) -> pd.DataFrame:

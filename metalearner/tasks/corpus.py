@@ -121,6 +121,29 @@ def check_tokenizer_folder(folder: str) -> None:
                          "make one with tokenizer.save_pretrained(folder))")
 
 
+def tokenizer_vocab_size(folder: str) -> int | None:
+    """The vocabulary a tokenizer folder gives the model (``len(tokenizer)``: the tokens of
+    its model and its added tokens), read from ``tokenizer.json`` alone, without loading the
+    tokenizer: what the size check of a run's config counts before anything is built.
+
+    Args:
+        folder: a tokenizer folder (`check_tokenizer_folder`).
+
+    Returns:
+        The count, or None when the folder has no ``tokenizer.json`` (a slow tokenizer's
+        files only) or the file is not one `tokenizers` writes (`load_tokenizer` names the
+        problem when the task is built).
+    """
+    try:
+        doc = json.loads((Path(folder) / "tokenizer.json").read_text(encoding="utf-8"))
+        vocab = doc["model"]["vocab"]  # {piece: id} (BPE, WordPiece, WordLevel) or [[piece, score], ...] (Unigram)
+        pieces = set(vocab) if isinstance(vocab, dict) else {str(entry[0]) for entry in vocab}
+        pieces |= {str(token["content"]) for token in doc.get("added_tokens") or []}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    return len(pieces) or None
+
+
 def load_tokenizer(folder: str) -> Any:
     """``AutoTokenizer.from_pretrained(folder, local_files_only=True)``.
 

@@ -7,7 +7,9 @@
   `TraceSink` of ``metalearner train``) and `sync_journal`;
 - `delivery`: the thread that sends what the writer journaled, exactly once;
 - `reader`: `TrackingReader`, the queries of the report (reads only);
-- `ui`: links, run colours and the version check behind the saved view.
+- `ui`: links, run colours (the sweep's one palette) and the version check behind the saved view;
+- `lineage`: a PBT/PB2 perturbation as the receiving run's tags (written by the sweep's
+  callback, read back by the report).
 
 The names below are re-exported, so ``from metalearner.tracking import X`` is the face.
 """

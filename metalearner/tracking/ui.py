@@ -1,4 +1,5 @@
-"""The MLflow UI: links, run colours and the version check behind the saved view.
+"""The MLflow UI: links, run colours (the one palette of a sweep, also for its plots and
+terminal tables) and the version check behind the saved view.
 
 What the UI does with these was verified against MLflow 3.17; none of it is a documented
 API, so each step is behind `ui_features` and falls back quietly: an unknown version gets
@@ -55,9 +56,27 @@ def arm_colours(arms: Iterable[str]) -> dict[str, str]:
     return {a: ARM_PALETTE[i % len(ARM_PALETTE)] for i, a in enumerate(dict.fromkeys(arms))}
 
 
-def run_colour(arm: str, phase: str, colours: dict[str, str]) -> str | None:
-    """The colour of a trial: its arm's, grey for a search-phase trial, None if unknown."""
-    if phase == "search":
+def sweep_arm_colours(order: str | Iterable[str], arms: Iterable[str] = ()) -> dict[str, str]:
+    """The palette of a sweep, the same in the UI, the report's plots and the terminal: the
+    arms in the spec's order (the parent run's tag ``metalearner.arms``, comma-separated,
+    or the names), then any other arm of ``arms`` in name order.
+
+    Args:
+        order: the spec's arms, as the parent's ``metalearner.arms`` tag or a sequence.
+        arms: the arms the runs name (those missing from ``order`` go last).
+
+    Returns:
+        arm -> ``#rrggbb`` (`arm_colours` of that order).
+    """
+    names = order.split(",") if isinstance(order, str) else list(order)
+    return arm_colours([a for a in names if a] + sorted(set(arms)))
+
+
+def run_colour(arm: str, phase: str, colours: dict[str, str], population: bool = False) -> str | None:
+    """The colour of a trial: its arm's; grey for a search-phase trial (a candidate), unless
+    it is a member of a population-based search (PBT/PB2), whose members are the arm's
+    result (``population``); None if the arm has no colour."""
+    if phase == "search" and not population:
         return SEARCH_GREY
     return colours.get(arm)
 

@@ -105,6 +105,7 @@ class MlflowWriter:
         self._keys: dict[str, dict[str, Any]] = {}  # run key -> its create record
         self._status: dict[str, str] = {}  # run key -> RUNNING, or the status of its last "end"
         self._param_names: dict[str, set[str]] = {}  # run key -> param names journaled (the first value wins)
+        self._tags: dict[str, dict[str, str]] = {}  # run key -> its tags as journaled (set and not removed)
         for rec in self.journal.records_at_open:
             self._note(rec)
         connections = max(1, connections or (SERVER_CONNECTIONS if is_remote(tracking_uri) else 1))
@@ -131,7 +132,13 @@ class MlflowWriter:
         if op in ("run", "reopen"):
             if op == "run":
                 self._keys[key] = rec
+                self._tags[key] = dict(rec.get("tags") or {})
             self._status[key] = "RUNNING"
+        elif op == "tags":
+            self._tags.setdefault(key, {}).update(rec["tags"])
+        elif op == "untag":
+            for name in rec["tags"]:
+                self._tags.get(key, {}).pop(name, None)
         elif op == "end":
             self._status[key] = rec["status"]
         elif op == "params":
@@ -229,6 +236,13 @@ class MlflowWriter:
         """Every run key of this journal, in creation order."""
         with self._lock:
             return list(self._keys)
+
+    def journaled_tags(self, key: str) -> dict[str, str]:
+        """The tags journaled for run ``key`` (at its creation or since, less those
+        removed), also by an earlier process of this journal; a copy. The tags an adopted
+        run had in the store before are not read."""
+        with self._lock:
+            return dict(self._tags.get(key, {}))
 
     def last_step(self, key: str) -> int:
         """The last trace step journaled for run ``key`` (0 if none)."""
