@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from _view import ViewProbe, assert_view_finds_runs
 from conftest import children, history
 
 from metalearner import report
@@ -199,9 +200,12 @@ def mo_sweep(tmp_path_factory, empty_store, local_ray):
     shutil.copyfile(empty_store, tmp / "mlflow.db")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     spec = load_experiment(SPEC, smoke=True)
-    result = SweepRunner(spec, uri, storage=str(tmp / "ray"), progress=False).run()
+    probe = ViewProbe(uri)  # the saved view finds runs at the end of the search phase...
+    result = SweepRunner(spec, uri, storage=str(tmp / "ray"), progress=False, on_event=probe).run()
     assert not result.errors and not result.failed_arms, result.errors
+    assert [p for p, _ in probe.checked] == [f"search:{a.name}" for a in spec.arms if a.search]
     rep = report.write_report(uri, result.parent_run_id, tmp / "report")
+    assert assert_view_finds_runs(uri, result.parent_run_id)  # ...and at the end
     return {"spec": spec, "result": result, "report": rep, "uri": uri, "tmp": tmp}
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from _view import assert_view_finds_runs
 
 from metalearner.config import ConfigError, load_run_config
 from metalearner.experiment import load_experiment
@@ -75,6 +76,8 @@ def test_both_specs_ran_every_arm_in_smoke_mode_and_the_timings_were_kept(study3
         assert compare == set(arms), (experiment, compare)
         assert all(r.info.status == "FINISHED" for r in runs), experiment
         assert {r.data.params["train.seq_len"] for r in runs} == {"512"}
+        (parent,) = {r.data.tags["mlflow.parentRunId"] for r in runs}
+        assert len(assert_view_finds_runs(uri, parent, searched=True)) == len(arms)  # the saved view: the comparison
     lines = (store / "timings.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in lines[1:]] == ["sweep study_long_small", "sweep study_long"], lines
     # the large sweep's saved spec pins the file's content for a resume
