@@ -130,7 +130,8 @@ def sweep_runs(tmp: Path):
 
 
 def steps_of(client, run) -> dict[str, list[int]]:
-    keys = [k for k in TRACE_KEYS if not (k == "loss_ewma" and run.data.params["controller.name"] == "static")]
+    """Each trace key's stored steps (a run interrupted before its first report has no params yet)."""
+    keys = [k for k in TRACE_KEYS if not (k == "loss_ewma" and run.data.params.get("controller.name") == "static")]
     return {k: [s for s, _ in history(client, run.info.run_id, k)] for k in [*keys, "val_loss"]}
 
 
