@@ -1,5 +1,6 @@
 """The single MLflow writer: batched, deduplicated, safe with many producer threads."""
 
+import time
 import threading
 
 import mlflow
@@ -122,3 +123,12 @@ def test_the_reader_only_reads():
 
     writes = [n for n in dir(TrackingReader) if n.startswith(("log_", "set_", "write_", "delete_", "create_"))]
     assert writes == []
+
+
+def test_waiting_for_a_run_id_journals_the_buffered_create(writer):
+    """`run_id(key, timeout)` right after `create_run`: the create record is still in the
+    producer's buffer (flush_seconds=60 here); waiting must send it, not sit out the timeout."""
+    key = writer.create_run("wait-for-id", "r")
+    start = time.monotonic()
+    assert writer.run_id(key, timeout=30) is not None
+    assert time.monotonic() - start < 25

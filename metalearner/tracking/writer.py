@@ -251,9 +251,12 @@ class MlflowWriter:
 
     def run_id(self, key: str, timeout: float = 0.0) -> str | None:
         """The MLflow run id of ``key``, once the delivery thread has created the run;
-        waits up to ``timeout`` seconds for it, and not at all once the store has refused
-        it for good (e.g. a 401/403: no, or wrong, credentials)."""
+        waits up to ``timeout`` seconds for it (journaling what is buffered first), and not
+        at all once the store has refused it for good (e.g. a 401/403: no, or wrong,
+        credentials)."""
         deadline = time.monotonic() + timeout
+        if timeout > 0 and self.delivery.run_id(key) is None:
+            self.flush()  # a create still in the producer's buffer would never be delivered while we wait
         while True:
             rid = self.delivery.run_id(key)
             if rid:
