@@ -1,7 +1,7 @@
 """The single MLflow writer: batched, deduplicated, safe with many producer threads."""
 
-import time
 import threading
+import time
 
 import mlflow
 import pytest
