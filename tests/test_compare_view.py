@@ -101,6 +101,11 @@ def test_the_state_opens_on_knob_traces_of_every_compare_trial_grouped_by_arm():
     assert charted_keys(state)[2] == delta_key("val_loss") == "val_loss_delta_vs_static"
     assert [s["name"] for s in sections[:2]] == [KNOB_SECTION, DELTA_SECTION]
     assert "val_loss_final" not in charted_keys(state)
+    # quality against compute, no click: each run's final metric against its attention compute
+    (front,) = [c for c in charts if c["type"] == "SCATTER"]
+    assert (front["xaxis"], front["yaxis"]) == ({"key": "attn_compute", "type": "METRIC"},
+                                                {"key": "val_loss", "type": "METRIC"})
+    assert "val_loss vs attn_compute" in charted_keys(state)
     for k in ("searchFilter", "selectedColumns", "groupBy", "useGroupedValuesInCharts", "compareRunSections",
               "compareRunCharts", "chartsSearchFilter"):
         assert k in state

@@ -46,7 +46,7 @@ import pytest
 from _view import assert_view_finds_runs, parent_of
 from conftest import Sweep, wait_for
 
-from metalearner.report.view import KNOB_SECTION, SETTINGS_SECTION, charted_keys, grouped_by, read_saved_view
+from metalearner.report.view import FRONT_SECTION, KNOB_SECTION, SETTINGS_SECTION, charted_keys, grouped_by, read_saved_view
 from metalearner.tracking import (
     ARM_TAG,
     NOTE_TAG,
@@ -161,6 +161,7 @@ def open_link(browser, base: str, link: str, shot: str, answer: str):
     page.goto(base + "/" + link[link.index("#"):])
     page.wait_for_function("() => /[1-9][0-9]* matching runs/.test(document.body.innerText)", timeout=240_000)
     page.get_by_text(re.compile("^" + re.escape(KNOB_SECTION[:20]))).first.wait_for(state="visible")
+    page.get_by_text(re.compile("^" + re.escape(FRONT_SECTION[:20]))).first.wait_for(state="visible")  # the Pareto scatter
     top = page.get_by_text(re.compile(answer)).first
     top.wait_for(state="visible")
     box = top.bounding_box()  # the description is collapsed to its first line: that line is on screen

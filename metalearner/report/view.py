@@ -38,6 +38,8 @@ KNOB_SECTION = "Knobs per step (coloured by arm)"
 DELTA_SECTION = "Difference from static (per seed; 0 = static)"
 SETTINGS_SECTION = "Controller settings in force (PBT/PB2)"
 LOSS_SECTION = "Loss per step"
+FRONT_SECTION = "Quality against attention compute (each run: final value vs compute; Pareto front bottom-left)"
+COMPUTE_KEY = "attn_compute"  # a trial's attention compute so far (query-key pairs; its last point is the total)
 # the metric keys the view charts, in order: (key, log scale)
 KNOB_CHARTS = (("window", False), ("rope_base", True))
 LOSS_CHARTS = (("val_loss", False), ("loss", False))
@@ -74,6 +76,13 @@ def _line_chart(key: str, section: str, log_scale: bool, seed: str, n_runs: int)
 def _bar_chart(key: str, section: str, seed: str, n_runs: int) -> dict:
     return {"uuid": _uid(seed, f"bar/{key}"), "type": "BAR", "runsCountToCompare": max(n_runs, 10),
             "metricSectionId": section, "deleted": False, "isGenerated": False, "metricKey": key}
+
+
+def _scatter_chart(x: str, y: str, section: str, seed: str, n_runs: int) -> dict:
+    """A scatter of each run's latest ``y`` against its latest ``x`` (MLflow 3.17's SCATTER card)."""
+    return {"uuid": _uid(seed, f"scatter/{x}/{y}"), "type": "SCATTER", "runsCountToCompare": max(n_runs, 10),
+            "metricSectionId": section, "deleted": False, "isGenerated": False,
+            "xaxis": {"key": x, "type": "METRIC"}, "yaxis": {"key": y, "type": "METRIC"}}
 
 
 def _section(name: str, seed: str, generated: bool = False) -> dict:
@@ -126,6 +135,9 @@ def view_state(parent_run_id: str, n_runs: int, shows: str = "compare", settings
     if keys:
         charts += [_line_chart(k, tuned["uuid"], False, seed, n_runs) for k in keys]
         sections.append(tuned)
+    front = _section(FRONT_SECTION, seed)  # the Pareto picture, no click: every run's (compute, final metric)
+    charts.append(_scatter_chart(COMPUTE_KEY, metric, front["uuid"], seed, n_runs))
+    sections.append(front)
     charts += [_line_chart(k, losses["uuid"], log, seed, n_runs) for k, log in LOSS_CHARTS]
     sections += [losses, model, system]
     return {
@@ -187,8 +199,9 @@ def read_saved_view(value: str) -> dict:
 
 
 def charted_keys(state: dict) -> list[str]:
-    """The metric keys the view's charts draw, in order."""
-    return [c["metricKey"] for c in state.get("compareRunCharts", []) if not c.get("deleted")]
+    """The metric keys the view's charts draw, in order (a scatter: ``"Y vs X"``)."""
+    return [c["metricKey"] if "metricKey" in c else f"{c['yaxis']['key']} vs {c['xaxis']['key']}"
+            for c in state.get("compareRunCharts", []) if not c.get("deleted")]
 
 
 def grouped_by(state: dict) -> Iterable[str]:
